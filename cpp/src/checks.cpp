@@ -1,0 +1,50 @@
+#include "common.h"
+#include "vecinfer/ops.h"
+
+namespace vecinfer {
+
+int64_t code_row_bytes(int32_t head_dim, int32_t sub_dim, int32_t code_bits) {
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256) return 0;
+  if (sub_dim != 2 && sub_dim != 4 && sub_dim != 8) return 0;
+  if (code_bits < 4 || code_bits > 12) return 0;
+  return int64_t{head_dim / sub_dim} * code_bits / 8;  // head_dim / sub_dim is a multiple of 8
+}
+
+Status check_layout(const RowLayout& layout) {
+  if (layout.head_dim != 64 && layout.head_dim != 128 && layout.head_dim != 256)
+    return unsupported("head_dim (the last dimension) must be 64, 128 or 256");
+  if (layout.num_rows <= 0) return invalid("the tensor is empty: it needs at least one row");
+  if (layout.num_heads <= 0 || layout.tokens_per_head <= 0)
+    return invalid("num_heads and tokens_per_head must be positive");
+  if (layout.num_rows % (layout.num_heads * layout.tokens_per_head) != 0)
+    return invalid("num_rows must be a multiple of num_heads * tokens_per_head");
+  return Status::Ok();
+}
+
+Status check_transform(const RowLayout& layout, const Transform& transform, TransformKind kind) {
+  if (kind != TransformKind::kKey && kind != TransformKind::kQuery &&
+      kind != TransformKind::kKeyInverse)
+    return invalid("kind must be kKey, kQuery or kKeyInverse");
+  if (kind == TransformKind::kQuery && transform.mean != nullptr)
+    return invalid("mean: the query transform takes no mean (it applies to keys only)");
+  if (transform.scale == nullptr && transform.mean == nullptr) return Status::Ok();
+  if (transform.table_rows <= 0 || layout.num_heads % transform.table_rows != 0)
+    return invalid("scale/mean: the number of heads (third-from-last dimension) must be a "
+                   "multiple of the table's rows (KV heads)");
+  return Status::Ok();
+}
+
+Status check_codebook(const RowLayout& layout, const Codebook& codebook) {
+  if (codebook.centroids == nullptr) return invalid("codebook: null pointer");
+  if (codebook.sub_dim != 2 && codebook.sub_dim != 4 && codebook.sub_dim != 8)
+    return unsupported("codebook: sub_dim (last dimension) must be 2, 4 or 8");
+  if (codebook.code_bits < 4 || codebook.code_bits > 12)
+    return unsupported("codebook: the number of centroids must be 2**code_bits with code_bits "
+                       "from 4 to 12 (16 to 4096 centroids)");
+  if (codebook.num_codebooks <= 0 || layout.num_heads % codebook.num_codebooks != 0)
+    return invalid("codebook: the number of heads (third-from-last dimension) must be a "
+                   "multiple of the number of codebooks (1 per layer, or 1 per KV head)");
+  return Status::Ok();
+}
+
+}  // namespace vecinfer

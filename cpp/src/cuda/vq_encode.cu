@@ -1,0 +1,141 @@
+// VQ encode, optionally fused behind the key transform: one read of the keys, codes out.
+//
+// Each lane holds 8 transformed elements, i.e. 8 / S sub-vectors, and scans the whole codebook
+// for each of them. All lanes read the same centroid at the same time (a shared-memory
+// broadcast); the distance is ||c||^2 - 2 x.c with ||c||^2 precomputed, S FMAs per centroid and
+// sub-vector. The codes of a tile are collected in shared memory and written as packed bytes.
+#include "launch.cuh"
+#include "row_ops.cuh"
+#include "vecinfer/ops.h"
+
+namespace vecinfer {
+namespace cuda_detail {
+namespace {
+
+template <int S>
+__device__ __forceinline__ void load_centroid(const float* p, float (&c)[S]) {
+  if constexpr (S == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    c[0] = a.x, c[1] = a.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < S; i += 4) {
+      const float4 a = *reinterpret_cast<const float4*>(p + i);
+      c[i] = a.x, c[i + 1] = a.y, c[i + 2] = a.z, c[i + 3] = a.w;
+    }
+  }
+}
+
+// Shared memory: centroids [C][S] floats, norms [C] floats, then the tile's codes [rows][D / S].
+template <typename T, int D, int S>
+__global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
+                                                          RowLayout layout, Codebook cb, Transform t,
+                                                          TileWalk<D> walk, int row_bytes) {
+  constexpr int kSubs = 8 / S;
+  constexpr int kCodesPerRow = D / S;
+  extern __shared__ float4 shared[];
+  const int num_centroids = 1 << cb.code_bits;
+  float* centroids = reinterpret_cast<float*>(shared);
+  float* norms = centroids + num_centroids * S;
+  uint16_t* tile_codes = reinterpret_cast<uint16_t*>(norms + num_centroids);
+
+  const int local_row = threadIdx.x / RowTile<D>::kThreadsPerRow;
+  const int lane = threadIdx.x % RowTile<D>::kThreadsPerRow;
+  int64_t loaded = -1;
+  for (int64_t tile = blockIdx.x; tile < walk.num_tiles; tile += gridDim.x) {
+    int64_t first_row, head;
+    int rows;
+    walk.locate(tile, first_row, head, rows);
+    const int64_t book = detail::table_row(head, layout.num_heads, cb.num_codebooks);
+    if (book != loaded) {  // uniform over the block: every thread sees the same tile
+      __syncthreads();
+      const float* src = cb.centroids + book * num_centroids * S;
+      for (int c = threadIdx.x; c < num_centroids; c += kThreads) {
+        float norm = 0.f;
+#pragma unroll
+        for (int e = 0; e < S; ++e) {
+          const float value = src[c * S + e];
+          centroids[c * S + e] = value;
+          norm = fmaf(value, value, norm);
+        }
+        norms[c] = norm;
+      }
+      loaded = book;
+      __syncthreads();
+    }
+
+    const bool valid = local_row < rows;
+    float v[8] = {};
+    if (valid) load8(x + (first_row + local_row) * D + lane * 8, v);
+    transform_row<D>(v, t, TransformKind::kKey, detail::table_row(head, layout.num_heads, t.table_rows),
+                     lane * 8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= -2.f;
+
+    float best[kSubs];
+    int best_index[kSubs];
+#pragma unroll
+    for (int k = 0; k < kSubs; ++k) best[k] = INFINITY, best_index[k] = 0;
+#pragma unroll 4
+    for (int c = 0; c < num_centroids; ++c) {
+      float centroid[S];
+      load_centroid<S>(centroids + c * S, centroid);
+      const float norm = norms[c];
+#pragma unroll
+      for (int k = 0; k < kSubs; ++k) {
+        float dist = norm;
+#pragma unroll
+        for (int e = 0; e < S; ++e) dist = fmaf(v[k * S + e], centroid[e], dist);
+        if (dist < best[k]) best[k] = dist, best_index[k] = c;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kSubs; ++k)
+      tile_codes[local_row * kCodesPerRow + lane * kSubs + k] = static_cast<uint16_t>(best_index[k]);
+    __syncthreads();
+    // The tile's rows are consecutive in memory, so its packed bytes are one contiguous range.
+    uint8_t* out = codes + first_row * row_bytes;
+    for (int i = threadIdx.x; i < rows * row_bytes; i += kThreads) {
+      const int r = i / row_bytes;
+      out[i] = detail::pack_byte(tile_codes + r * kCodesPerRow, i - r * row_bytes, cb.code_bits);
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+namespace cuda {
+
+Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& layout, const Codebook& cb,
+                 const Transform& t, void* stream) {
+  using namespace cuda_detail;
+  Status s = check_elements_and_tables(layout, t, TransformKind::kKey, x);
+  if (s.ok()) s = check_codebook(layout, cb);
+  if (!s.ok()) return s;
+  if (codes == nullptr) return invalid("codes: null pointer");
+  const int row_bytes = static_cast<int>(code_row_bytes(layout.head_dim, cb.sub_dim, cb.code_bits));
+  return with_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    return with_head_dim(layout.head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      return with_sub_dim(cb.sub_dim, [&](auto sub) {
+        constexpr int S = decltype(sub)::value;
+        const TileWalk<D> walk(layout);
+        const size_t shared_bytes = cb.num_centroids() * (S + 1) * sizeof(float) +
+                                    RowTile<D>::kRows * (D / S) * sizeof(uint16_t);
+        auto kernel = encode_kernel<T, D, S>;
+        int grid = 0;
+        Status ls = launch_grid(kernel, walk.num_tiles, kThreads, shared_bytes, grid);
+        if (!ls.ok()) return ls;
+        kernel<<<grid, kThreads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(
+            static_cast<const T*>(x), codes, layout, cb, t, walk, row_bytes);
+        return cuda_status(cudaGetLastError());
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace vecinfer

@@ -1,0 +1,25 @@
+// The CUDA entry points of a build without CUDA: each reports that the kernels are not compiled in.
+#include "vecinfer/ops.h"
+
+namespace vecinfer::cuda {
+namespace {
+Status not_built() {
+  return {StatusCode::kNotBuiltWithCuda,
+          "vecinfer was built without CUDA (nvcc was not found at build time); use CPU tensors "
+          "or rebuild with the CUDA toolkit"};
+}
+}  // namespace
+
+bool built() { return false; }
+Status check_device() { return not_built(); }
+Status transform(DType, const void*, void*, const RowLayout&, const Transform&, TransformKind, void*) {
+  return not_built();
+}
+Status vq_encode(DType, const void*, uint8_t*, const RowLayout&, const Codebook&, const Transform&, void*) {
+  return not_built();
+}
+Status vq_decode(DType, const uint8_t*, void*, const RowLayout&, const Codebook&, const Transform&, void*) {
+  return not_built();
+}
+
+}  // namespace vecinfer::cuda

@@ -1,0 +1,246 @@
+// The one nanobind translation unit: validates tensors received through DLPack, builds the core's
+// plain descriptions, calls the CPU or CUDA implementation, and turns a non-OK Status into a
+// Python exception. No libtorch: outputs are allocated by the Python layer and passed in.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "vecinfer/ops.h"
+
+namespace nb = nanobind;
+using vecinfer::DType;
+using vecinfer::Status;
+using vecinfer::StatusCode;
+
+namespace {
+
+using OptArray = std::optional<nb::ndarray<>>;
+
+[[noreturn]] void fail_value(const std::string& message) { throw nb::value_error(message.c_str()); }
+[[noreturn]] void fail_type(const std::string& message) { throw nb::type_error(message.c_str()); }
+
+void raise_if_error(const Status& s) {
+  switch (s.code) {
+    case StatusCode::kOk: return;
+    case StatusCode::kInvalidArgument:
+    case StatusCode::kUnsupported: fail_value(s.message);
+    default: throw std::runtime_error(s.message);  // nanobind maps this to RuntimeError
+  }
+}
+
+std::string shape_string(const nb::ndarray<>& a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
+}
+
+std::string dtype_name(nb::dlpack::dtype t) {
+  using Code = nb::dlpack::dtype_code;
+  const char* kind = t.code == uint8_t(Code::Float) ? "float" : t.code == uint8_t(Code::Int) ? "int"
+                   : t.code == uint8_t(Code::UInt) ? "uint" : t.code == uint8_t(Code::Bfloat) ? "bfloat"
+                   : "other";
+  return std::string(kind) + std::to_string(t.bits);
+}
+
+bool is_float32(nb::dlpack::dtype t) { return t == nb::dtype<float>(); }
+bool is_uint8(nb::dlpack::dtype t) { return t == nb::dtype<uint8_t>(); }
+
+DType element_dtype(const nb::ndarray<>& a, const char* name) {
+  const auto t = a.dtype();
+  if (t.lanes == 1 && t.bits == 32 && t.code == uint8_t(nb::dlpack::dtype_code::Float)) return DType::kFloat32;
+  if (t.lanes == 1 && t.bits == 16 && t.code == uint8_t(nb::dlpack::dtype_code::Float)) return DType::kFloat16;
+  if (t.lanes == 1 && t.bits == 16 && t.code == uint8_t(nb::dlpack::dtype_code::Bfloat)) return DType::kBFloat16;
+  fail_type(std::string(name) + ": expected a float32, float16 or bfloat16 tensor, got " + dtype_name(t));
+}
+
+bool is_contiguous(const nb::ndarray<>& a) {
+  int64_t expected = 1;
+  for (size_t i = a.ndim(); i-- > 0;) {
+    if (a.shape(i) != 1 && a.stride(i) != expected) return false;
+    expected *= a.shape(i);
+  }
+  return true;
+}
+
+// Where every tensor of one call lives: all on the CPU, or all on one CUDA device.
+struct Placement {
+  bool cuda = false;
+  int32_t device_id = 0;
+};
+
+Placement placement_of(const nb::ndarray<>& a, const char* name) {
+  if (a.device_type() == nb::device::cpu::value) return {false, 0};
+  if (a.device_type() == nb::device::cuda::value) return {true, a.device_id()};
+  fail_value(std::string(name) + ": tensors must be on the CPU or a CUDA device");
+}
+
+void check_same_placement(const Placement& p, const nb::ndarray<>& a, const char* name) {
+  const Placement q = placement_of(a, name);
+  if (q.cuda != p.cuda || q.device_id != p.device_id)
+    fail_value(std::string(name) + ": must be on the same device as the input tensor");
+}
+
+void check_contiguous(const nb::ndarray<>& a, const char* name) {
+  if (!is_contiguous(a)) fail_value(std::string(name) + ": must be contiguous (call .contiguous())");
+}
+
+// The element tensor of an op: [..., heads, tokens, head_dim], contiguous, non-empty.
+vecinfer::RowLayout row_layout(const nb::ndarray<>& x, const char* name) {
+  if (x.ndim() < 1) fail_value(std::string(name) + ": expected at least one dimension [..., head_dim]");
+  check_contiguous(x, name);
+  vecinfer::RowLayout layout;
+  const size_t n = x.ndim();
+  layout.head_dim = static_cast<int32_t>(x.shape(n - 1));
+  if (x.shape(n - 1) != 64 && x.shape(n - 1) != 128 && x.shape(n - 1) != 256)
+    fail_value(std::string(name) + ": head_dim (last dimension) must be 64, 128 or 256, got shape " +
+               shape_string(x));
+  if (x.size() == 0) fail_value(std::string(name) + ": is empty (shape " + shape_string(x) + ")");
+  layout.num_rows = static_cast<int64_t>(x.size()) / layout.head_dim;
+  layout.num_heads = n >= 3 ? static_cast<int64_t>(x.shape(n - 3)) : 1;
+  layout.tokens_per_head = n >= 2 ? static_cast<int64_t>(x.shape(n - 2)) : 1;
+  return layout;
+}
+
+// Scale or mean table: float32 [table_rows, head_dim] on the input's device.
+const float* table(const OptArray& a, const char* name, const vecinfer::RowLayout& layout,
+                   const Placement& p, int64_t& table_rows) {
+  if (!a) return nullptr;
+  const nb::ndarray<>& t = *a;
+  if (!is_float32(t.dtype())) fail_type(std::string(name) + ": expected a float32 tensor, got " + dtype_name(t.dtype()));
+  check_same_placement(p, t, name);
+  check_contiguous(t, name);
+  if (t.ndim() != 2 || static_cast<int64_t>(t.shape(1)) != layout.head_dim || t.shape(0) == 0)
+    fail_value(std::string(name) + ": expected shape [num_kv_heads, " + std::to_string(layout.head_dim) +
+               "], got " + shape_string(t));
+  const int64_t rows = static_cast<int64_t>(t.shape(0));
+  if (layout.num_heads % rows != 0)
+    fail_value(std::string(name) + ": has " + std::to_string(rows) + " rows (KV heads), but the input has " +
+               std::to_string(layout.num_heads) + " heads (third-from-last dimension), not a multiple");
+  if (table_rows != 0 && table_rows != rows) fail_value("scale and mean must have the same shape");
+  table_rows = rows;
+  return static_cast<const float*>(t.data());
+}
+
+vecinfer::Transform make_transform(const OptArray& scale, const OptArray& mean, bool hadamard,
+                                   const vecinfer::RowLayout& layout, const Placement& p) {
+  vecinfer::Transform t;
+  int64_t rows = 0;
+  t.scale = table(scale, "scale", layout, p, rows);
+  t.mean = table(mean, "mean", layout, p, rows);
+  t.table_rows = rows > 0 ? rows : 1;
+  t.hadamard = hadamard;
+  return t;
+}
+
+// Codebook: float32 [num_codebooks, 2**code_bits, sub_dim].
+vecinfer::Codebook make_codebook(const nb::ndarray<>& cb, const vecinfer::RowLayout& layout, const Placement& p) {
+  if (!is_float32(cb.dtype())) fail_type("codebook: expected a float32 tensor, got " + dtype_name(cb.dtype()));
+  check_same_placement(p, cb, "codebook");
+  check_contiguous(cb, "codebook");
+  if (cb.ndim() != 3)
+    fail_value("codebook: expected shape [num_codebooks, 2**code_bits, sub_dim], got " + shape_string(cb));
+  const int64_t groups = static_cast<int64_t>(cb.shape(0));
+  const int64_t centroids = static_cast<int64_t>(cb.shape(1));
+  const int64_t sub_dim = static_cast<int64_t>(cb.shape(2));
+  if (sub_dim != 2 && sub_dim != 4 && sub_dim != 8)
+    fail_value("codebook: sub_dim (last dimension) must be 2, 4 or 8, got shape " + shape_string(cb));
+  int bits = 0;
+  while ((int64_t{1} << bits) < centroids) ++bits;
+  if ((int64_t{1} << bits) != centroids || bits < 4 || bits > 12)
+    fail_value("codebook: the number of centroids (second dimension) must be a power of two from 16 to "
+               "4096 (code_bits 4 to 12), got shape " + shape_string(cb));
+  if (groups < 1 || layout.num_heads % groups != 0)
+    fail_value("codebook: " + std::to_string(groups) + " codebooks do not divide the input's " +
+               std::to_string(layout.num_heads) + " heads; use 1 (per layer) or one per KV head");
+  vecinfer::Codebook c;
+  c.centroids = static_cast<const float*>(cb.data());
+  c.num_codebooks = groups;
+  c.sub_dim = static_cast<int32_t>(sub_dim);
+  c.code_bits = bits;
+  return c;
+}
+
+void check_like(const nb::ndarray<>& out, const nb::ndarray<>& x, const char* name, DType dtype,
+                const Placement& p) {
+  if (element_dtype(out, name) != dtype) fail_type(std::string(name) + ": must have the input's dtype");
+  check_same_placement(p, out, name);
+  check_contiguous(out, name);
+  bool same = out.ndim() == x.ndim();
+  for (size_t i = 0; same && i < x.ndim(); ++i) same = out.shape(i) == x.shape(i);
+  if (!same) fail_value(std::string(name) + ": expected shape " + shape_string(x) + ", got " + shape_string(out));
+}
+
+// codes: uint8 [..., code_row_bytes] with the element tensor's leading shape.
+void check_codes(const nb::ndarray<>& codes, const nb::ndarray<>& x, int64_t row_bytes, const Placement& p) {
+  if (!is_uint8(codes.dtype())) fail_type("codes: expected a uint8 tensor, got " + dtype_name(codes.dtype()));
+  check_same_placement(p, codes, "codes");
+  check_contiguous(codes, "codes");
+  bool same = codes.ndim() == x.ndim() && static_cast<int64_t>(codes.shape(codes.ndim() - 1)) == row_bytes;
+  for (size_t i = 0; same && i + 1 < x.ndim(); ++i) same = codes.shape(i) == x.shape(i);
+  if (!same) {
+    std::string expected = "[";
+    for (size_t i = 0; i + 1 < x.ndim(); ++i) expected += std::to_string(x.shape(i)) + ", ";
+    fail_value("codes: expected shape " + expected + std::to_string(row_bytes) + "] (" + std::to_string(row_bytes) +
+               " bytes per row for this codebook), got " + shape_string(codes));
+  }
+}
+
+void* stream_ptr(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+void transform(nb::ndarray<> x, nb::ndarray<> out, OptArray scale, OptArray mean, bool hadamard, int kind,
+               uintptr_t stream) {
+  const DType dtype = element_dtype(x, "x");
+  const Placement p = placement_of(x, "x");
+  const vecinfer::RowLayout layout = row_layout(x, "x");
+  check_like(out, x, "out", dtype, p);
+  const vecinfer::Transform t = make_transform(scale, mean, hadamard, layout, p);
+  const auto k = static_cast<vecinfer::TransformKind>(kind);
+  raise_if_error(p.cuda ? vecinfer::cuda::transform(dtype, x.data(), out.data(), layout, t, k, stream_ptr(stream))
+                        : vecinfer::cpu::transform(dtype, x.data(), out.data(), layout, t, k));
+}
+
+void vq_encode(nb::ndarray<> x, nb::ndarray<> codes, nb::ndarray<> codebook, OptArray scale, OptArray mean,
+               bool hadamard, uintptr_t stream) {
+  const DType dtype = element_dtype(x, "x");
+  const Placement p = placement_of(x, "x");
+  const vecinfer::RowLayout layout = row_layout(x, "x");
+  const vecinfer::Codebook cb = make_codebook(codebook, layout, p);
+  check_codes(codes, x, vecinfer::code_row_bytes(layout.head_dim, cb.sub_dim, cb.code_bits), p);
+  const vecinfer::Transform t = make_transform(scale, mean, hadamard, layout, p);
+  auto* c = static_cast<uint8_t*>(codes.data());
+  raise_if_error(p.cuda ? vecinfer::cuda::vq_encode(dtype, x.data(), c, layout, cb, t, stream_ptr(stream))
+                        : vecinfer::cpu::vq_encode(dtype, x.data(), c, layout, cb, t));
+}
+
+void vq_decode(nb::ndarray<> codes, nb::ndarray<> out, nb::ndarray<> codebook, OptArray scale, OptArray mean,
+               bool hadamard, uintptr_t stream) {
+  const DType dtype = element_dtype(out, "out");
+  const Placement p = placement_of(out, "out");
+  const vecinfer::RowLayout layout = row_layout(out, "out");
+  const vecinfer::Codebook cb = make_codebook(codebook, layout, p);
+  check_codes(codes, out, vecinfer::code_row_bytes(layout.head_dim, cb.sub_dim, cb.code_bits), p);
+  const vecinfer::Transform t = make_transform(scale, mean, hadamard, layout, p);
+  const auto* c = static_cast<const uint8_t*>(codes.data());
+  raise_if_error(p.cuda ? vecinfer::cuda::vq_decode(dtype, c, out.data(), layout, cb, t, stream_ptr(stream))
+                        : vecinfer::cpu::vq_decode(dtype, c, out.data(), layout, cb, t));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "vecinfer's compiled core (use the functions of the vecinfer package, not these)";
+  m.def("transform", &transform, nb::arg("x"), nb::arg("out"), nb::arg("scale").none(), nb::arg("mean").none(),
+        nb::arg("hadamard"), nb::arg("kind"), nb::arg("stream"));
+  m.def("vq_encode", &vq_encode, nb::arg("x"), nb::arg("codes"), nb::arg("codebook"), nb::arg("scale").none(),
+        nb::arg("mean").none(), nb::arg("hadamard"), nb::arg("stream"));
+  m.def("vq_decode", &vq_decode, nb::arg("codes"), nb::arg("out"), nb::arg("codebook"), nb::arg("scale").none(),
+        nb::arg("mean").none(), nb::arg("hadamard"), nb::arg("stream"));
+  m.def("code_row_bytes", &vecinfer::code_row_bytes, nb::arg("head_dim"), nb::arg("sub_dim"), nb::arg("code_bits"));
+  m.def("cuda_built", &vecinfer::cuda::built);
+  m.def("check_device", [] { raise_if_error(vecinfer::cuda::check_device()); });
+}

@@ -1,0 +1,96 @@
+"""VQConfig: how keys and values are compressed."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+# bits per element -> (sub-vector length, code width). bits/element = code_bits / sub_dim.
+PRESETS = {4: (2, 8), 3: (4, 12), 2: (4, 8), 1.5: (8, 12), 1: (8, 8)}
+
+METHODS = ("vq", "kivi")
+SCALE_RULES = ("sqrt_max", "max", "std")
+GRANULARITIES = ("layer", "head")
+
+
+def _preset(bits, which: str):
+    key = float(bits)
+    for b, shape in PRESETS.items():
+        if float(b) == key:
+            return shape
+    raise ValueError(f"{which}_bits: presets are {sorted(PRESETS)} bits/element, got {bits!r}; "
+                     f"or give {which}_sub_dim and {which}_code_bits explicitly")
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """Compression settings for keys and values (independently).
+
+    key_bits / value_bits pick a preset (4, 3, 2, 1.5, 1 bits/element); key_sub_dim/key_code_bits
+    (and value_*) set the sub-vector length (2, 4, 8) and code width (4..12 bits) explicitly.
+    smooth: divide keys by per-(KV head, channel) scales; hadamard: rotate keys by Walsh-Hadamard;
+    key_mean / value_mean: subtract a per-(KV head, channel) mean first (exact for attention: a
+    key mean shifts all scores of a query equally, a value mean comes back out because the
+    attention weights sum to one). residual: the most recent tokens kept in full precision;
+    sink_tokens: the first tokens kept in full precision. granularity: one codebook per layer or
+    per KV head. method "kivi" selects the KIVI-style scalar baseline (2 bits, group 32).
+    """
+
+    key_bits: Optional[float] = None
+    value_bits: Optional[float] = None
+    key_sub_dim: Optional[int] = None
+    key_code_bits: Optional[int] = None
+    value_sub_dim: Optional[int] = None
+    value_code_bits: Optional[int] = None
+    smooth: bool = True
+    hadamard: bool = True
+    key_mean: bool = True
+    value_mean: bool = False
+    scale_rule: str = "sqrt_max"
+    residual: int = 128
+    sink_tokens: int = 0
+    granularity: str = "layer"
+    method: str = "vq"
+    kivi_group: int = 32
+    kmeans_iters: int = 20
+    max_samples: int = 65536
+    seed: int = 0
+
+    def __post_init__(self):
+        for which in ("key", "value"):
+            bits = getattr(self, f"{which}_bits")
+            sub, code = getattr(self, f"{which}_sub_dim"), getattr(self, f"{which}_code_bits")
+            if sub is None and code is None:
+                sub, code = _preset(2 if bits is None else bits, which)
+            elif sub is None or code is None:
+                raise ValueError(f"{which}_sub_dim and {which}_code_bits go together")
+            elif bits is not None and float(bits) != code / sub:
+                raise ValueError(f"{which}_bits={bits} contradicts {which}_code_bits/{which}_sub_dim = {code}/{sub}")
+            if sub not in (2, 4, 8):
+                raise ValueError(f"{which}_sub_dim must be 2, 4 or 8, got {sub}")
+            if not 4 <= code <= 12:
+                raise ValueError(f"{which}_code_bits must be from 4 to 12, got {code}")
+            object.__setattr__(self, f"{which}_sub_dim", int(sub))
+            object.__setattr__(self, f"{which}_code_bits", int(code))
+            object.__setattr__(self, f"{which}_bits", code / sub)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        for name in ("residual", "sink_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kmeans_iters < 1 or self.max_samples < 1 or self.kivi_group < 1:
+            raise ValueError("kmeans_iters, max_samples and kivi_group must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VQConfig fields: {sorted(unknown)}")
+        return cls(**d)

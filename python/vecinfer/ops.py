@@ -1,0 +1,160 @@
+"""The transform and codec ops on torch tensors.
+
+CPU tensors run the C++ reference implementations, CUDA tensors the kernels, on the current CUDA
+stream of the tensor's device. Inputs are validated before any memory is touched: a wrong dtype
+raises TypeError, a wrong shape, device, layout or codebook raises ValueError naming the argument.
+
+Shapes: element tensors are [..., heads, tokens, head_dim] with head_dim 64, 128 or 256 and dtype
+float32, float16 or bfloat16. Scale and mean tables are float32 [num_kv_heads, head_dim]; head h of
+the input uses row h // (heads // num_kv_heads) (GQA: query heads share their KV head's row).
+Codebooks are float32 [num_codebooks, 2**code_bits, sub_dim]: one per layer (num_codebooks = 1)
+or one per KV head. Codes are uint8 [..., heads, tokens, code_row_bytes], bit-packed (see
+cpp/include/vecinfer/types.h for the exact layout).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+
+Tensor = torch.Tensor
+
+_KEY, _QUERY, _KEY_INVERSE = 0, 1, 2
+
+
+def _check_tensor(value, name: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NoGuard()
+
+
+class _NoGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def code_row_bytes(head_dim: int, sub_dim: int, code_bits: int) -> int:
+    """Bytes one row of head_dim elements takes as packed codes (head_dim/sub_dim codes of code_bits)."""
+    n = _C.code_row_bytes(head_dim, sub_dim, code_bits)
+    if n == 0:
+        raise ValueError(
+            f"unsupported code shape: head_dim={head_dim} (64/128/256), sub_dim={sub_dim} (2/4/8), "
+            f"code_bits={code_bits} (4..12)")
+    return n
+
+
+def _transform(x: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], hadamard: bool, kind: int,
+               out: Optional[Tensor]) -> Tensor:
+    _check_tensor(x, "x")
+    _check_tensor(scale, "scale", optional=True)
+    _check_tensor(mean, "mean", optional=True)
+    _check_tensor(out, "out", optional=True)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _device_guard(x):
+        _C.transform(x.detach(), out.detach(), None if scale is None else scale.detach(),
+                     None if mean is None else mean.detach(), bool(hadamard), kind, _stream(x))
+    return out
+
+
+def hadamard(x: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+    """Orthonormal Walsh-Hadamard transform along the last dimension (its own inverse)."""
+    return _transform(x, None, None, True, _KEY, out)
+
+
+def transform_keys(k: Tensor, scale: Optional[Tensor] = None, mean: Optional[Tensor] = None, *,
+                   hadamard: bool = True, out: Optional[Tensor] = None) -> Tensor:
+    """Smoothing + rotation of keys: H((k - mean) / scale)."""
+    return _transform(k, scale, mean, hadamard, _KEY, out)
+
+
+def transform_queries(q: Tensor, scale: Optional[Tensor] = None, *, hadamard: bool = True,
+                      out: Optional[Tensor] = None) -> Tensor:
+    """The matching query transform H(q * scale): q'.k' = q.k - q.mean for every key."""
+    return _transform(q, scale, None, hadamard, _QUERY, out)
+
+
+def inverse_transform_keys(y: Tensor, scale: Optional[Tensor] = None, mean: Optional[Tensor] = None, *,
+                           hadamard: bool = True, out: Optional[Tensor] = None) -> Tensor:
+    """Undoes transform_keys: scale * H(y) + mean."""
+    return _transform(y, scale, mean, hadamard, _KEY_INVERSE, out)
+
+
+def vq_encode(x: Tensor, codebook: Tensor, *, scale: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+              hadamard: bool = False, out: Optional[Tensor] = None) -> Tensor:
+    """Nearest-centroid codes of x, bit-packed: uint8 [..., code_row_bytes].
+
+    With scale, mean or hadamard, x is first transformed as by transform_keys, in the same pass
+    (raw post-RoPE keys in, codes out). Each sub-vector gets its nearest centroid in squared L2
+    distance (the lowest index among equals).
+    """
+    _check_tensor(x, "x")
+    _check_tensor(codebook, "codebook")
+    _check_tensor(scale, "scale", optional=True)
+    _check_tensor(mean, "mean", optional=True)
+    _check_tensor(out, "out", optional=True)
+    if out is None:
+        row_bytes = _row_bytes_for(x.shape[-1] if x.dim() else 0, codebook)
+        out = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8, device=x.device)
+    with _device_guard(x):
+        _C.vq_encode(x.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
+                     None if mean is None else mean.detach(), bool(hadamard), _stream(x))
+    return out
+
+
+def vq_decode(codes: Tensor, codebook: Tensor, *, head_dim: int, dtype: torch.dtype = torch.float16,
+              scale: Optional[Tensor] = None, mean: Optional[Tensor] = None, hadamard: bool = False,
+              out: Optional[Tensor] = None) -> Tensor:
+    """Centroids of packed codes, [..., head_dim] of dtype; with scale, mean or hadamard the
+    result is mapped back by inverse_transform_keys in the same pass."""
+    _check_tensor(codes, "codes")
+    _check_tensor(codebook, "codebook")
+    _check_tensor(scale, "scale", optional=True)
+    _check_tensor(mean, "mean", optional=True)
+    _check_tensor(out, "out", optional=True)
+    if out is None:
+        if codes.dim() == 0:
+            raise ValueError("codes: expected shape [..., code_row_bytes], got a scalar")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
+        out = torch.empty((*codes.shape[:-1], head_dim), dtype=dtype, device=codes.device)
+    with _device_guard(codes):
+        _C.vq_decode(codes.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
+                     None if mean is None else mean.detach(), bool(hadamard), _stream(codes))
+    return out
+
+
+def _row_bytes_for(head_dim: int, codebook: Tensor) -> int:
+    # Only sizes the output; the binding validates the codebook and reports a bad one precisely.
+    if codebook.dim() != 3 or codebook.shape[1] < 1:
+        raise ValueError(f"codebook: expected shape [num_codebooks, 2**code_bits, sub_dim], got {list(codebook.shape)}")
+    code_bits = max(int(codebook.shape[1]) - 1, 0).bit_length()
+    n = _C.code_row_bytes(head_dim, int(codebook.shape[2]), code_bits)
+    return max(n, 1)
+
+
+def unpack_codes(codes: Tensor, code_bits: int, num_codes: int) -> Tensor:
+    """Packed codes uint8 [..., code_row_bytes] -> int64 centroid indices [..., num_codes]."""
+    _check_tensor(codes, "codes")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes: expected a uint8 tensor, got {codes.dtype}")
+    if codes.dim() == 0 or codes.shape[-1] * 8 < code_bits * num_codes:
+        raise ValueError(f"codes: {num_codes} codes of {code_bits} bits do not fit rows of shape {list(codes.shape)}")
+    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    bits = ((codes[..., None] >> shifts) & 1).flatten(-2)[..., : num_codes * code_bits]
+    weights = 1 << torch.arange(code_bits, device=codes.device, dtype=torch.int64)
+    return (bits.reshape(*codes.shape[:-1], num_codes, code_bits).to(torch.int64) * weights).sum(-1)
