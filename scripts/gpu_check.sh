@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the package and the C++ benchmarks, run the GPU tests,
 # compute-sanitizer (memcheck over the CUDA tests, racecheck over the kernels with shared memory),
-# then the Python and C++ benchmarks. Writes logs and summary.md into $OUT (default ./gpu-out).
+# then the Python and C++ benchmarks. Writes summary.md and logs.tgz (every log) into $OUT
+# (default ./gpu-out).
 #
 #   bash scripts/gpu_check.sh [--quick]      (--quick: tests only, no sanitizer, no benchmarks)
 #
@@ -10,6 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
+LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 QUICK=${1:-}
 PY=${PYTHON:-python3}
@@ -21,7 +23,7 @@ status=0
 step() {  # step NAME LOGFILE COMMAND...: runs, times, records pass/fail
   local name=$1 log=$2; shift 2
   local t0=$SECONDS
-  "$@" >"$OUT/$log" 2>&1
+  "$@" >"$LOGS/$log" 2>&1
   local rc=$?
   local line="- $name: $([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc=$rc)") in $((SECONDS - t0)) s (log: $log)"
   echo "$line" | tee -a "$SUMMARY"
@@ -43,34 +45,38 @@ fi
 CUTLASS_INC=$($PY -c "import importlib.util,os; s=importlib.util.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0],'source','include'))")
 
 step "build package (pip, sm_80 + sm_90a)" build.log \
-  $PY -m pip install -v --no-build-isolation --no-deps --target /tmp/vecinfer_pkg --upgrade . || { cat "$SUMMARY"; exit 1; }
+  $PY -m pip install -v --no-build-isolation --no-deps --target /tmp/vecinfer_pkg --upgrade . \
+  || { tar -C "$LOGS" -czf "$OUT/logs.tgz" .; exit 1; }
 export PYTHONPATH=/tmp/vecinfer_pkg:$PYTHONPATH
-grep -E "ptxas (warning|error)|spill" "$OUT/build.log" | sort | uniq -c | head -20 >"$OUT/ptxas_warnings.txt"
+grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head -20 >"$LOGS/ptxas_warnings.txt"
 
 step "pytest (all, GPU present)" pytest.log $PY -m pytest tests -q -rs -p no:cacheprovider
-tail -3 "$OUT/pytest.log" | tee -a "$SUMMARY"
+tail -3 "$LOGS/pytest.log" | tee -a "$SUMMARY"
 
 if [ "$QUICK" != "--quick" ]; then
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # so out-of-bounds accesses do not land in cached blocks
   step "compute-sanitizer memcheck (CUDA tests)" memcheck.log \
-    compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
     $PY -m pytest tests -q -x -p no:cacheprovider -k "cuda"
-  tail -4 "$OUT/memcheck.log" | tee -a "$SUMMARY"
+  tail -4 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
   step "compute-sanitizer racecheck (encode/decode kernels)" racecheck.log \
-    compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+    timeout 120 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
     $PY -m pytest tests/test_vq.py -q -x -p no:cacheprovider -k "cuda and (agrees or large_rows)"
-  tail -4 "$OUT/racecheck.log" | tee -a "$SUMMARY"
+  tail -4 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
-  step "python benchmark" bench_py.log $PY bench/bench_ops.py --json "$OUT/bench_py.json"
-  cat "$OUT/bench_py.log" >>"$SUMMARY"
+  step "vecinfer demo (GPU)" demo.log $PY -m vecinfer demo
+  cat "$LOGS/demo.log" >>"$SUMMARY"
+  step "python benchmark" bench_py.log $PY bench/bench_ops.py --json "$LOGS/bench_py.json"
+  cat "$LOGS/bench_py.log" >>"$SUMMARY"
 
   step "build C++ benchmarks" build_cpp.log bash -c "cmake -S . -B /tmp/cppbench -G Ninja \
       -DVECINFER_BUILD_BENCHMARKS=ON -DVECINFER_CUTLASS_INCLUDE_DIR='$CUTLASS_INC' \
       -DVECINFER_CUDA_GENCODE='-gencode=arch=compute_90a,code=sm_90a' -DVECINFER_CUDA_JOBS=8 && cmake --build /tmp/cppbench"
   step "C++ benchmarks (Google Benchmark)" bench_cpp.log /tmp/cppbench/vecinfer_bench \
-    --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
-  grep -E "^BM_|^-|^Benchmark" "$OUT/bench_cpp.log" >>"$SUMMARY"
+    --benchmark_out="$LOGS/bench_cpp.json" --benchmark_out_format=json
+  grep -E "^BM_|^-|^Benchmark" "$LOGS/bench_cpp.log" >>"$SUMMARY"
 fi
 echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$SUMMARY"
+tar -C "$LOGS" -czf "$OUT/logs.tgz" .
 exit $status

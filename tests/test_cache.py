@@ -58,7 +58,7 @@ def test_append_keeps_windows_and_never_requantizes(quantizer, device, chunks):
     assert torch.equal(k_hat[:, :, n - recent:], k_all[:, :, n - recent:])
     assert torch.equal(v_hat[:, :, n - recent:], v_all[:, :, n - recent:])
     mid = slice(sinks, n - recent)
-    exp_k, exp_v = quantizer.fake_quantize(0, k_all[:, :, mid].contiguous(), v_all[:, :, mid].contiguous())
+    exp_k, exp_v = cache.quantizer.fake_quantize(0, k_all[:, :, mid].contiguous(), v_all[:, :, mid].contiguous())
     torch.testing.assert_close(k_hat[:, :, mid], exp_k)
     torch.testing.assert_close(v_hat[:, :, mid], exp_v)
     # a token, once coded, never changes

@@ -13,6 +13,8 @@ namespace vecinfer::detail {
 
 // Entry of a per-head table for `head` (see "Per-head tables" in types.h).
 VECINFER_HD int64_t table_row(int64_t head, int64_t num_heads, int64_t table_rows) {
+  if (table_rows == 1) return 0;  // the common cases skip a 64-bit division
+  if (table_rows == num_heads) return head;
   return head / (num_heads / table_rows);
 }
 

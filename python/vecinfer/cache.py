@@ -39,6 +39,8 @@ class QuantizedKVCache:
         if dtype not in _DTYPES:
             raise TypeError(f"dtype: expected torch.float16, bfloat16 or float32, got {dtype}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.quantizer = quantizer if quantizer.device == self.device else quantizer.to(self.device)
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.max_tokens, self.dtype = max_tokens, dtype

@@ -99,11 +99,15 @@ Status transform(DType dtype, const void* in, void* out, const RowLayout& layout
   if (!s.ok()) return s;
   if (in == nullptr || out == nullptr) return invalid("input/output: null pointer");
   const int d = layout.head_dim;
-  std::vector<float> v(d);
-  for (int64_t row = 0; row < layout.num_rows; ++row) {
-    load_row(dtype, in, row, d, v.data());
-    apply_transform(v.data(), d, t, kind, detail::table_row(head_of(layout, row), layout.num_heads, t.table_rows));
-    store_row(dtype, out, row, d, v.data());
+#pragma omp parallel
+  {
+    std::vector<float> v(d);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < layout.num_rows; ++row) {
+      load_row(dtype, in, row, d, v.data());
+      apply_transform(v.data(), d, t, kind, detail::table_row(head_of(layout, row), layout.num_heads, t.table_rows));
+      store_row(dtype, out, row, d, v.data());
+    }
   }
   return Status::Ok();
 }
@@ -120,33 +124,44 @@ Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& la
   const int num_sub = d / sub;
   const int64_t num_centroids = cb.num_centroids();
   const int64_t row_bytes = code_row_bytes(d, sub, cb.code_bits);
-  std::vector<float> v(d);
-  std::vector<uint16_t> row_codes(num_sub);
-  for (int64_t row = 0; row < layout.num_rows; ++row) {
-    const int64_t head = head_of(layout, row);
-    load_row(dtype, x, row, d, v.data());
-    apply_transform(v.data(), d, t, TransformKind::kKey, detail::table_row(head, layout.num_heads, t.table_rows));
-    const float* centroids =
-        cb.centroids + detail::table_row(head, layout.num_heads, cb.num_codebooks) * num_centroids * sub;
-    for (int j = 0; j < num_sub; ++j) {
-      const float* xs = v.data() + j * sub;
-      float best = std::numeric_limits<float>::infinity();
-      int64_t best_index = 0;
-      for (int64_t c = 0; c < num_centroids; ++c) {
-        float dist = 0.f;
-        for (int e = 0; e < sub; ++e) {
-          const float diff = xs[e] - centroids[c * sub + e];
-          dist += diff * diff;
+  // Squared norms of every centroid: dist(x, c) = |x|^2 - 2 x.c + |c|^2, and |x|^2 is the same
+  // for all candidates of a sub-vector.
+  std::vector<float> norms(cb.num_codebooks * num_centroids);
+  for (int64_t c = 0; c < static_cast<int64_t>(norms.size()); ++c) {
+    float n = 0.f;
+    for (int e = 0; e < sub; ++e) n += cb.centroids[c * sub + e] * cb.centroids[c * sub + e];
+    norms[c] = n;
+  }
+#pragma omp parallel
+  {
+    std::vector<float> v(d);
+    std::vector<uint16_t> row_codes(num_sub);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < layout.num_rows; ++row) {
+      const int64_t head = head_of(layout, row);
+      load_row(dtype, x, row, d, v.data());
+      apply_transform(v.data(), d, t, TransformKind::kKey, detail::table_row(head, layout.num_heads, t.table_rows));
+      const int64_t book = detail::table_row(head, layout.num_heads, cb.num_codebooks);
+      const float* centroids = cb.centroids + book * num_centroids * sub;
+      const float* book_norms = norms.data() + book * num_centroids;
+      for (int j = 0; j < num_sub; ++j) {
+        const float* xs = v.data() + j * sub;
+        float best = std::numeric_limits<float>::infinity();
+        int64_t best_index = 0;
+        for (int64_t c = 0; c < num_centroids; ++c) {
+          float dot = 0.f;
+          for (int e = 0; e < sub; ++e) dot += xs[e] * centroids[c * sub + e];
+          const float dist = book_norms[c] - 2.f * dot;
+          if (dist < best) {
+            best = dist;
+            best_index = c;
+          }
         }
-        if (dist < best) {
-          best = dist;
-          best_index = c;
-        }
+        row_codes[j] = static_cast<uint16_t>(best_index);
       }
-      row_codes[j] = static_cast<uint16_t>(best_index);
+      for (int64_t b = 0; b < row_bytes; ++b)
+        codes[row * row_bytes + b] = detail::pack_byte(row_codes.data(), static_cast<int>(b), cb.code_bits);
     }
-    for (int64_t b = 0; b < row_bytes; ++b)
-      codes[row * row_bytes + b] = detail::pack_byte(row_codes.data(), static_cast<int>(b), cb.code_bits);
   }
   return Status::Ok();
 }
@@ -162,17 +177,22 @@ Status vq_decode(DType dtype, const uint8_t* codes, void* out, const RowLayout& 
   const int d = layout.head_dim, sub = cb.sub_dim;
   const int64_t num_centroids = cb.num_centroids();
   const int64_t row_bytes = code_row_bytes(d, sub, cb.code_bits);
-  std::vector<float> v(d);
-  for (int64_t row = 0; row < layout.num_rows; ++row) {
-    const int64_t head = head_of(layout, row);
-    const float* centroids =
-        cb.centroids + detail::table_row(head, layout.num_heads, cb.num_codebooks) * num_centroids * sub;
-    for (int j = 0; j < d / sub; ++j) {
-      const uint32_t code = detail::read_code(codes + row * row_bytes, j, cb.code_bits);
-      for (int e = 0; e < sub; ++e) v[j * sub + e] = centroids[code * sub + e];
+#pragma omp parallel
+  {
+    std::vector<float> v(d);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < layout.num_rows; ++row) {
+      const int64_t head = head_of(layout, row);
+      const float* centroids =
+          cb.centroids + detail::table_row(head, layout.num_heads, cb.num_codebooks) * num_centroids * sub;
+      for (int j = 0; j < d / sub; ++j) {
+        const uint32_t code = detail::read_code(codes + row * row_bytes, j, cb.code_bits);
+        for (int e = 0; e < sub; ++e) v[j * sub + e] = centroids[code * sub + e];
+      }
+      apply_transform(v.data(), d, t, TransformKind::kKeyInverse,
+                      detail::table_row(head, layout.num_heads, t.table_rows));
+      store_row(dtype, out, row, d, v.data());
     }
-    apply_transform(v.data(), d, t, TransformKind::kKeyInverse, detail::table_row(head, layout.num_heads, t.table_rows));
-    store_row(dtype, out, row, d, v.data());
   }
   return Status::Ok();
 }

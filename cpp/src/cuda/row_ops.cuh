@@ -4,8 +4,7 @@
 // (one 16-byte access for 16-bit types, two for float32), lane t holding elements [8t, 8t+8).
 // The Walsh-Hadamard transform then runs in registers: three butterfly stages inside each lane,
 // log2(D / 8) stages across lanes with warp shuffles. A block of kThreads threads covers
-// kThreads * 8 / D rows ("a tile"); tiles never cross a head, so per-head tables (scales,
-// means, codebooks) are uniform over a tile.
+// kThreads * 8 / D rows ("a tile").
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,30 +26,44 @@ struct RowTile {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
 };
 
-// Splits rows [num_heads * tokens] per segment into tiles of RowTile<D>::kRows tokens of one head.
+// Walks tiles of RowTile<D>::kRows consecutive rows. With per_head_tiles the rows of each head
+// (tokens_per_head of them) are split into tiles of their own, so a per-tile table (a codebook of
+// one head) is uniform over a tile; otherwise tiles run over all rows, and only per-row tables
+// (scales, means: looked up with head_of) are used.
 template <int D>
 struct TileWalk {
-  int64_t tokens;             // tokens_per_head
-  int64_t num_heads;
-  int64_t tiles_per_segment;  // ceil(tokens / kRows)
+  int64_t segment_rows;
+  int64_t tiles_per_segment;
   int64_t num_tiles;
 
-  __host__ explicit TileWalk(const RowLayout& layout)
-      : tokens(layout.tokens_per_head),
-        num_heads(layout.num_heads),
-        tiles_per_segment((layout.tokens_per_head + RowTile<D>::kRows - 1) / RowTile<D>::kRows),
-        num_tiles(layout.num_rows / layout.tokens_per_head * tiles_per_segment) {}
+  __host__ TileWalk(const RowLayout& layout, bool per_head_tiles)
+      : segment_rows(per_head_tiles ? layout.tokens_per_head : layout.num_rows),
+        tiles_per_segment((segment_rows + RowTile<D>::kRows - 1) / RowTile<D>::kRows),
+        num_tiles(layout.num_rows / segment_rows * tiles_per_segment) {}
 
-  // For tile `tile`: first row index, head, and how many of its rows exist.
-  __device__ void locate(int64_t tile, int64_t& first_row, int64_t& head, int& rows) const {
+  // For tile `tile`: its first row and how many of its rows exist.
+  __device__ void locate(int64_t tile, int64_t& first_row, int& rows) const {
     const int64_t segment = tile / tiles_per_segment;
-    const int64_t token0 = (tile - segment * tiles_per_segment) * RowTile<D>::kRows;
-    first_row = segment * tokens + token0;
-    head = segment % num_heads;
-    const int64_t left = tokens - token0;
+    const int64_t offset = (tile - segment * tiles_per_segment) * RowTile<D>::kRows;
+    first_row = segment * segment_rows + offset;
+    const int64_t left = segment_rows - offset;
     rows = left < RowTile<D>::kRows ? static_cast<int>(left) : RowTile<D>::kRows;
   }
 };
+
+__device__ __forceinline__ int64_t head_of(const RowLayout& layout, int64_t row) {
+  if (layout.num_heads == 1) return 0;
+  if (row <= INT32_MAX && layout.tokens_per_head <= INT32_MAX && layout.num_heads <= INT32_MAX)  // cheaper division
+    return static_cast<uint32_t>(row) / static_cast<uint32_t>(layout.tokens_per_head) %
+           static_cast<uint32_t>(layout.num_heads);
+  return (row / layout.tokens_per_head) % layout.num_heads;
+}
+
+// Entry of the transform's per-head tables for `row` (0 when it has none: nothing is looked up).
+__device__ __forceinline__ int64_t transform_table_row(const RowLayout& layout, const Transform& t, int64_t row) {
+  if (t.scale == nullptr && t.mean == nullptr) return 0;
+  return detail::table_row(head_of(layout, row), layout.num_heads, t.table_rows);
+}
 
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0];
@@ -139,7 +152,7 @@ __device__ __forceinline__ void transform_row(float (&v)[8], const Transform& t,
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       if (t.mean) v[i] -= mean[i];
-      if (t.scale) v[i] /= scale[i];
+      if (t.scale) v[i] = __fdividef(v[i], scale[i]);  // scales are >= 1e-3, far from the fast path's limits
     }
     if (t.hadamard) hadamard_row<D>(v);
   } else if (kind == TransformKind::kQuery) {

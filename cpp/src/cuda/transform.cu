@@ -14,15 +14,15 @@ __global__ void __launch_bounds__(kThreads) transform_kernel(const T* in, T* out
   const int local_row = threadIdx.x / RowTile<D>::kThreadsPerRow;
   const int col0 = threadIdx.x % RowTile<D>::kThreadsPerRow * 8;
   for (int64_t tile = blockIdx.x; tile < walk.num_tiles; tile += gridDim.x) {
-    int64_t first_row, head;
+    int64_t first_row;
     int rows;
-    walk.locate(tile, first_row, head, rows);
+    walk.locate(tile, first_row, rows);
     const bool valid = local_row < rows;
-    const int64_t offset = (first_row + local_row) * D + col0;
+    const int64_t row = valid ? first_row + local_row : first_row;
     float v[8] = {};
-    if (valid) load8(in + offset, v);
-    transform_row<D>(v, t, kind, detail::table_row(head, layout.num_heads, t.table_rows), col0);
-    if (valid) store8(out + offset, v);
+    if (valid) load8(in + row * D + col0, v);
+    transform_row<D>(v, t, kind, transform_table_row(layout, t, row), col0);
+    if (valid) store8(out + row * D + col0, v);
   }
 }
 
@@ -54,7 +54,7 @@ Status transform(DType dtype, const void* in, void* out, const RowLayout& layout
     using T = decltype(type_tag);
     return with_head_dim(layout.head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      const TileWalk<D> walk(layout);
+      const TileWalk<D> walk(layout, /*per_head_tiles=*/false);
       auto kernel = transform_kernel<T, D>;
       int grid = 0;
       Status ls = launch_grid(kernel, walk.num_tiles, kThreads, 0, grid);

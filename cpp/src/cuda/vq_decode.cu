@@ -22,10 +22,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const uint8_t* __restr
   const int lane = threadIdx.x % RowTile<D>::kThreadsPerRow;
   int64_t loaded = -1;
   for (int64_t tile = blockIdx.x; tile < walk.num_tiles; tile += gridDim.x) {
-    int64_t first_row, head;
+    int64_t first_row;
     int rows;
-    walk.locate(tile, first_row, head, rows);
-    const int64_t book = detail::table_row(head, layout.num_heads, cb.num_codebooks);
+    walk.locate(tile, first_row, rows);
+    // With several codebooks the walk keeps each tile inside one head.
+    const int64_t book =
+        cb.num_codebooks == 1 ? 0 : detail::table_row(head_of(layout, first_row), layout.num_heads, cb.num_codebooks);
     if (book != loaded) {  // uniform over the block
       __syncthreads();
       const float* src = cb.centroids + book * num_centroids * S;
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const uint8_t* __restr
       __syncthreads();
     }
     const bool valid = local_row < rows;
-    const int64_t row = first_row + local_row;
+    const int64_t row = valid ? first_row + local_row : first_row;
     float v[8] = {};
     if (valid) {
       const uint8_t* row_codes = codes + row * row_bytes;
@@ -45,8 +47,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const uint8_t* __restr
         for (int e = 0; e < S; ++e) v[k * S + e] = centroids[code * S + e];
       }
     }
-    transform_row<D>(v, t, TransformKind::kKeyInverse, detail::table_row(head, layout.num_heads, t.table_rows),
-                     lane * 8);
+    transform_row<D>(v, t, TransformKind::kKeyInverse,
+                     transform_table_row(layout, t, row), lane * 8);
     if (valid) store8(out + row * D + lane * 8, v);
   }
 }
@@ -70,7 +72,7 @@ Status vq_decode(DType dtype, const uint8_t* codes, void* out, const RowLayout& 
       constexpr int D = decltype(dim)::value;
       return with_sub_dim(cb.sub_dim, [&](auto sub) {
         constexpr int S = decltype(sub)::value;
-        const TileWalk<D> walk(layout);
+        const TileWalk<D> walk(layout, /*per_head_tiles=*/cb.num_codebooks > 1);
         const size_t shared_bytes = cb.num_centroids() * S * sizeof(float);
         auto kernel = decode_kernel<T, D, S>;
         int grid = 0;

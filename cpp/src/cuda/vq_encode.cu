@@ -43,10 +43,12 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ 
   const int lane = threadIdx.x % RowTile<D>::kThreadsPerRow;
   int64_t loaded = -1;
   for (int64_t tile = blockIdx.x; tile < walk.num_tiles; tile += gridDim.x) {
-    int64_t first_row, head;
+    int64_t first_row;
     int rows;
-    walk.locate(tile, first_row, head, rows);
-    const int64_t book = detail::table_row(head, layout.num_heads, cb.num_codebooks);
+    walk.locate(tile, first_row, rows);
+    // With several codebooks the walk keeps each tile inside one head.
+    const int64_t book =
+        cb.num_codebooks == 1 ? 0 : detail::table_row(head_of(layout, first_row), layout.num_heads, cb.num_codebooks);
     if (book != loaded) {  // uniform over the block: every thread sees the same tile
       __syncthreads();
       const float* src = cb.centroids + book * num_centroids * S;
@@ -65,10 +67,11 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ 
     }
 
     const bool valid = local_row < rows;
+    const int64_t row = valid ? first_row + local_row : first_row;
     float v[8] = {};
-    if (valid) load8(x + (first_row + local_row) * D + lane * 8, v);
-    transform_row<D>(v, t, TransformKind::kKey, detail::table_row(head, layout.num_heads, t.table_rows),
-                     lane * 8);
+    if (valid) load8(x + row * D + lane * 8, v);
+    transform_row<D>(v, t, TransformKind::kKey,
+                     transform_table_row(layout, t, row), lane * 8);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] *= -2.f;
 
@@ -122,7 +125,7 @@ Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& la
       constexpr int D = decltype(dim)::value;
       return with_sub_dim(cb.sub_dim, [&](auto sub) {
         constexpr int S = decltype(sub)::value;
-        const TileWalk<D> walk(layout);
+        const TileWalk<D> walk(layout, /*per_head_tiles=*/cb.num_codebooks > 1);
         const size_t shared_bytes = cb.num_centroids() * (S + 1) * sizeof(float) +
                                     RowTile<D>::kRows * (D / S) * sizeof(uint16_t);
         auto kernel = encode_kernel<T, D, S>;
