@@ -67,6 +67,8 @@ if [ "$QUICK" != "--quick" ]; then
 
   step "vecinfer demo (GPU)" demo.log $PY -m vecinfer demo
   cat "$LOGS/demo.log" >>"$SUMMARY"
+  step "calibration timing (30 layers, 256-entry codebooks)" bench_calib.log $PY bench/bench_calibration.py
+  cat "$LOGS/bench_calib.log" >>"$SUMMARY"
   step "python benchmark" bench_py.log $PY bench/bench_ops.py --json "$LOGS/bench_py.json"
   cat "$LOGS/bench_py.log" >>"$SUMMARY"
 

@@ -14,7 +14,7 @@ PY=${PYTHON:-python}
 # torch 2.13.0: the CPU wheel where one is provided locally; a bare `torch` would pull CUDA wheels.
 $PY -c "import torch" 2>/dev/null || $PY -m pip install torch==2.13.0
 t0=$SECONDS
-$PY -m pip install ".[test]"
+$PY -m pip install ".[test,hf]"
 echo "vecinfer build + install: $((SECONDS - t0)) s"
 $PY -c "import vecinfer; print('vecinfer', vecinfer.__version__, '| CUDA kernels built:', vecinfer.cuda_built(), '| GPU usable:', vecinfer.cuda_available())"
 

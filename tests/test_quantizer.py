@@ -213,3 +213,17 @@ def test_build_quantizer_methods_and_bits():
     assert 2.0 < plain.bits_per_element(16384) < 2.2
     with pytest.raises(ValueError, match="method"):
         build_quantizer("zip", keys, values)
+
+
+@pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
+def test_calibrate_and_fake_quantize_on_gpu():
+    """Calibration on CUDA samples (k-means assignment by the CUDA encode kernel) is as good as on
+    the CPU and gives CUDA parameters."""
+    keys, values = _samples(layers=1, tokens=1000)
+    cfg = vecinfer.VQConfig(kmeans_iters=6)
+    cpu = vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+    gpu = vecinfer.KVQuantizer.calibrate([k.cuda() for k in keys], [v.cuda() for v in values], cfg, progress=False)
+    assert gpu.device.type == "cuda"
+    k, v = keys[0][None], values[0][None]
+    err = lambda q, dev: float(((q.fake_quantize(0, k.to(dev), v.to(dev))[0].cpu() - k) ** 2).sum())  # noqa: E731
+    assert err(gpu, "cuda") < 1.2 * err(cpu, "cpu")

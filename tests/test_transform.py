@@ -93,14 +93,16 @@ def test_in_place(device, gen):
 
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_cpu_bitwise_order(dtype, gen):
-    """The kernel uses the CPU reference's butterfly order: float32 results agree to rounding."""
+def test_cuda_matches_cpu(dtype, gen):
+    """The kernel uses the CPU reference's butterfly order: results agree to float32 rounding
+    (a 16-bit output may land one unit in the last place apart)."""
     x = _rand((3, 5, 77, 128), dtype, "cpu", gen)
     scale = torch.rand((5, 128), generator=gen) + 0.5
     mean = torch.randn((5, 128), generator=gen)
     cpu = vecinfer.transform_keys(x, scale, mean)
     gpu = vecinfer.transform_keys(x.cuda(), scale.cuda(), mean.cuda()).cpu()
-    assert torch.allclose(cpu.float(), gpu.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    ulp = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    assert torch.allclose(cpu.float(), gpu.float(), atol=1e-5, rtol=2 * ulp)
 
 
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")

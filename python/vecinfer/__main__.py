@@ -1,4 +1,4 @@
-"""Command line: `vecinfer demo` (and `python -m vecinfer demo`)."""
+"""Command line: `vecinfer demo`, `vecinfer eval` (also `python -m vecinfer ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compress real K/V of SmolLM2-135M and report size and error")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
+    sub.add_parser("eval", add_help=False, help="perplexity / passkey retrieval with a compressed KV cache "
+                                                "(`vecinfer eval --help`)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        from .evaluate import eval_main
+
+        return eval_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo

@@ -31,7 +31,8 @@ class VQConfig:
     key_mean / value_mean: subtract a per-(KV head, channel) mean first (exact for attention: a
     key mean shifts all scores of a query equally, a value mean comes back out because the
     attention weights sum to one). residual: the most recent tokens kept in full precision;
-    sink_tokens: the first tokens kept in full precision. granularity: one codebook per layer or
+    sink_tokens: the first tokens kept in full precision (default 4: on SmolLM2-135M adding
+    them to the transforms took 2-bit perplexity from +17.8% to +4.0%, see QUALITY.md). granularity: one codebook per layer or
     per KV head. method "kivi" selects the KIVI-style scalar baseline (2 bits, group 32).
     """
 
@@ -47,7 +48,7 @@ class VQConfig:
     value_mean: bool = False
     scale_rule: str = "sqrt_max"
     residual: int = 128
-    sink_tokens: int = 0
+    sink_tokens: int = 4
     granularity: str = "layer"
     method: str = "vq"
     kivi_group: int = 32

@@ -35,20 +35,7 @@ def kmeans(samples: torch.Tensor, num_centroids: int, iters: int = 20, seed: int
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("samples: contain NaN or infinity")
     x = samples.float().contiguous()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    # k-means++: each next centre drawn with probability proportional to squared distance.
-    first = int(torch.randint(n, (1,), generator=gen))
-    centroids = [x[first]]
-    closest = ((x - x[first]) ** 2).sum(1)
-    for _ in range(1, num_centroids):
-        weights = closest.double().cpu()
-        total = float(weights.sum())
-        pick = int(torch.multinomial(weights, 1, generator=gen)) if total > 0 else int(torch.randint(n, (1,), generator=gen))
-        centroids.append(x[pick])
-        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(1))
-    codebook = torch.stack(centroids)
-
+    codebook = _kmeans_plus_plus(x.cpu(), num_centroids, seed).to(x.device)
     for _ in range(iters):
         labels = assign(x, codebook)
         counts = torch.bincount(labels, minlength=num_centroids)
@@ -64,3 +51,24 @@ def kmeans(samples: torch.Tensor, num_centroids: int, iters: int = 20, seed: int
         if progress is not None:
             progress()
     return codebook
+
+
+def _kmeans_plus_plus(x: torch.Tensor, num_centroids: int, seed: int) -> torch.Tensor:
+    """k-means++ seeding on the CPU (a few hundred small sequential steps: no device round trips,
+    and the same centres whatever device the samples are on)."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    picks = [int(torch.randint(n, (1,), generator=gen))]
+    closest = ((x - x[picks[0]]) ** 2).sum(1).double()
+    for _ in range(1, num_centroids):
+        # each next centre drawn with probability proportional to its squared distance to the chosen
+        # ones, by inverse-CDF sampling (torch.multinomial is ~100x slower on 64k weights)
+        cdf = torch.cumsum(closest, 0)
+        if float(cdf[-1]) > 0:
+            u = float(torch.rand((), generator=gen, dtype=torch.float64)) * float(cdf[-1])
+            pick = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), n - 1)
+        else:
+            pick = int(torch.randint(n, (1,), generator=gen))
+        picks.append(pick)
+        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(1).double())
+    return x[picks].clone()

@@ -303,15 +303,23 @@ def kivi_fake_quantize(k: torch.Tensor, v: torch.Tensor, group: int = 32):
     return quant(k, -2), quant(v, -1)
 
 
-# Ablation methods: each a VQConfig variant run through the same code path.
+# Ablation methods: each a VQConfig variant run through the same code path. "vecinfer" is the
+# shipped default (VQConfig's defaults); the others switch one lever at a time.
 METHOD_OVERRIDES = {
     "vecinfer": {},
-    "paper": {"smooth": True, "hadamard": True, "key_mean": False, "value_mean": False},
-    "vq": {"smooth": False, "hadamard": False, "key_mean": False, "value_mean": False},
-    "smooth": {"smooth": True, "hadamard": False, "key_mean": False, "value_mean": False},
-    "hadamard": {"smooth": False, "hadamard": True, "key_mean": False, "value_mean": False},
-    "mean": {"smooth": False, "hadamard": False, "key_mean": True, "value_mean": True},
-    "kivi": {"method": "kivi"},
+    "vecinfer-nosink": {"sink_tokens": 0},
+    "paper": {"smooth": True, "hadamard": True, "key_mean": False, "value_mean": False, "sink_tokens": 0},
+    "vq": {"smooth": False, "hadamard": False, "key_mean": False, "value_mean": False, "sink_tokens": 0},
+    "smooth": {"smooth": True, "hadamard": False, "key_mean": False, "value_mean": False, "sink_tokens": 0},
+    "hadamard": {"smooth": False, "hadamard": True, "key_mean": False, "value_mean": False, "sink_tokens": 0},
+    "mean": {"smooth": False, "hadamard": False, "key_mean": True, "value_mean": False, "sink_tokens": 0},
+    "sinks": {"smooth": False, "hadamard": False, "key_mean": False, "value_mean": False},
+    "mean+hadamard": {"smooth": False, "hadamard": True, "key_mean": True, "sink_tokens": 0},
+    "vecinfer-nosink+vmean": {"value_mean": True, "sink_tokens": 0},
+    "vecinfer-nosink+head": {"granularity": "head", "sink_tokens": 0},
+    "vecinfer-nosink+k2.5v1.5": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 10,
+                                 "value_sub_dim": 4, "value_code_bits": 6, "sink_tokens": 0},
+    "kivi": {"method": "kivi", "sink_tokens": 0},
 }
 
 
@@ -323,6 +331,9 @@ def build_quantizer(method: str, keys, values, bits: float = 2, residual: int = 
     fields = {"key_bits": bits, "value_bits": bits, "residual": residual, **METHOD_OVERRIDES[method], **overrides}
     if fields.get("method") == "kivi":
         fields.pop("key_bits"), fields.pop("value_bits")
+    elif "key_sub_dim" in fields:  # explicit shapes at a fixed average: only meaningful at 2 bits
+        if float(bits) != 2:
+            raise ValueError(f"method {method!r} fixes its own bit widths (2 bits on average); got bits={bits}")
     cfg = VQConfig(**fields)
     return KVQuantizer.calibrate(keys, values, cfg, progress=progress)
 
