@@ -45,6 +45,16 @@ Status with_sub_dim(int sub_dim, F&& f) {
   return unsupported("codebook: sub_dim (last dimension) must be 2, 4 or 8");
 }
 
+// The codec kernels' three template parameters at once: f(element type tag, D, S).
+template <class F>
+Status with_codec_shape(DType dtype, int head_dim, int sub_dim, F&& f) {
+  return with_dtype(dtype, [&](auto type_tag) {
+    return with_head_dim(head_dim, [&](auto dim) {
+      return with_sub_dim(sub_dim, [&](auto sub) { return f(type_tag, dim, sub); });
+    });
+  });
+}
+
 inline Status cuda_status(cudaError_t err) {
   if (err == cudaSuccess) return Status::Ok();
   return {StatusCode::kCudaError, cudaGetErrorString(err)};

@@ -66,23 +66,19 @@ Status vq_decode(DType dtype, const uint8_t* codes, void* out, const RowLayout& 
   if (!s.ok()) return s;
   if (codes == nullptr) return invalid("codes: null pointer");
   const int row_bytes = static_cast<int>(code_row_bytes(layout.head_dim, cb.sub_dim, cb.code_bits));
-  return with_dtype(dtype, [&](auto type_tag) {
+  return with_codec_shape(dtype, layout.head_dim, cb.sub_dim, [&](auto type_tag, auto dim, auto sub) {
     using T = decltype(type_tag);
-    return with_head_dim(layout.head_dim, [&](auto dim) {
-      constexpr int D = decltype(dim)::value;
-      return with_sub_dim(cb.sub_dim, [&](auto sub) {
-        constexpr int S = decltype(sub)::value;
-        const TileWalk<D> walk(layout, /*per_head_tiles=*/cb.num_codebooks > 1);
-        const size_t shared_bytes = cb.num_centroids() * S * sizeof(float);
-        auto kernel = decode_kernel<T, D, S>;
-        int grid = 0;
-        Status ls = launch_grid(kernel, walk.num_tiles, kThreads, shared_bytes, grid);
-        if (!ls.ok()) return ls;
-        kernel<<<grid, kThreads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(
-            codes, static_cast<T*>(out), layout, cb, t, walk, row_bytes);
-        return cuda_status(cudaGetLastError());
-      });
-    });
+    constexpr int D = decltype(dim)::value;
+    constexpr int S = decltype(sub)::value;
+    const TileWalk<D> walk(layout, /*per_head_tiles=*/cb.num_codebooks > 1);
+    const size_t shared_bytes = cb.num_centroids() * S * sizeof(float);
+    auto kernel = decode_kernel<T, D, S>;
+    int grid = 0;
+    Status ls = launch_grid(kernel, walk.num_tiles, kThreads, shared_bytes, grid);
+    if (!ls.ok()) return ls;
+    kernel<<<grid, kThreads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(
+        codes, static_cast<T*>(out), layout, cb, t, walk, row_bytes);
+    return cuda_status(cudaGetLastError());
   });
 }
 
