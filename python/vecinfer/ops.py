@@ -13,6 +13,7 @@ cpp/include/vecinfer/types.h for the exact layout).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -36,15 +37,7 @@ def _stream(t: Tensor) -> int:
 
 
 def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NoGuard()
-
-
-class _NoGuard:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def code_row_bytes(head_dim: int, sub_dim: int, code_bits: int) -> int:
