@@ -1,6 +1,8 @@
 """QuantizedKVCache: appending, windows, attend == attention over dequantize, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -149,3 +151,171 @@ def test_cache_constructor_checks(quantizer):
         vecinfer.QuantizedKVCache(quantizer, 1, 2, 64, 10, dtype=torch.int8)
     with pytest.raises(TypeError, match="quantizer"):
         vecinfer.QuantizedKVCache(None, 1, 2, 64, 10)
+
+
+# --- per-sequence lengths ---------------------------------------------------------------------
+
+def _with_windows(quantizer, sinks, residual):
+    """The same codebooks with other sink / recent-window sizes (they do not affect calibration)."""
+    cfg = dataclasses.replace(quantizer.config, sink_tokens=sinks, residual=residual)
+    return vecinfer.KVQuantizer(cfg, quantizer.layers, quantizer.num_kv_heads, quantizer.head_dim)
+
+
+def _expected_parts(n, sinks, residual):
+    s = min(n, sinks)
+    r = min(n - s, residual)
+    return [s, n - s - r, r]
+
+
+WINDOWS = [(2, 16), (0, 4), (3, 0), (0, 0), (4, 1)]
+
+
+@pytest.mark.parametrize("sinks,residual", WINDOWS)
+@pytest.mark.parametrize("prompts", [[7, 1, 20], [5, 5, 5], [0, 3, 12]])
+def test_unequal_lengths_match_per_sequence_caches(quantizer, sinks, residual, prompts):
+    """A left-padded batch (skip), then decode steps, a 3-token step and a step skipping one
+    sequence, against one batch-1 cache per sequence fed the same tokens without padding."""
+    gen = torch.Generator().manual_seed(6)
+    q = _with_windows(quantizer, sinks, residual)
+    b, t0 = len(prompts), max(prompts)
+    cache = vecinfer.QuantizedKVCache(q, b, 2, 64, 64, dtype=torch.float32)
+    singles = [vecinfer.QuantizedKVCache(q, 1, 2, 64, 64, dtype=torch.float32) for _ in prompts]
+    k, v = _kv(b, t0, gen)
+    skip = [t0 - p for p in prompts]
+    cache.append(0, k, v, skip=torch.tensor(skip))
+    for i, s in enumerate(skip):
+        singles[i].append(0, k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+    steps = [(1, None)] * 25 + [(3, None), (1, [0, 1, 0][:b]), (1, None)]
+    for t, step_skip in steps:
+        k, v = _kv(b, t, gen)
+        cache.append(0, k, v, skip=step_skip)
+        for i in range(b):
+            s = step_skip[i] if step_skip else 0
+            singles[i].append(0, k[i:i + 1, :, s:], v[i:i + 1, :, s:])
+        lens = [c.length(0) for c in singles]
+        assert cache.lengths(0).tolist() == lens and cache.length(0) == max(lens)
+        stored = cache._attend_inputs(0)[2]
+        assert stored.dtype == torch.int32 and stored.tolist() == [_expected_parts(n, sinks, residual) for n in lens]
+    k_pad, v_pad, lens = cache.dequantize(0, padded=True)
+    assert k_pad.shape == (b, 2, max(lens.tolist()), 64)
+    tq = 2
+    query = torch.randn((b, 4, tq, 64), generator=gen)
+    out = cache.attend(0, query)
+    for i, single in enumerate(singles):
+        n = single.length(0)
+        k_i, v_i = single.dequantize(0)
+        assert torch.equal(k_pad[i, :, :n], k_i[0]) and torch.equal(v_pad[i, :, :n], v_i[0])
+        assert not k_pad[i, :, n:].any() and not v_pad[i, :, n:].any()
+        torch.testing.assert_close(out[i:i + 1], single.attend(0, query[i:i + 1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i:i + 1].double(), _attention64(query[i:i + 1], k_i, v_i), atol=1e-5, rtol=1e-5)
+    if len(set(lens.tolist())) > 1:
+        with pytest.raises(ValueError, match="padded=True"):
+            cache.dequantize(0)
+
+
+@pytest.mark.parametrize("skip", [3, [3, 3], torch.tensor([3, 3], dtype=torch.int32)])
+def test_uniform_skip_drops_leading_tokens(quantizer, skip):
+    gen = torch.Generator().manual_seed(7)
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 64, dtype=torch.float32)
+    plain = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 64, dtype=torch.float32)
+    k, v = _kv(2, 30, gen)
+    cache.append(0, k, v, skip=skip)
+    plain.append(0, k[:, :, 3:], v[:, :, 3:])
+    assert cache.length(0) == 27
+    for a, b in zip(cache.dequantize(0), plain.dequantize(0)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("skip,exc,words", [
+    ([0, 5], ValueError, r"skip: entries must lie in \[0, 4\]"),
+    ([-1, 0], ValueError, "skip: entries"),
+    ([0, 0, 0], ValueError, r"skip: expected \[2\]"),
+    (torch.zeros(2), TypeError, "integer tensor"),
+    ("0", TypeError, "skip: expected None"),
+])
+def test_bad_skip(quantizer, skip, exc, words):
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 64, dtype=torch.float32)
+    with pytest.raises(exc, match=words):
+        cache.append(0, torch.randn((2, 2, 4, 64)), torch.randn((2, 2, 4, 64)), skip=skip)
+    assert cache.lengths(0).tolist() == [0, 0]
+
+
+def _snapshot(cache, layer):
+    k, v, lens = cache.dequantize(layer, padded=True)
+    return k.clone(), v.clone(), lens.clone(), cache._attend_inputs(layer)[2].clone()
+
+
+def _assert_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# the three append paths: all sequences in one state, a one-token step with unequal lengths,
+# several tokens with unequal lengths
+@pytest.mark.parametrize("path", ["uniform", "step", "loop"])
+@pytest.mark.parametrize("failure", ["max_tokens", "encode"])
+def test_failing_append_leaves_cache_unchanged(quantizer, monkeypatch, path, failure):
+    gen = torch.Generator().manual_seed(8)
+    q = _with_windows(quantizer, 2, 4)
+    cache = vecinfer.QuantizedKVCache(q, 2, 2, 64, 40, dtype=torch.float32)
+    k, v = _kv(2, 20, gen)
+    cache.append(0, k, v, skip=None if path == "uniform" else [0, 9])
+    before = _snapshot(cache, 0)
+    t = {"uniform": 6, "step": 1, "loop": 6}[path]
+    if failure == "max_tokens":
+        k, v = _kv(2, 21, gen)
+        with pytest.raises(ValueError, match="exceed max_tokens=40.*the cache is unchanged"):
+            cache.append(0, k, v, skip=[0, 0] if path == "uniform" else [0, 21 - t])
+    else:  # the second value encode of this append fails (the first sequence's, in the loop path)
+        calls = []
+
+        def failing(layer, x):
+            calls.append(x.shape)
+            if len(calls) == (2 if path == "loop" else 1):
+                raise RuntimeError("injected encode failure")
+            return vecinfer.KVQuantizer.encode_values(cache.quantizer, layer, x)
+
+        monkeypatch.setattr(cache.quantizer, "encode_values", failing)
+        with pytest.raises(RuntimeError, match="injected"):
+            cache.append(0, *_kv(2, t, gen))
+        assert calls, "the append never encoded: the test does not exercise a spill"
+    _assert_same(before, _snapshot(cache, 0))
+
+
+def test_select_reorders_and_repeats_sequences(quantizer):
+    gen = torch.Generator().manual_seed(9)
+    cache = vecinfer.QuantizedKVCache(quantizer, 3, 2, 64, 64, dtype=torch.float32)
+    k, v = _kv(3, 40, gen)
+    cache.append(0, k, v, skip=[0, 10, 30])
+    k_pad, v_pad, lens = cache.dequantize(0, padded=True)
+    cache.select(torch.tensor([2, 0, 0, 1]))
+    assert cache.batch_size == 4 and cache.lengths(0).tolist() == [10, 40, 40, 30]
+    k2, v2, _ = cache.dequantize(0, padded=True)
+    order = [2, 0, 0, 1]
+    assert torch.equal(k2, k_pad[order]) and torch.equal(v2, v_pad[order])
+    cache.append(0, *_kv(4, 1, gen))  # the cache keeps working at the new batch size
+    assert cache.lengths(0).tolist() == [11, 41, 41, 31]
+    with pytest.raises(ValueError, match="indices"):
+        cache.select([4])
+
+
+def test_reserve_grows_capacity_keeping_tokens(quantizer):
+    gen = torch.Generator().manual_seed(10)
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 30, dtype=torch.float32)
+    cache.append(0, *_kv(2, 30, gen))
+    before = cache.dequantize(0)
+    with pytest.raises(ValueError, match="exceed"):
+        cache.append(0, *_kv(2, 1, gen))
+    cache.reserve(50)
+    k, v = _kv(2, 20, gen)
+    cache.append(0, k, v)
+    after = cache.dequantize(0)
+    assert cache.length(0) == 50 and torch.equal(after[0][:, :, :30 - 16], before[0][:, :, :30 - 16])
+    assert torch.equal(after[0][:, :, -16:], k[:, :, -16:])
+
+
+def test_layers_not_held_take_no_memory(quantizer):
+    full = vecinfer.QuantizedKVCache(quantizer, 1, 2, 64, 64)
+    one = vecinfer.QuantizedKVCache(quantizer, 1, 2, 64, 64, layers=[1])
+    assert one.nbytes() - quantizer.parameter_bytes() == (full.nbytes() - quantizer.parameter_bytes()) // 2
+    with pytest.raises(ValueError, match="does not hold layer 0"):
+        one.append(0, torch.randn((1, 2, 1, 64)), torch.randn((1, 2, 1, 64)))

@@ -1,17 +1,25 @@
 """QuantizedKVCache: a preallocated compressed KV cache with a full-precision recent window.
 
-Per layer and sequence, token positions fall in three parts:
-  [0, sink_tokens)             full precision, kept forever ("attention sinks"; 0 by default)
-  [sink_tokens, n - r)         VQ codes (keys transformed, then encoded), never re-quantized
-  [n - r, n)                   full precision recent window, r <= residual
-Appending writes new tokens to the recent window; tokens pushed out of it are encoded once into
-codes at their position. The codebooks are fixed, so codes are appendable and old tokens are
-never re-quantized.
+Per layer, each sequence b of the batch holds n_b tokens in three parts; the lengths are a CPU
+int32 tensor [B, 3] = (sinks, coded, recent) per sequence:
+  positions [0, sinks)                   full precision, sink buffer [b, :, 0:sinks] (the first
+                                         cfg.sink_tokens tokens, kept forever: "attention sinks")
+  positions [sinks, sinks + coded)       VQ codes (keys transformed, then encoded), code buffers
+                                         [b, :, 0:coded]; never re-quantized
+  positions [sinks + coded, n_b)         full precision recent window [b, :, 0:recent], in order,
+                                         recent <= residual
+Appending writes new tokens to the sinks (while there are fewer than sink_tokens), then to the
+recent window; tokens pushed out of the window are encoded once into codes at their position.
+The codebooks are fixed, so codes are appendable and old tokens are never re-quantized.
+
+Sequences of a batch may hold different numbers of tokens: `append(..., skip=)` drops the leading
+padding of a left-padded batch. Appending to a batch whose sequences are all in the same state is
+one batched operation; a one-token decode step is vectorised over the batch whatever the lengths.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +31,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 class QuantizedKVCache:
     def __init__(self, quantizer: KVQuantizer, batch_size: int, num_kv_heads: int, head_dim: int, max_tokens: int,
-                 device="cpu", dtype: torch.dtype = torch.float16):
+                 device="cpu", dtype: torch.dtype = torch.float16, layers: Optional[Sequence[int]] = None):
+        """`layers`: the layers this cache holds (default all of the quantizer's); the others take
+        no memory and cannot be used (sliding-window layers of a model kept elsewhere)."""
         if not isinstance(quantizer, KVQuantizer):
             raise TypeError(f"quantizer: expected a vecinfer.KVQuantizer, got {type(quantizer).__name__}")
         cfg = quantizer.config
@@ -38,6 +48,10 @@ class QuantizedKVCache:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if dtype not in _DTYPES:
             raise TypeError(f"dtype: expected torch.float16, bfloat16 or float32, got {dtype}")
+        held = range(quantizer.num_layers) if layers is None else layers
+        if any(not isinstance(i, int) or not 0 <= i < quantizer.num_layers for i in held):
+            raise ValueError(f"layers: expected layer indices in [0, {quantizer.num_layers}), got {list(held)}")
+        self._held = frozenset(held)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current device
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -45,41 +59,45 @@ class QuantizedKVCache:
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.max_tokens, self.dtype = max_tokens, dtype
         self.residual, self.sinks = cfg.residual, min(cfg.sink_tokens, max_tokens)
-        shape = (batch_size, num_kv_heads)
-        key_bytes = code_row_bytes(head_dim, cfg.key_sub_dim, cfg.key_code_bits)
-        value_bytes = code_row_bytes(head_dim, cfg.value_sub_dim, cfg.value_code_bits)
+        self._key_bytes = code_row_bytes(head_dim, cfg.key_sub_dim, cfg.key_code_bits)
+        self._value_bytes = code_row_bytes(head_dim, cfg.value_sub_dim, cfg.value_code_bits)
+        n = quantizer.num_layers
+
+        def per_layer(*tail, dt=dtype):
+            return [torch.empty((batch_size, num_kv_heads, *tail), dtype=dt, device=self.device)
+                    if i in self._held else None for i in range(n)]
+
         coded = max(max_tokens - self.sinks, 0)
-
-        def empty(*s, dt=dtype):
-            return torch.empty(s, dtype=dt, device=self.device)
-
-        self._key_codes = [empty(*shape, coded, key_bytes, dt=torch.uint8) for _ in range(quantizer.num_layers)]
-        self._value_codes = [empty(*shape, coded, value_bytes, dt=torch.uint8) for _ in range(quantizer.num_layers)]
-        self._sink_k = [empty(*shape, self.sinks, head_dim) for _ in range(quantizer.num_layers)]
-        self._sink_v = [empty(*shape, self.sinks, head_dim) for _ in range(quantizer.num_layers)]
-        self._recent_k = [empty(*shape, self.residual, head_dim) for _ in range(quantizer.num_layers)]
-        self._recent_v = [empty(*shape, self.residual, head_dim) for _ in range(quantizer.num_layers)]
-        self._length = [0] * quantizer.num_layers
+        self._key_codes = per_layer(coded, self._key_bytes, dt=torch.uint8)
+        self._value_codes = per_layer(coded, self._value_bytes, dt=torch.uint8)
+        self._sink_k, self._sink_v = per_layer(self.sinks, head_dim), per_layer(self.sinks, head_dim)
+        self._recent_k, self._recent_v = per_layer(self.residual, head_dim), per_layer(self.residual, head_dim)
+        # (sinks, coded, recent) per sequence; replaced, never modified in place, so a tensor
+        # handed out by _attend_inputs stays a consistent snapshot
+        self._lengths = [torch.zeros((batch_size, 3), dtype=torch.int32) for _ in range(n)]
 
     @property
     def num_layers(self) -> int:
         return self.quantizer.num_layers
 
-    def length(self, layer: int) -> int:
-        """Tokens appended to `layer` so far (the same for every sequence of the batch)."""
-        self._check_layer(layer)
-        return self._length[layer]
-
     def _check_layer(self, layer):
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        if layer not in self._held:
+            raise ValueError(f"layer: this cache does not hold layer {layer} (it holds {sorted(self._held)})")
 
-    def _parts(self, layer: int):
-        """(sink count, coded count, recent count) for the current length."""
-        n = self._length[layer]
-        sinks = min(n, self.sinks)
-        recent = min(n - sinks, self.residual)
-        return sinks, n - sinks - recent, recent
+    def lengths(self, layer: int) -> torch.Tensor:
+        """Tokens held per sequence: CPU int64 [batch_size]."""
+        self._check_layer(layer)
+        return self._lengths[layer].sum(1, dtype=torch.int64)
+
+    def length(self, layer: int) -> int:
+        """Tokens appended to `layer` so far: the most any sequence holds."""
+        return int(self.lengths(layer).max())
+
+    def _uniform(self, layer: int) -> bool:
+        lens = self._lengths[layer]
+        return bool((lens == lens[0]).all())
 
     def _check_kv(self, name: str, x: torch.Tensor, tokens: Optional[int] = None) -> None:
         if not isinstance(x, torch.Tensor):
@@ -93,57 +111,178 @@ class QuantizedKVCache:
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name}: expected a float16, bfloat16 or float32 tensor, got {x.dtype}")
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Appends T tokens: k, v [B, Hkv, T, D] post-RoPE in original coordinates."""
+    def _check_skip(self, skip, tokens: int) -> torch.Tensor:
+        """skip as a CPU int64 [batch_size] tensor with entries in [0, tokens]."""
+        if skip is None:
+            return torch.zeros(self.batch_size, dtype=torch.int64)
+        if isinstance(skip, int):
+            skip = [skip] * self.batch_size
+        if isinstance(skip, (list, tuple)):
+            if not all(isinstance(s, int) for s in skip):
+                raise TypeError(f"skip: expected ints, got {skip!r}")
+            skip = torch.tensor(skip, dtype=torch.int64)
+        if not isinstance(skip, torch.Tensor):
+            raise TypeError(f"skip: expected None, an int, a list of ints or an integer tensor, got {type(skip).__name__}")
+        if skip.dtype.is_floating_point or skip.dtype.is_complex or skip.dtype == torch.bool:
+            raise TypeError(f"skip: expected an integer tensor, got {skip.dtype}")
+        if tuple(skip.shape) != (self.batch_size,):
+            raise ValueError(f"skip: expected [{self.batch_size}] (leading padding tokens per sequence), "
+                             f"got {list(skip.shape)}")
+        skip = skip.to("cpu", torch.int64)
+        if bool((skip < 0).any()) or bool((skip > tokens).any()):
+            raise ValueError(f"skip: entries must lie in [0, {tokens}] (the tokens appended), got {skip.tolist()}")
+        return skip
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, skip=None) -> None:
+        """Appends T tokens: k, v [B, Hkv, T, D] post-RoPE in original coordinates. `skip[b]`
+        (an int for all, a list or an integer tensor [B]) leading tokens of sequence b are padding
+        and are dropped. On any error the cache is left unchanged."""
         self._check_layer(layer)
         self._check_kv("k", k)
         self._check_kv("v", v, tokens=k.shape[2])
         t = k.shape[2]
-        if t == 0:
+        skip = self._check_skip(skip, t)
+        lens = self._lengths[layer]
+        new = t - skip
+        totals = lens.sum(1, dtype=torch.int64)
+        over = (totals + new > self.max_tokens).nonzero().flatten()
+        if len(over):
+            b = int(over[0])
+            raise ValueError(f"append: sequence {b} holds {int(totals[b])} tokens; {int(new[b])} more exceed "
+                             f"max_tokens={self.max_tokens} (layer {layer}); the cache is unchanged")
+        if not bool(new.any()):
             return
-        n = self._length[layer]
-        if n + t > self.max_tokens:
-            raise ValueError(f"append: {n} + {t} tokens exceed max_tokens={self.max_tokens} (layer {layer}); "
-                             "the cache is unchanged")
-        sinks, coded, recent = self._parts(layer)
         k, v = k.to(self.dtype), v.to(self.dtype)
-        # New tokens that still belong to the sink part.
+        # Phase 1 plans every write and encodes (what can fail); phase 2 commits the writes.
+        if self._uniform(layer) and bool((skip == skip[0]).all()):
+            s = int(skip[0])
+            commit, state = self._plan(layer, slice(None), lens[0].tolist(), k[:, :, s:], v[:, :, s:])
+            commits, new_lens = [commit], torch.tensor([state], dtype=torch.int32).expand(self.batch_size, 3)
+        elif t == 1:
+            commit, new_lens = self._plan_step(layer, k, v, new.bool())
+            commits = [commit]
+        else:  # unequal states and several tokens: a prefill or a multi-token step, not the hot path
+            commits, rows = [], []
+            for b in range(self.batch_size):
+                state = lens[b].tolist()
+                if new[b]:
+                    s = int(skip[b])
+                    commit, state = self._plan(layer, slice(b, b + 1), state, k[b:b + 1, :, s:], v[b:b + 1, :, s:])
+                    commits.append(commit)
+                rows.append(state)
+            new_lens = torch.tensor(rows, dtype=torch.int32)
+        for commit in commits:
+            commit()
+        self._lengths[layer] = new_lens.contiguous()
+
+    def _plan(self, layer: int, rows: slice, state: List[int], k: torch.Tensor, v: torch.Tensor
+              ) -> Tuple[Callable[[], None], List[int]]:
+        """Appending k, v [b, Hkv, T, D] to the sequences `rows`, all in `state` = (sinks, coded,
+        recent): encodes what leaves the window and returns (commit, new state)."""
+        sinks, coded, recent = state
+        t = k.shape[2]
         to_sink = min(self.sinks - sinks, t)
-        if to_sink:
-            self._sink_k[layer][:, :, sinks:sinks + to_sink] = k[:, :, :to_sink]
-            self._sink_v[layer][:, :, sinks:sinks + to_sink] = v[:, :, :to_sink]
-            k, v = k[:, :, to_sink:], v[:, :, to_sink:]
-        # Recent window + new tokens; everything but the last `residual` of them is encoded.
-        window_k = torch.cat([self._recent_k[layer][:, :, :recent], k], dim=2)
-        window_v = torch.cat([self._recent_v[layer][:, :, :recent], v], dim=2)
+        window_k = torch.cat([self._recent_k[layer][rows, :, :recent], k[:, :, to_sink:]], dim=2)
+        window_v = torch.cat([self._recent_v[layer][rows, :, :recent], v[:, :, to_sink:]], dim=2)
         spill = max(window_k.shape[2] - self.residual, 0)
         if spill:
-            q = self.quantizer
-            self._key_codes[layer][:, :, coded:coded + spill] = q.encode_keys(layer, window_k[:, :, :spill].contiguous())
-            self._value_codes[layer][:, :, coded:coded + spill] = q.encode_values(layer, window_v[:, :, :spill].contiguous())
+            key_codes = self.quantizer.encode_keys(layer, window_k[:, :, :spill])
+            value_codes = self.quantizer.encode_values(layer, window_v[:, :, :spill])
         keep = window_k.shape[2] - spill
-        self._recent_k[layer][:, :, :keep] = window_k[:, :, spill:]
-        self._recent_v[layer][:, :, :keep] = window_v[:, :, spill:]
-        self._length[layer] = n + t
 
-    def dequantize(self, layer: int):
-        """(k_hat, v_hat): [B, Hkv, tokens_appended, D] in original coordinates and the cache dtype."""
+        def commit():
+            if to_sink:
+                self._sink_k[layer][rows, :, sinks:sinks + to_sink] = k[:, :, :to_sink]
+                self._sink_v[layer][rows, :, sinks:sinks + to_sink] = v[:, :, :to_sink]
+            if t > to_sink:  # the window changed
+                if spill:
+                    self._key_codes[layer][rows, :, coded:coded + spill] = key_codes
+                    self._value_codes[layer][rows, :, coded:coded + spill] = value_codes
+                self._recent_k[layer][rows, :, :keep] = window_k[:, :, spill:]
+                self._recent_v[layer][rows, :, :keep] = window_v[:, :, spill:]
+
+        return commit, [sinks + to_sink, coded + spill, keep if t > to_sink else recent]
+
+    def _plan_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor
+                   ) -> Tuple[Callable[[], None], torch.Tensor]:
+        """One token for each `active` sequence (k, v [B, Hkv, 1, D]) whatever the lengths, with
+        index tensors: to a sink slot, to the recent window, or, for a full window, the window's
+        oldest token to codes, the window shifted by one and the new token at its end."""
+        lens = self._lengths[layer]
+        s, c, r = lens.unbind(1)
+        big_s, big_r = self.sinks, self.residual
+        to_sink = active & (s < big_s)
+        to_window = active & (s >= big_s)
+        spill = to_window & (r >= big_r)  # with no window (residual 0) every token goes to codes
+        dev = self.device
+
+        def rows(mask):
+            return mask.nonzero().flatten()
+
+        i_sink, i_spill, i_win = rows(to_sink), rows(spill), rows(to_window if big_r else torch.zeros_like(active))
+        if len(i_spill):
+            d = i_spill.to(dev)
+            src_k = self._recent_k[layer][d, :, :1] if big_r else k[d]  # [n, Hkv, 1, D]
+            src_v = self._recent_v[layer][d, :, :1] if big_r else v[d]
+            key_codes = self.quantizer.encode_keys(layer, src_k)[:, :, 0]  # [n, Hkv, bytes]
+            value_codes = self.quantizer.encode_values(layer, src_v)[:, :, 0]
+
+        def commit():
+            if len(i_sink):
+                d, pos = i_sink.to(dev), s[i_sink].long().to(dev)
+                self._sink_k[layer][d, :, pos] = k[d, :, 0]
+                self._sink_v[layer][d, :, pos] = v[d, :, 0]
+            if len(i_spill):
+                d, pos = i_spill.to(dev), c[i_spill].long().to(dev)
+                self._key_codes[layer][d, :, pos] = key_codes
+                self._value_codes[layer][d, :, pos] = value_codes
+                if big_r > 1:
+                    self._recent_k[layer][d, :, :big_r - 1] = self._recent_k[layer][d, :, 1:]
+                    self._recent_v[layer][d, :, :big_r - 1] = self._recent_v[layer][d, :, 1:]
+            if len(i_win):
+                d = i_win.to(dev)
+                pos = torch.where(spill, big_r - 1, r)[i_win].long().to(dev)
+                self._recent_k[layer][d, :, pos] = k[d, :, 0]
+                self._recent_v[layer][d, :, pos] = v[d, :, 0]
+
+        grow = torch.stack([to_sink, spill, to_window & ~spill if big_r else torch.zeros_like(active)], dim=1)
+        return commit, lens + grow.to(torch.int32)
+
+    def _attend_inputs(self, layer: int):
+        """What an attention kernel reads, exactly as stored: (key_codes, value_codes, lengths,
+        sink_k, sink_v, recent_k, recent_v). Codes uint8 [B, Hkv, code_capacity, row_bytes]; lengths
+        CPU int32 [B, 3] (sinks, coded, recent); sinks [B, Hkv, sink_tokens, D] and recent window
+        [B, Hkv, residual, D] in the cache dtype. Only the first lengths[b] entries are valid."""
         self._check_layer(layer)
-        sinks, coded, recent = self._parts(layer)
-        q = self.quantizer
-        ks = [self._sink_k[layer][:, :, :sinks]]
-        vs = [self._sink_v[layer][:, :, :sinks]]
-        if coded:
-            ks.append(q.decode_keys(layer, self._key_codes[layer][:, :, :coded].contiguous(), self.dtype))
-            vs.append(q.decode_values(layer, self._value_codes[layer][:, :, :coded].contiguous(), self.dtype))
-        ks.append(self._recent_k[layer][:, :, :recent])
-        vs.append(self._recent_v[layer][:, :, :recent])
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        return (self._key_codes[layer], self._value_codes[layer], self._lengths[layer], self._sink_k[layer],
+                self._sink_v[layer], self._recent_k[layer], self._recent_v[layer])
+
+    def dequantize(self, layer: int, padded: bool = False):
+        """(k_hat, v_hat): [B, Hkv, tokens, D] in original coordinates and the cache dtype.
+
+        When the sequences hold different numbers of tokens this raises ValueError unless
+        padded=True; with padded=True it returns (k_hat, v_hat, lengths): each sequence's tokens
+        at [0, lengths[b]) and zeros after, lengths the CPU int64 [B] tokens per sequence."""
+        self._check_layer(layer)
+        k, v, pos = _virtual_kv(*self._attend_inputs(layer), self.quantizer, layer)
+        totals = self.lengths(layer)
+        if not self._uniform(layer):
+            if not padded:
+                raise ValueError(f"dequantize: the sequences of layer {layer} hold different numbers of tokens "
+                                 f"{totals.tolist()}; use dequantize(layer, padded=True) for right-padded tensors "
+                                 "and the lengths")
+            # scatter each valid entry to its position; invalid ones to a dump column cut off after
+            n = int(totals.max())
+            index = torch.where(pos >= 0, pos, n)[:, None, :, None].expand_as(k)
+            shape = (k.shape[0], k.shape[1], n + 1, k.shape[3])
+            k = k.new_zeros(shape).scatter_(2, index, k)[:, :, :n]
+            v = v.new_zeros(shape).scatter_(2, index, v)[:, :, :n]
+        return (k, v, totals) if padded else (k, v)
 
     def attend(self, layer: int, q: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-        """Attention of q [B, Hq, Tq, D] over the cache; the Tq queries are the last Tq appended
-        positions, causal among themselves. Softmax scale 1/sqrt(D) unless given. Returns
-        [B, Hq, Tq, D] in q's dtype."""
+        """Attention of q [B, Hq, Tq, D] over the cache; the Tq queries of sequence b are its last
+        Tq positions, causal among themselves, and see only that sequence's tokens. Softmax scale
+        1/sqrt(D) unless given. Returns [B, Hq, Tq, D] in q's dtype."""
         self._check_layer(layer)
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
@@ -153,30 +292,104 @@ class QuantizedKVCache:
             raise ValueError(f"q: {q.shape[1]} query heads are not a multiple of {self.num_kv_heads} KV heads")
         if q.device != self.device:
             raise ValueError(f"q: is on {q.device}, the cache on {self.device}")
-        n, tq = self._length[layer], q.shape[2]
+        n, tq = int(self.lengths(layer).min()), q.shape[2]
         if tq < 1 or tq > n:
-            raise ValueError(f"q: {tq} queries, but layer {layer} holds {n} tokens (queries are the last appended)")
-        k, v = self.dequantize(layer)
-        return reference_attention(q, k, v, scale)
+            raise ValueError(f"q: {tq} queries, but a sequence of layer {layer} holds {n} tokens "
+                             "(queries are the last appended)")
+        return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
+
+    def reserve(self, max_tokens: int) -> None:
+        """Grows the capacity to max_tokens per sequence (never shrinks), keeping every token."""
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+        if max_tokens <= self.max_tokens:
+            return
+        if self.sinks < self.quantizer.config.sink_tokens:  # the sink part was cut by the old capacity
+            raise ValueError(f"reserve: a cache created with max_tokens={self.max_tokens} < sink_tokens cannot grow")
+        old = self.max_tokens - self.sinks
+        for buffers in (self._key_codes, self._value_codes):
+            for i, t in enumerate(buffers):
+                if t is not None:
+                    grown = t.new_empty((*t.shape[:2], max_tokens - self.sinks, t.shape[3]))
+                    grown[:, :, :old] = t
+                    buffers[i] = grown
+        self.max_tokens = max_tokens
+
+    def select(self, indices) -> None:
+        """Keeps the sequences `indices` (a 1-D integer tensor or list, repeats allowed) in that
+        order, in every layer: beam-search reordering, batch expansion and selection."""
+        idx = torch.as_tensor(indices).to("cpu", torch.int64).flatten()
+        if len(idx) == 0 or bool((idx < 0).any()) or bool((idx >= self.batch_size).any()):
+            raise ValueError(f"indices: expected a non-empty list of sequence indices in [0, {self.batch_size}), "
+                             f"got {idx.tolist()}")
+        dev_idx = idx.to(self.device)
+        for buffers in (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k,
+                        self._recent_v):
+            for i, t in enumerate(buffers):
+                if t is not None:
+                    buffers[i] = t.index_select(0, dev_idx)
+        self._lengths = [lens.index_select(0, idx) for lens in self._lengths]
+        self.batch_size = len(idx)
 
     def nbytes(self) -> int:
         """Bytes the cache holds on its device: codes, full-precision windows and sinks (all
         preallocated for max_tokens), and the quantizer's codebooks, scales and means."""
         buffers = (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v)
-        held = sum(t.numel() * t.element_size() for group in buffers for t in group)
+        held = sum(t.numel() * t.element_size() for group in buffers for t in group if t is not None)
         return held + self.quantizer.parameter_bytes()
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """Softmax attention in float32, GQA by head grouping, the Tq queries being the last Tq key
-    positions (causal among themselves). q [B, Hq, Tq, D], k/v [B, Hkv, N, D]."""
+def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v, quantizer: KVQuantizer,
+                layer: int):
+    """(k, v, pos): the sinks, decoded codes and recent windows of every sequence side by side,
+    [B, Hkv, W, D] with W = max sinks + max coded + max recent, and pos [B, W] (on the data's
+    device) the token position of each entry, -1 where that sequence has none. With equal lengths
+    pos is 0..W-1: k and v are the sequence in order."""
+    lens = lengths.to(torch.int64)
+    smax, cmax, rmax = (int(x) for x in lens.max(0).values)
+    ks, vs = [sink_k[:, :, :smax]], [sink_v[:, :, :smax]]
+    if cmax:
+        ks.append(quantizer.decode_keys(layer, key_codes[:, :, :cmax].contiguous(), sink_k.dtype))
+        vs.append(quantizer.decode_values(layer, value_codes[:, :, :cmax].contiguous(), sink_v.dtype))
+    ks.append(recent_k[:, :, :rmax])
+    vs.append(recent_v[:, :, :rmax])
+    s, c, r = (x[:, None] for x in lens.unbind(1))
+    parts = []
+    for size, start, count in ((smax, 0, s), (cmax, s, c), (rmax, s + c, r)):
+        i = torch.arange(size)[None, :]
+        parts.append(torch.where(i < count, start + i, -1))
+    pos = torch.cat(parts, dim=1).to(sink_k.device)
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos
+
+
+def codes_attention(q: torch.Tensor, key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v,
+                    quantizer: KVQuantizer, layer: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Reference attention on a compressed cache (the inputs of QuantizedKVCache._attend_inputs):
+    the Tq queries q [B, Hq, Tq, D] of sequence b sit at its last Tq positions, causal among
+    themselves. Dequantizes the codes; the fused kernel (vecinfer.ops.attention) computes the same
+    without doing so."""
+    k, v, pos = _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v, quantizer, layer)
+    tq = q.shape[2]
+    totals = lengths.to(torch.int64).sum(1).to(q.device)
+    query_pos = totals[:, None] - tq + torch.arange(tq, device=q.device)  # [B, Tq]
+    allowed = (pos[:, None, :] >= 0) & (pos[:, None, :] <= query_pos[:, :, None])  # [B, Tq, W]
+    return reference_attention(q, k, v, scale, allowed)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                        allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention in float32, GQA by head grouping. q [B, Hq, Tq, D], k/v [B, Hkv, N, D].
+    By default the Tq queries are the last Tq key positions (causal among themselves);
+    `allowed` [B, Tq, N] (bool) says instead which keys each query sees."""
     b, hq, tq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
+    group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.float().reshape(b, hkv, hq // hkv * tq, d)
+    qg = q.float().reshape(b, hkv, group * tq, d)
     scores = (qg @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, g*Tq, N]
-    query_pos = (n - tq + torch.arange(tq, device=q.device)).repeat(hq // hkv)
-    mask = torch.arange(n, device=q.device)[None, :] > query_pos[:, None]
-    scores = scores.masked_fill(mask, float("-inf"))
+    if allowed is None:
+        query_pos = n - tq + torch.arange(tq, device=q.device)
+        allowed = (torch.arange(n, device=q.device)[None, :] <= query_pos[:, None])[None]  # [1, Tq, N]
+    scores = scores.masked_fill(~allowed.repeat(1, group, 1)[:, None], float("-inf"))  # rows are (g, Tq)
     out = torch.softmax(scores, dim=-1) @ v.float()
     return out.reshape(b, hq, tq, d).to(q.dtype)
