@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
 namespace nb = nanobind;
@@ -138,24 +139,25 @@ vecinfer::Transform make_transform(const OptArray& scale, const OptArray& mean, 
 }
 
 // Codebook: float32 [num_codebooks, 2**code_bits, sub_dim].
-vecinfer::Codebook make_codebook(const nb::ndarray<>& cb, const vecinfer::RowLayout& layout, const Placement& p) {
-  if (!is_float32(cb.dtype())) fail_type("codebook: expected a float32 tensor, got " + dtype_name(cb.dtype()));
-  check_same_placement(p, cb, "codebook");
-  check_contiguous(cb, "codebook");
+vecinfer::Codebook make_codebook(const nb::ndarray<>& cb, const vecinfer::RowLayout& layout, const Placement& p,
+                                 const std::string& name = "codebook") {
+  if (!is_float32(cb.dtype())) fail_type(name + ": expected a float32 tensor, got " + dtype_name(cb.dtype()));
+  check_same_placement(p, cb, name.c_str());
+  check_contiguous(cb, name.c_str());
   if (cb.ndim() != 3)
-    fail_value("codebook: expected shape [num_codebooks, 2**code_bits, sub_dim], got " + shape_string(cb));
+    fail_value(name + ": expected shape [num_codebooks, 2**code_bits, sub_dim], got " + shape_string(cb));
   const int64_t groups = static_cast<int64_t>(cb.shape(0));
   const int64_t centroids = static_cast<int64_t>(cb.shape(1));
   const int64_t sub_dim = static_cast<int64_t>(cb.shape(2));
   if (sub_dim != 2 && sub_dim != 4 && sub_dim != 8)
-    fail_value("codebook: sub_dim (last dimension) must be 2, 4 or 8, got shape " + shape_string(cb));
+    fail_value(name + ": sub_dim (last dimension) must be 2, 4 or 8, got shape " + shape_string(cb));
   int bits = 0;
   while ((int64_t{1} << bits) < centroids) ++bits;
   if ((int64_t{1} << bits) != centroids || bits < 4 || bits > 12)
-    fail_value("codebook: the number of centroids (second dimension) must be a power of two from 16 to "
+    fail_value(name + ": the number of centroids (second dimension) must be a power of two from 16 to "
                "4096 (code_bits 4 to 12), got shape " + shape_string(cb));
   if (groups < 1 || layout.num_heads % groups != 0)
-    fail_value("codebook: " + std::to_string(groups) + " codebooks do not divide the input's " +
+    fail_value(name + ": " + std::to_string(groups) + " codebooks do not divide the input's " +
                std::to_string(layout.num_heads) + " heads; use 1 (per layer) or one per KV head");
   vecinfer::Codebook c;
   c.centroids = static_cast<const float*>(cb.data());
@@ -230,6 +232,142 @@ void vq_decode(nb::ndarray<> codes, nb::ndarray<> out, nb::ndarray<> codebook, O
                         : vecinfer::cpu::vq_decode(dtype, c, out.data(), layout, cb, t));
 }
 
+// ---- attention on the compressed cache ---------------------------------------------------------
+
+bool is_int32(nb::dlpack::dtype t) { return t == nb::dtype<int32_t>(); }
+
+// A 4-D contiguous tensor [batch, heads, tokens, last] on the placement, with the given dims checked
+// (-1: any). Returns the token capacity (third dimension).
+int64_t check_4d(const nb::ndarray<>& a, const char* name, const Placement& p, int64_t batch, int64_t heads,
+                 int64_t last, const char* what) {
+  check_same_placement(p, a, name);
+  check_contiguous(a, name);
+  if (a.ndim() != 4 || int64_t(a.shape(0)) != batch || int64_t(a.shape(1)) != heads ||
+      (last >= 0 && int64_t(a.shape(3)) != last))
+    fail_value(std::string(name) + ": expected shape [" + std::to_string(batch) + ", " + std::to_string(heads) +
+               ", tokens, " + std::to_string(last) + "] (" + what + "), got " + shape_string(a));
+  return int64_t(a.shape(2));
+}
+
+struct AttentionArgs {
+  DType dtype;
+  Placement placement;
+  vecinfer::AttentionShape shape;
+  vecinfer::CompressedKV kv;
+};
+
+AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_codes, const nb::ndarray<>& value_codes,
+                             const nb::ndarray<>& lengths, const nb::ndarray<>& sink_keys,
+                             const nb::ndarray<>& sink_values, const nb::ndarray<>& recent_keys,
+                             const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
+                             const nb::ndarray<>& value_codebook, const OptArray& key_scale,
+                             const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded) {
+  AttentionArgs a;
+  a.dtype = element_dtype(q, "q");
+  a.placement = placement_of(q, "q");
+  const Placement& p = a.placement;
+  check_contiguous(q, "q");
+  if (q.ndim() != 4) fail_value("q: expected [batch, num_q_heads, num_queries, head_dim], got " + shape_string(q));
+  const int64_t batch = int64_t(q.shape(0)), hq = int64_t(q.shape(1)), tq = int64_t(q.shape(2)),
+                d = int64_t(q.shape(3));
+  if (d != 64 && d != 128 && d != 256) fail_value("q: head_dim (last dimension) must be 64, 128 or 256, got " + shape_string(q));
+  if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
+  if (!is_uint8(key_codes.dtype()) || !is_uint8(value_codes.dtype()))
+    fail_type("key_codes/value_codes: expected uint8 tensors");
+  if (key_codes.ndim() != 4) fail_value("key_codes: expected [batch, num_kv_heads, capacity, bytes], got " + shape_string(key_codes));
+  if (int64_t(key_codes.shape(0)) != batch)
+    fail_value("key_codes: holds " + std::to_string(key_codes.shape(0)) + " sequences, q " + std::to_string(batch));
+  const int64_t hkv = int64_t(key_codes.shape(1));
+  if (hkv < 1 || hq % hkv != 0)
+    fail_value("q: " + std::to_string(hq) + " query heads are not a multiple of the " + std::to_string(hkv) +
+               " KV heads of key_codes");
+  vecinfer::RowLayout heads;  // tables and codebooks are per KV head
+  heads.head_dim = int32_t(d);
+  heads.num_heads = hkv;
+  heads.num_rows = hkv;
+  heads.tokens_per_head = 1;
+  vecinfer::CompressedKV& kv = a.kv;
+  kv.key_codebook = make_codebook(key_codebook, heads, p, "key_codebook");
+  kv.value_codebook = make_codebook(value_codebook, heads, p, "value_codebook");
+  const int64_t key_bytes = vecinfer::code_row_bytes(int32_t(d), kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
+  const int64_t value_bytes =
+      vecinfer::code_row_bytes(int32_t(d), kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
+  kv.code_capacity = check_4d(key_codes, "key_codes", p, batch, hkv, key_bytes, "bytes per row of the key codebook");
+  if (check_4d(value_codes, "value_codes", p, batch, hkv, value_bytes, "bytes per row of the value codebook") !=
+      kv.code_capacity)
+    fail_value("value_codes: must hold as many tokens (third dimension) as key_codes");
+  kv.key_codes = static_cast<const uint8_t*>(key_codes.data());
+  kv.value_codes = static_cast<const uint8_t*>(value_codes.data());
+  if (!is_int32(lengths.dtype())) fail_type("lengths: expected an int32 tensor, got " + dtype_name(lengths.dtype()));
+  check_same_placement(p, lengths, "lengths");
+  check_contiguous(lengths, "lengths");
+  if (lengths.ndim() != 2 || int64_t(lengths.shape(0)) != batch || lengths.shape(1) != 3)
+    fail_value("lengths: expected [" + std::to_string(batch) + ", 3] (sinks, coded, recent per sequence), got " +
+               shape_string(lengths));
+  kv.lengths = static_cast<const int32_t*>(lengths.data());
+  for (auto [t, name] : {std::pair{&sink_keys, "sink_keys"}, {&sink_values, "sink_values"},
+                         {&recent_keys, "recent_keys"}, {&recent_values, "recent_values"}})
+    if (element_dtype(*t, name) != a.dtype) fail_type(std::string(name) + ": must have q's dtype");
+  kv.sink_capacity = check_4d(sink_keys, "sink_keys", p, batch, hkv, d, "head_dim");
+  if (check_4d(sink_values, "sink_values", p, batch, hkv, d, "head_dim") != kv.sink_capacity)
+    fail_value("sink_values: must hold as many tokens as sink_keys");
+  kv.recent_capacity = check_4d(recent_keys, "recent_keys", p, batch, hkv, d, "head_dim");
+  if (check_4d(recent_values, "recent_values", p, batch, hkv, d, "head_dim") != kv.recent_capacity)
+    fail_value("recent_values: must hold as many tokens as recent_keys");
+  kv.sink_keys = sink_keys.data();
+  kv.sink_values = sink_values.data();
+  kv.recent_keys = recent_keys.data();
+  kv.recent_values = recent_values.data();
+  kv.key_transform = make_transform(key_scale, key_mean, hadamard, heads, p);
+  int64_t mean_rows = 0;
+  kv.value_mean = table(value_mean, "value_mean", heads, p, mean_rows);
+  kv.value_mean_rows = mean_rows > 0 ? mean_rows : 1;
+  if (max_coded < 0 || max_coded > kv.code_capacity)
+    fail_value("max_coded: must be in [0, " + std::to_string(kv.code_capacity) + "] (the code capacity), got " +
+               std::to_string(max_coded));
+  kv.max_coded = max_coded;
+  a.shape.batch = batch;
+  a.shape.num_q_heads = hq;
+  a.shape.num_kv_heads = hkv;
+  a.shape.num_queries = tq;
+  a.shape.head_dim = int32_t(d);
+  return a;
+}
+
+// Runs attention; on CUDA with workspace None, returns the workspace bytes needed and runs nothing.
+int64_t attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> key_codes, nb::ndarray<> value_codes,
+                  nb::ndarray<> lengths, nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
+                  nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
+                  OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, double scale,
+                  int64_t max_coded, OptArray workspace, uintptr_t stream) {
+  const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
+                                         recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean,
+                                         hadamard, max_coded);
+  check_like(out, q, "out", a.dtype, a.placement);
+  float* lse_ptr = nullptr;
+  if (lse) {
+    if (!is_float32(lse->dtype())) fail_type("lse: expected a float32 tensor");
+    check_same_placement(a.placement, *lse, "lse");
+    check_contiguous(*lse, "lse");
+    if (lse->ndim() != 3 || lse->shape(0) != q.shape(0) || lse->shape(1) != q.shape(1) || lse->shape(2) != q.shape(2))
+      fail_value("lse: expected shape [batch, num_q_heads, num_queries], got " + shape_string(*lse));
+    lse_ptr = static_cast<float*>(lse->data());
+  }
+  const float softmax_scale = static_cast<float>(scale);
+  if (!a.placement.cuda) {
+    raise_if_error(vecinfer::cpu::attention(a.dtype, q.data(), out.data(), lse_ptr, a.shape, a.kv, softmax_scale));
+    return 0;
+  }
+  if (!workspace) {
+    raise_if_error(vecinfer::check_attention(a.shape, a.kv));
+    return static_cast<int64_t>(vecinfer::cuda::attention_workspace_bytes(a.shape, a.kv));
+  }
+  check_same_placement(a.placement, *workspace, "workspace");
+  raise_if_error(vecinfer::cuda::attention(a.dtype, q.data(), out.data(), lse_ptr, a.shape, a.kv, softmax_scale,
+                                           workspace->data(), workspace->nbytes(), stream_ptr(stream)));
+  return 0;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -241,6 +379,11 @@ NB_MODULE(_C, m) {
   m.def("vq_decode", &vq_decode, nb::arg("codes"), nb::arg("out"), nb::arg("codebook"), nb::arg("scale").none(),
         nb::arg("mean").none(), nb::arg("hadamard"), nb::arg("stream"));
   m.def("code_row_bytes", &vecinfer::code_row_bytes, nb::arg("head_dim"), nb::arg("sub_dim"), nb::arg("code_bits"));
+  m.def("attention", &attention, nb::arg("q"), nb::arg("out"), nb::arg("lse").none(), nb::arg("key_codes"),
+        nb::arg("value_codes"), nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"),
+        nb::arg("recent_keys"), nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"),
+        nb::arg("key_scale").none(), nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"),
+        nb::arg("scale"), nb::arg("max_coded"), nb::arg("workspace").none(), nb::arg("stream"));
   m.def("cuda_built", &vecinfer::cuda::built);
   m.def("check_device", [] { raise_if_error(vecinfer::cuda::check_device()); });
 }

@@ -4,7 +4,9 @@
 # then the Python and C++ benchmarks. Writes summary.md and logs.tgz (every log) into $OUT
 # (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick]      (--quick: tests only, no sanitizer, no benchmarks)
+#   bash scripts/gpu_check.sh [--quick|--attention]
+#     --quick:     build + all tests, no sanitizer, no benchmarks
+#     --attention: build + the attention tests + the attention benchmark (two shapes)
 #
 # Needs: nvcc, cmake, ninja, python3 with torch, nanobind, scikit-build-core and pytest; the
 # nvidia-cutlass wheel installed or lying in .whl/ (carried to machines without a package index).
@@ -44,12 +46,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 CUTLASS_INC=$($PY -c "import importlib.util,os; s=importlib.util.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0],'source','include'))")
 
-step "build package (pip, sm_80 + sm_90a)" build.log \
-  $PY -m pip install -v --no-build-isolation --no-deps --target /tmp/vecinfer_pkg --upgrade . \
+GENCODE=()  # the attention-only check builds for the H100/H200 only, to save device time
+[ "$QUICK" == "--attention" ] && GENCODE=(-C "cmake.define.VECINFER_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a")
+step "build package (pip)" build.log \
+  $PY -m pip install -v --no-build-isolation --no-deps --target /tmp/vecinfer_pkg --upgrade "${GENCODE[@]}" . \
   || { tar -C "$LOGS" -czf "$OUT/logs.tgz" .; exit 1; }
 export PYTHONPATH=/tmp/vecinfer_pkg:$PYTHONPATH
 grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head -20 >"$LOGS/ptxas_warnings.txt"
 
+if [ "$QUICK" == "--attention" ]; then
+  step "pytest (attention)" pytest.log $PY -m pytest tests/test_attention.py -q -rs -x -p no:cacheprovider
+  tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
+  step "attention benchmark (quick)" bench_attn.log $PY bench/bench_attention.py --quick
+  cat "$LOGS/bench_attn.log" >>"$SUMMARY"
+  echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$SUMMARY"
+  tar -C "$LOGS" -czf "$OUT/logs.tgz" .
+  exit $status
+fi
 step "pytest (all, GPU present)" pytest.log $PY -m pytest tests -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest.log" | tee -a "$SUMMARY"
 
@@ -57,12 +70,16 @@ if [ "$QUICK" != "--quick" ]; then
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # so out-of-bounds accesses do not land in cached blocks
   step "compute-sanitizer memcheck (CUDA tests)" memcheck.log \
     timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-    $PY -m pytest tests -q -x -p no:cacheprovider -k "cuda"
+    $PY -m pytest tests -q -x -p no:cacheprovider -k "cuda and not long_sequence"
   tail -4 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
   step "compute-sanitizer racecheck (encode/decode kernels)" racecheck.log \
     timeout 120 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
     $PY -m pytest tests/test_vq.py -q -x -p no:cacheprovider -k "cuda and (agrees or large_rows)"
   tail -4 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
+  step "compute-sanitizer racecheck (attention kernel)" racecheck_attn.log \
+    timeout 200 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+    $PY -m pytest tests/test_attention.py -q -x -p no:cacheprovider -k "cuda and (bit_presets or real_kv or empty_parts)"
+  tail -4 "$LOGS/racecheck_attn.log" | tee -a "$SUMMARY"
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
   step "vecinfer demo (GPU)" demo.log $PY -m vecinfer demo
@@ -71,6 +88,8 @@ if [ "$QUICK" != "--quick" ]; then
   cat "$LOGS/bench_calib.log" >>"$SUMMARY"
   step "python benchmark" bench_py.log $PY bench/bench_ops.py --json "$LOGS/bench_py.json"
   cat "$LOGS/bench_py.log" >>"$SUMMARY"
+  step "attention benchmark" bench_attn.log $PY bench/bench_attention.py --json "$LOGS/bench_attn.json"
+  cat "$LOGS/bench_attn.log" >>"$SUMMARY"
 
   step "build C++ benchmarks" build_cpp.log bash -c "cmake -S . -B /tmp/cppbench -G Ninja \
       -DVECINFER_BUILD_BENCHMARKS=ON -DVECINFER_CUTLASS_INCLUDE_DIR='$CUTLASS_INC' \

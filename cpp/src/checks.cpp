@@ -1,4 +1,5 @@
 #include "common.h"
+#include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
 namespace vecinfer {
@@ -44,6 +45,45 @@ Status check_codebook(const RowLayout& layout, const Codebook& codebook) {
   if (codebook.num_codebooks <= 0 || layout.num_heads % codebook.num_codebooks != 0)
     return invalid("codebook: the number of heads (third-from-last dimension) must be a "
                    "multiple of the number of codebooks (1 per layer, or 1 per KV head)");
+  return Status::Ok();
+}
+
+Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
+  if (shape.head_dim != 64 && shape.head_dim != 128 && shape.head_dim != 256)
+    return unsupported("head_dim (the last dimension of q) must be 64, 128 or 256");
+  if (shape.batch < 1 || shape.num_kv_heads < 1 || shape.num_q_heads < 1 || shape.num_queries < 1)
+    return invalid("q: batch, heads and queries must all be at least 1");
+  if (shape.num_q_heads % shape.num_kv_heads != 0)
+    return invalid("q: the number of query heads must be a multiple of the number of KV heads");
+  if (kv.lengths == nullptr) return invalid("lengths: null pointer");
+  if (kv.code_capacity < 0 || kv.sink_capacity < 0 || kv.recent_capacity < 0)
+    return invalid("code/sink/recent capacities must be >= 0");
+  if (kv.code_capacity > 0 && (kv.key_codes == nullptr || kv.value_codes == nullptr))
+    return invalid("key_codes/value_codes: null pointer");
+  if (kv.sink_capacity > 0 && (kv.sink_keys == nullptr || kv.sink_values == nullptr))
+    return invalid("sink_keys/sink_values: null pointer");
+  if (kv.recent_capacity > 0 && (kv.recent_keys == nullptr || kv.recent_values == nullptr))
+    return invalid("recent_keys/recent_values: null pointer");
+  if (kv.max_coded < 0 || kv.max_coded > kv.code_capacity)
+    return invalid("max_coded must be in [0, code_capacity]");
+  RowLayout heads;  // one row per KV head: the tables and codebooks are indexed by KV head
+  heads.head_dim = shape.head_dim;
+  heads.num_heads = shape.num_kv_heads;
+  heads.num_rows = shape.num_kv_heads;
+  heads.tokens_per_head = 1;
+  Status s = check_codebook(heads, kv.key_codebook);
+  if (!s.ok()) return {s.code, "key codebook: unsupported shape or count (need sub_dim 2/4/8, code_bits 4..12, "
+                               "1 codebook or one per KV head)"};
+  s = check_codebook(heads, kv.value_codebook);
+  if (!s.ok()) return {s.code, "value codebook: unsupported shape or count (need sub_dim 2/4/8, code_bits "
+                               "4..12, 1 codebook or one per KV head)"};
+  s = check_transform(heads, kv.key_transform, TransformKind::kKey);
+  if (!s.ok()) return s;
+  if ((kv.key_transform.scale != nullptr || kv.key_transform.mean != nullptr) &&
+      kv.key_transform.table_rows != 1 && kv.key_transform.table_rows != shape.num_kv_heads)
+    return invalid("key scale/mean: expected 1 row or one per KV head");
+  if (kv.value_mean != nullptr && kv.value_mean_rows != 1 && kv.value_mean_rows != shape.num_kv_heads)
+    return invalid("value_mean: expected 1 row or one per KV head");
   return Status::Ok();
 }
 

@@ -1,4 +1,5 @@
 // The CUDA entry points of a build without CUDA: each reports that the kernels are not compiled in.
+#include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
 namespace vecinfer::cuda {
@@ -19,6 +20,12 @@ Status vq_encode(DType, const void*, uint8_t*, const RowLayout&, const Codebook&
   return not_built();
 }
 Status vq_decode(DType, const uint8_t*, void*, const RowLayout&, const Codebook&, const Transform&, void*) {
+  return not_built();
+}
+
+size_t attention_workspace_bytes(const AttentionShape&, const CompressedKV&) { return 0; }
+Status attention(DType, const void*, void*, float*, const AttentionShape&, const CompressedKV&, float, void*, size_t,
+                 void*) {
   return not_built();
 }
 

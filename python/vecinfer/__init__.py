@@ -8,6 +8,7 @@ from .config import VQConfig
 from .quantizer import KVQuantizer
 from .cache import QuantizedKVCache
 from .ops import (
+    attention,
     code_row_bytes,
     hadamard,
     inverse_transform_keys,
@@ -38,6 +39,7 @@ def cuda_available() -> bool:
 
 
 __all__ = [
+    "attention",
     "KVQuantizer",
     "QuantizedKVCache",
     "VQConfig",

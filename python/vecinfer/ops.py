@@ -151,3 +151,83 @@ def unpack_codes(codes: Tensor, code_bits: int, num_codes: int) -> Tensor:
     bits = ((codes[..., None] >> shifts) & 1).flatten(-2)[..., : num_codes * code_bits]
     weights = 1 << torch.arange(code_bits, device=codes.device, dtype=torch.int64)
     return (bits.reshape(*codes.shape[:-1], num_codes, code_bits).to(torch.int64) * weights).sum(-1)
+
+
+def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor, key_codebook: Tensor,
+              value_codebook: Tensor, *, sink_keys: Optional[Tensor] = None, sink_values: Optional[Tensor] = None,
+              recent_keys: Optional[Tensor] = None, recent_values: Optional[Tensor] = None,
+              key_scale: Optional[Tensor] = None, key_mean: Optional[Tensor] = None,
+              value_mean: Optional[Tensor] = None, hadamard: bool = True, scale: Optional[float] = None,
+              return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None):
+    """Attention of q [B, Hq, Tq, D] over a compressed cache, without dequantizing it to memory.
+
+    Per sequence b, lengths[b] = (sinks, coded, recent) (int32 [B, 3]): positions [0, sinks) are
+    sink_keys/values[b, :, :sinks] (full precision), the next `coded` positions are key_codes /
+    value_codes[b, :, :coded] (uint8 [B, Hkv, capacity, code_row_bytes]; keys encoded after the
+    transform (key_scale, key_mean, hadamard), values after subtracting value_mean), the last
+    `recent` are recent_keys/values[b, :, :recent]. The Tq queries are the last Tq positions of each
+    sequence, causal among themselves; query head h reads KV head h // (Hq // Hkv). Softmax scale
+    1/sqrt(D) unless given. Returns out [B, Hq, Tq, D] in q's dtype, and with return_lse the
+    float32 log-sum-exp of the scaled scores [B, Hq, Tq] (to merge partial results exactly).
+
+    CPU tensors run the double-precision reference; CUDA tensors (float16/bfloat16, Tq <= 16,
+    codebooks of the bit presets) the fused kernel. `lengths` on the CPU are checked against the
+    capacities before the kernel runs; lengths already on the GPU are clamped to the capacities by
+    the kernel instead (no host synchronisation). max_coded, an upper bound of the coded lengths,
+    sizes the split-KV plan (default: the code capacity). `out` may be given (q's shape and dtype).
+    """
+    for name, t in (("q", q), ("key_codes", key_codes), ("value_codes", value_codes), ("lengths", lengths),
+                    ("key_codebook", key_codebook), ("value_codebook", value_codebook)):
+        _check_tensor(t, name)
+    for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
+                    ("recent_values", recent_values), ("key_scale", key_scale), ("key_mean", key_mean),
+                    ("value_mean", value_mean), ("out", out)):
+        _check_tensor(t, name, optional=True)
+    if q.dim() != 4 or key_codes.dim() != 4:
+        raise ValueError(f"q and key_codes: expected 4-D tensors [B, heads, tokens, ...], got {list(q.shape)} "
+                         f"and {list(key_codes.shape)}")
+    b, hkv, d = key_codes.shape[0], key_codes.shape[1], q.shape[-1]
+
+    def empty_part(t, name):
+        if t is None:
+            return torch.empty((b, hkv, 0, d), dtype=q.dtype, device=q.device)
+        return t
+
+    parts = [empty_part(t, n) for t, n in ((sink_keys, "sink_keys"), (sink_values, "sink_values"),
+                                           (recent_keys, "recent_keys"), (recent_values, "recent_values"))]
+    if lengths.dtype != torch.int32:
+        raise TypeError(f"lengths: expected an int32 tensor, got {lengths.dtype}")
+    capacity = key_codes.shape[2]
+    if not lengths.is_cuda:
+        if lengths.dim() != 2 or lengths.shape != (b, 3):
+            raise ValueError(f"lengths: expected [{b}, 3] (sinks, coded, recent), got {list(lengths.shape)}")
+        caps = torch.tensor([parts[0].shape[2], capacity, parts[2].shape[2]], dtype=torch.int32)
+        if bool((lengths < 0).any()):
+            raise ValueError("lengths: negative length")
+        if bool((lengths > caps).any()):
+            raise ValueError(f"lengths: a sequence holds more tokens than the buffers' capacity "
+                             f"(sinks {caps[0]}, coded {caps[1]}, recent {caps[2]})")
+        if bool((lengths.sum(1) < q.shape[2]).any()):
+            raise ValueError(f"lengths: a sequence holds fewer tokens than the {q.shape[2]} queries")
+        if max_coded is None:
+            max_coded = int(lengths[:, 1].max())
+        if q.is_cuda:
+            lengths = lengths.to(q.device, non_blocking=True)
+    if max_coded is None:
+        max_coded = capacity
+    scale = 1.0 / d ** 0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    args = [q.detach(), out, lse, key_codes.detach(), value_codes.detach(), lengths,
+            *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
+            None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
+            None if value_mean is None else value_mean.detach(), bool(hadamard), scale, int(max_coded)]
+    with _device_guard(q):
+        workspace = None
+        if q.is_cuda:
+            # split-KV partial results; torch's caching allocator makes this cheap and stream-safe
+            nbytes = _C.attention(*args, None, _stream(q))
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+        _C.attention(*args, workspace, _stream(q))
+    return (out, lse) if return_lse else out

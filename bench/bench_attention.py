@@ -1,0 +1,183 @@
+"""GPU benchmark of decode attention on the compressed cache against torch SDPA on fp16 K/V.
+
+    python bench/bench_attention.py [--quick] [--json out.json]
+
+For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
+and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
+SDPA's time on fp16 K/V of the same length (best of its cuDNN and flash backends), the ratio, the
+bytes the kernel must read (codes + fp16 window + queries) and the achieved GB/s, a device-to-device
+copy's GB/s as the ceiling, and the cache's memory against fp16 (codes, codebooks, scales, means,
+sinks and window). Both sides are captured in CUDA graphs and replayed, so the figures are GPU time
+(the eager per-call time of vecinfer.attention, Python included, is printed too). Medians of many
+replays; every shape's data exceeds the 50 MB L2 cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import vecinfer
+from vecinfer.config import PRESETS
+
+GiB = 1 << 30
+SINKS, RECENT = 4, 128
+
+# (label, batch, tokens, q heads, kv heads, head_dim, Tq, key bits, value bits)
+SHAPES = [
+    ("B=1 S=128k", 1, 131072, 32, 8, 128, 1, 2, 2),
+    ("B=8 S=32k", 8, 32768, 32, 8, 128, 1, 2, 2),
+    ("B=32 S=32k", 32, 32768, 32, 8, 128, 1, 2, 2),
+    ("B=64 S=16k", 64, 16384, 32, 8, 128, 1, 2, 2),
+    ("B=32 S=32k Tq=4", 32, 32768, 32, 8, 128, 4, 2, 2),
+    ("B=32 S=32k 1.5-bit", 32, 32768, 32, 8, 128, 1, 1.5, 1.5),
+    ("B=32 S=32k D=64", 32, 32768, 32, 8, 64, 1, 2, 2),
+    ("B=16 S=32k D=256", 16, 32768, 16, 8, 256, 1, 2, 2),
+    ("B=1 S=32k", 1, 32768, 32, 8, 128, 1, 2, 2),
+]
+QUICK = {"B=1 S=128k", "B=32 S=32k"}
+
+
+def graph_time_ms(fn, replays=20, iters=10):
+    """Median over `iters` of the time of `replays` graph replays of fn, divided by replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+def eager_time_ms(fn, iters=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def copy_bandwidth():
+    src = torch.empty(GiB, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = graph_time_ms(lambda: dst.copy_(src), replays=5, iters=10)
+    return 2 * GiB / ms / 1e6
+
+
+def sdpa_ms(b, s, hq, hkv, d, tq):
+    """Best of SDPA's cuDNN and flash backends on fp16 K/V [B, Hkv, S, D] (GQA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn((b, hq, tq, d), device="cuda", dtype=torch.float16)
+    k = torch.randn((b, hkv, s, d), device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    best = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                def fn():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
+                fn()
+                best[name] = graph_time_ms(fn)
+        except RuntimeError as e:  # a backend that does not take this shape
+            best[name] = float("nan")
+            print(f"    (SDPA {name}: {str(e).splitlines()[0][:80]})")
+    del q, k, v
+    torch.cuda.empty_cache()
+    return best
+
+
+def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits):
+    ks, kb = PRESETS[key_bits]
+    vs, vb = PRESETS[value_bits]
+    coded = s - SINKS - RECENT
+    cap = (coded + 15) // 16 * 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    codes = lambda bytes_: torch.randint(0, 256, (b, hkv, cap, bytes_), device="cuda", dtype=torch.uint8,  # noqa: E731
+                                         generator=gen)
+    inp = dict(
+        q=torch.randn((b, hq, tq, d), device="cuda", dtype=torch.float16),
+        key_codes=codes(d // ks * kb // 8), value_codes=codes(d // vs * vb // 8),
+        lengths=torch.tensor([[SINKS, coded, RECENT]] * b, dtype=torch.int32, device="cuda"),
+        key_codebook=torch.randn((1, 1 << kb, ks), device="cuda"),
+        value_codebook=torch.randn((1, 1 << vb, vs), device="cuda"),
+        sink_keys=torch.randn((b, hkv, SINKS, d), device="cuda", dtype=torch.float16),
+        sink_values=torch.randn((b, hkv, SINKS, d), device="cuda", dtype=torch.float16),
+        recent_keys=torch.randn((b, hkv, RECENT, d), device="cuda", dtype=torch.float16),
+        recent_values=torch.randn((b, hkv, RECENT, d), device="cuda", dtype=torch.float16),
+        key_scale=torch.rand((hkv, d), device="cuda") + 0.5, key_mean=torch.randn((hkv, d), device="cuda"),
+        max_coded=coded)
+    return inp
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    copy_gbs = copy_bandwidth()
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + written), the ceiling\n")
+    header = (f"{'shape':22s} {'bits k/v':>8s} {'vecinfer us':>11s} {'eager us':>9s} {'SDPA us':>8s} "
+              f"{'(backend)':>9s} {'speedup':>7s} {'GB/s':>6s} {'% copy':>6s} {'mem vs fp16':>11s}")
+    print(header)
+    rows = []
+    for label, b, s, hq, hkv, d, tq, kbits, vbits in SHAPES:
+        if args.quick and label not in QUICK:
+            continue
+        base = sdpa_ms(b, s, hq, hkv, d, tq)
+        backend = min(base, key=lambda k: base[k] if base[k] == base[k] else float("inf"))
+        inp = vecinfer_inputs(b, s, hq, hkv, d, tq, kbits, vbits)
+        fn = lambda: vecinfer.attention(**inp)  # noqa: E731
+        ms = graph_time_ms(fn)
+        eager = eager_time_ms(fn)
+        # Bytes the kernel must read: codes of every coded token, the fp16 sinks + window, q; + out.
+        code_bytes = inp["key_codes"][:, :, : s - SINKS - RECENT].numel() + inp["value_codes"][:, :, : s - SINKS - RECENT].numel()
+        fp_bytes = 2 * b * hkv * (SINKS + RECENT) * d * 2
+        moved = code_bytes + fp_bytes + 2 * inp["q"].numel() * 2
+        gbs = moved / ms / 1e6
+        tables = sum(inp[n].numel() * 4 for n in ("key_codebook", "value_codebook", "key_scale", "key_mean"))
+        cache_bytes = code_bytes + fp_bytes + tables
+        fp16_bytes = 2 * b * hkv * s * d * 2
+        row = {"shape": label, "batch": b, "tokens": s, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "tq": tq,
+               "key_bits": kbits, "value_bits": vbits, "vecinfer_us": 1e3 * ms, "eager_us": 1e3 * eager,
+               "sdpa_us": 1e3 * base[backend], "sdpa_backend": backend,
+               "sdpa_all_us": {k: 1e3 * v for k, v in base.items()}, "speedup": base[backend] / ms,
+               "bytes": moved, "GB/s": gbs, "copy_GB/s": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs,
+               "cache_bytes": cache_bytes, "fp16_bytes": fp16_bytes, "memory_ratio": fp16_bytes / cache_bytes}
+        rows.append(row)
+        print(f"{label:22s} {kbits:>4}/{vbits:<3} {1e3 * ms:11.1f} {1e3 * eager:9.1f} {1e3 * base[backend]:8.1f} "
+              f"{backend:>9s} {row['speedup']:6.2f}x {gbs:6.0f} {row['pct_of_copy']:5.1f}% {row['memory_ratio']:10.2f}x",
+              flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "copy_GB/s": copy_gbs, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

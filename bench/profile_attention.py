@@ -1,0 +1,20 @@
+"""One launch of the attention kernel on a benchmark shape, for Nsight Compute:
+
+    ncu --section WarpStateStats --section SchedulerStats -k regex:attention_kernel -c 1 \\
+        python bench/profile_attention.py [--batch 32 --tokens 32768]
+"""
+import argparse
+
+import torch
+
+import vecinfer
+from bench_attention import vecinfer_inputs
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch", type=int, default=32)
+parser.add_argument("--tokens", type=int, default=32768)
+parser.add_argument("--head-dim", type=int, default=128)
+args = parser.parse_args()
+inp = vecinfer_inputs(args.batch, args.tokens, 32, 8, args.head_dim, 1, 2, 2)
+vecinfer.attention(**inp)
+torch.cuda.synchronize()

@@ -1,0 +1,76 @@
+// Decode attention directly on a compressed KV cache (see the code layout in types.h).
+//
+// Per sequence b of the batch, the cache holds n_b = sinks + coded + recent tokens, with
+// lengths[b] = {sinks, coded, recent}:
+//   positions [0, sinks)                    full precision: sink_keys/values[b, h, 0:sinks]
+//   positions [sinks, sinks + coded)        codes: key_codes/value_codes[b, h, 0:coded]
+//   positions [sinks + coded, n_b)          full precision: recent_keys/values[b, h, 0:recent]
+// Keys were encoded as codes of transform(k, kKey) (smoothing scale, key mean, Hadamard); values as
+// codes of v - value_mean. The op computes, for the queries q [B, Hq, Tq, D] (raw post-RoPE, query
+// head h reading KV head h / (Hq / Hkv)), softmax attention over the dequantized keys and values:
+// the Tq queries are the last Tq positions of each sequence, causal among themselves, so query t
+// sees positions [0, n_b - Tq + t]. Keys and values are never dequantized to memory: the CUDA kernel
+// scores the transformed query against centroids (q . k = H(q * lambda) . c + q . mu) on tensor
+// cores and adds the value mean once at the end.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "vecinfer/status.h"
+#include "vecinfer/types.h"
+
+namespace vecinfer {
+
+struct AttentionShape {
+  int64_t batch = 0;
+  int64_t num_q_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t num_queries = 0;  // Tq, 1 to 16 on the CUDA kernel (more on the CPU)
+  int32_t head_dim = 0;     // 64, 128 or 256
+};
+
+struct CompressedKV {
+  const int32_t* lengths = nullptr;    // [batch, 3] {sinks, coded, recent}, on the data's device
+  const uint8_t* key_codes = nullptr;  // [batch, num_kv_heads, code_capacity, key code_row_bytes]
+  const uint8_t* value_codes = nullptr;
+  int64_t code_capacity = 0;
+  const void* sink_keys = nullptr;  // [batch, num_kv_heads, sink_capacity, head_dim], q's dtype
+  const void* sink_values = nullptr;
+  int64_t sink_capacity = 0;
+  const void* recent_keys = nullptr;  // [batch, num_kv_heads, recent_capacity, head_dim], q's dtype
+  const void* recent_values = nullptr;
+  int64_t recent_capacity = 0;
+  Codebook key_codebook;    // num_codebooks 1 or num_kv_heads
+  Codebook value_codebook;
+  Transform key_transform;  // scale, mean, hadamard of the keys; table_rows 1 or num_kv_heads
+  const float* value_mean = nullptr;  // [value_mean_rows, head_dim] or null
+  int64_t value_mean_rows = 1;        // 1 or num_kv_heads
+  // Host-side upper bound of every lengths[b][1]; sizes the split-KV plan (use code_capacity
+  // when unknown). The lengths themselves are clamped to the capacities on the device.
+  int64_t max_coded = 0;
+};
+
+// Argument checks shared by both implementations (shapes, capacities, codebooks, tables).
+Status check_attention(const AttentionShape& shape, const CompressedKV& kv);
+
+namespace cpu {
+// out [B, Hq, Tq, D] in dtype (float32, float16 or bfloat16, the dtype of q and of the
+// full-precision parts); lse [B, Hq, Tq] float32 natural-log sum of exp(scaled scores), or null.
+// Accumulates in double: this is the reference the kernel is tested against.
+Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
+                 const CompressedKV& kv, float softmax_scale);
+}  // namespace cpu
+
+namespace cuda {
+// Bytes of device workspace cuda::attention needs for these shapes (split-KV partial results).
+size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv);
+// The fused kernel: float16 or bfloat16; key and value codebooks with code_bits 8 or 12 and any
+// sub_dim (the 4, 3, 2, 1.5 and 1 bit presets); every pointer on the current device, element
+// tensors and code tensors 16-byte aligned, code_capacity * code_row_bytes a multiple of 16.
+Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
+                 const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
+                 void* stream);
+}  // namespace cuda
+
+}  // namespace vecinfer

@@ -1,0 +1,137 @@
+// CPU reference of attention on the compressed cache: dequantize each (sequence, KV head) with the
+// decode op, then softmax attention accumulated in double. Simple on purpose: it is the function
+// the CUDA kernel must compute.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "half_float.h"
+#include "vecinfer/attention.h"
+#include "vecinfer/ops.h"
+
+namespace vecinfer::cpu {
+namespace {
+
+float load(DType dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+void store(DType dtype, void* base, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half(v); break;
+    case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(v); break;
+    default: static_cast<float*>(base)[i] = v; break;
+  }
+}
+
+// The tables of KV head h as one-row tables, so one head's codes decode on their own.
+Codebook head_codebook(const Codebook& cb, int64_t h, int64_t num_kv_heads) {
+  Codebook one = cb;
+  one.centroids += detail::table_row(h, num_kv_heads, cb.num_codebooks) * cb.num_centroids() * cb.sub_dim;
+  one.num_codebooks = 1;
+  return one;
+}
+
+Transform head_transform(const Transform& t, int64_t h, int64_t num_kv_heads, int d) {
+  Transform one = t;
+  const int64_t row = detail::table_row(h, num_kv_heads, t.table_rows);
+  if (one.scale) one.scale += row * d;
+  if (one.mean) one.mean += row * d;
+  one.table_rows = 1;
+  return one;
+}
+
+}  // namespace
+
+Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
+                 const CompressedKV& kv, float softmax_scale) {
+  Status s = check_attention(shape, kv);
+  if (!s.ok()) return s;
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16)
+    return invalid("dtype must be float32, float16 or bfloat16");
+  if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
+  if (!std::isfinite(softmax_scale)) return invalid("scale: must be finite");
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    const int32_t* len = kv.lengths + 3 * b;
+    if (len[0] < 0 || len[1] < 0 || len[2] < 0) return invalid("lengths: negative length");
+    if (len[0] > kv.sink_capacity || len[1] > kv.code_capacity || len[2] > kv.recent_capacity)
+      return invalid("lengths: a sequence holds more tokens than its buffers' capacity");
+    if (int64_t{len[0]} + len[1] + len[2] < shape.num_queries)
+      return invalid("lengths: a sequence holds fewer tokens than the number of queries");
+  }
+  const int d = shape.head_dim;
+  const int64_t hkv = shape.num_kv_heads, group = shape.num_q_heads / hkv, tq = shape.num_queries;
+  const int64_t key_bytes = code_row_bytes(d, kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
+  const int64_t value_bytes = code_row_bytes(d, kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
+  Status failed = Status::Ok();
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int32_t sinks = kv.lengths[3 * b], coded = kv.lengths[3 * b + 1], recent = kv.lengths[3 * b + 2];
+      const int64_t n = int64_t{sinks} + coded + recent;
+      // Keys and values of every position, in original coordinates, float32.
+      std::vector<float> keys(n * d), values(n * d);
+      const int64_t head = b * hkv + h;
+      for (int64_t i = 0; i < int64_t{sinks} * d; ++i) {
+        keys[i] = load(dtype, kv.sink_keys, head * kv.sink_capacity * d + i);
+        values[i] = load(dtype, kv.sink_values, head * kv.sink_capacity * d + i);
+      }
+      if (coded > 0) {
+        RowLayout rows;
+        rows.num_rows = coded;
+        rows.head_dim = d;
+        rows.tokens_per_head = coded;
+        Transform value_transform;
+        if (kv.value_mean) value_transform.mean = kv.value_mean + detail::table_row(h, hkv, kv.value_mean_rows) * d;
+        Status sk = vq_decode(DType::kFloat32, kv.key_codes + head * kv.code_capacity * key_bytes,
+                              keys.data() + int64_t{sinks} * d, rows, head_codebook(kv.key_codebook, h, hkv),
+                              head_transform(kv.key_transform, h, hkv, d));
+        Status sv = vq_decode(DType::kFloat32, kv.value_codes + head * kv.code_capacity * value_bytes,
+                              values.data() + int64_t{sinks} * d, rows, head_codebook(kv.value_codebook, h, hkv),
+                              value_transform);
+        if (!sk.ok() || !sv.ok()) {
+#pragma omp critical
+          failed = sk.ok() ? sv : sk;
+          continue;
+        }
+      }
+      const int64_t recent_first = (int64_t{sinks} + coded) * d;
+      for (int64_t i = 0; i < int64_t{recent} * d; ++i) {
+        keys[recent_first + i] = load(dtype, kv.recent_keys, head * kv.recent_capacity * d + i);
+        values[recent_first + i] = load(dtype, kv.recent_values, head * kv.recent_capacity * d + i);
+      }
+      std::vector<double> scores(n), acc(d), query(d);
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t t = 0; t < tq; ++t) {
+          const int64_t row = ((b * shape.num_q_heads) + h * group + g) * tq + t;
+          const int64_t visible = n - tq + t + 1;  // causal among the Tq queries
+          for (int i = 0; i < d; ++i) query[i] = load(dtype, q, row * d + i);
+          double max_score = -std::numeric_limits<double>::infinity();
+          for (int64_t j = 0; j < visible; ++j) {
+            double dot = 0;
+            for (int i = 0; i < d; ++i) dot += query[i] * keys[j * d + i];
+            scores[j] = dot * softmax_scale;
+            max_score = scores[j] > max_score ? scores[j] : max_score;
+          }
+          double sum = 0;
+          for (int i = 0; i < d; ++i) acc[i] = 0;
+          for (int64_t j = 0; j < visible; ++j) {
+            const double p = std::exp(scores[j] - max_score);
+            sum += p;
+            for (int i = 0; i < d; ++i) acc[i] += p * values[j * d + i];
+          }
+          for (int i = 0; i < d; ++i) store(dtype, out, row * d + i, static_cast<float>(acc[i] / sum));
+          if (lse) lse[row] = static_cast<float>(max_score + std::log(sum));
+        }
+      }
+    }
+  }
+  return failed;
+}
+
+}  // namespace vecinfer::cpu

@@ -1,0 +1,105 @@
+// Public entry points of the fused attention: argument checks, then dispatch to the generated
+// (element type, head_dim) slices (attention_instance.cuh).
+#include "attention_run.cuh"
+#include "vecinfer/attention.h"
+#include "vecinfer/ops.h"
+
+namespace vecinfer {
+namespace cuda_detail::attn {
+
+Status run_f16_d64(Request& r);
+Status run_f16_d128(Request& r);
+Status run_f16_d256(Request& r);
+Status run_bf16_d64(Request& r);
+Status run_bf16_d128(Request& r);
+Status run_bf16_d256(Request& r);
+
+namespace {
+
+Status check_cuda_inputs(DType dtype, const void* q, const void* out, const float* lse, const AttentionShape& shape,
+                         const CompressedKV& kv, float softmax_scale) {
+  Status s = check_attention(shape, kv);
+  if (!s.ok()) return s;
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
+    return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
+  if (shape.num_queries > 16)
+    return unsupported("q: the CUDA kernel takes at most 16 queries per sequence (Tq); split the call");
+  if (shape.batch > 65535 || shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535)
+    return unsupported("q: batch or heads beyond the kernel's grid limits (65535)");
+  if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
+  if (!(softmax_scale == softmax_scale) || softmax_scale == INFINITY || softmax_scale == -INFINITY)
+    return invalid("scale: must be finite");
+  const int64_t key_bytes = code_row_bytes(shape.head_dim, kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
+  const int64_t value_bytes = code_row_bytes(shape.head_dim, kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
+  if ((kv.code_capacity * key_bytes) % 16 != 0 || (kv.code_capacity * value_bytes) % 16 != 0)
+    return invalid("key_codes/value_codes: code_capacity * code_row_bytes must be a multiple of 16 "
+                   "(allocate the code buffers with a capacity that is a multiple of 16 tokens)");
+  if (!aligned16(kv.key_codes) || !aligned16(kv.value_codes) || !aligned16(kv.key_codebook.centroids) ||
+      !aligned16(kv.value_codebook.centroids) || !aligned16(kv.sink_keys) || !aligned16(kv.sink_values) ||
+      !aligned16(kv.recent_keys) || !aligned16(kv.recent_values) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0)
+    return invalid("codes/codebooks/sink and recent tensors: data pointers must be 16-byte aligned");
+  (void)lse;
+  return Status::Ok();
+}
+
+Status dispatch(DType dtype, int head_dim, Request& r) {
+  const bool half = dtype == DType::kFloat16;
+  switch (head_dim) {
+    case 64: return half ? run_f16_d64(r) : run_bf16_d64(r);
+    case 128: return half ? run_f16_d128(r) : run_bf16_d128(r);
+    case 256: return half ? run_f16_d256(r) : run_bf16_d256(r);
+  }
+  return unsupported("head_dim must be 64, 128 or 256");
+}
+
+Request make_request(const void* q, void* out, float* lse, const AttentionShape& shape, const CompressedKV& kv,
+                     float softmax_scale) {
+  Request r{};
+  Params& p = r.params;
+  p.q = q;
+  p.out = out;
+  p.lse = lse;
+  p.kv = kv;
+  p.batch = shape.batch;
+  p.num_q_heads = shape.num_q_heads;
+  p.num_kv_heads = shape.num_kv_heads;
+  p.num_queries = shape.num_queries;
+  p.group = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
+  p.row_tiles = static_cast<int>((p.group * shape.num_queries + kRows - 1) / kRows);
+  p.scale_log2 = softmax_scale * kLog2e;
+  r.key_sub = kv.key_codebook.sub_dim;
+  r.key_bits = kv.key_codebook.code_bits;
+  r.value_sub = kv.value_codebook.sub_dim;
+  r.value_bits = kv.value_codebook.code_bits;
+  return r;
+}
+
+}  // namespace
+}  // namespace cuda_detail::attn
+
+namespace cuda {
+
+size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv) {
+  using namespace cuda_detail::attn;
+  if (!check_attention(shape, kv).ok()) return 0;
+  Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
+  r.plan_only = true;
+  // The plan does not depend on the element type beyond occupancy; float16 and bfloat16 match.
+  return dispatch(DType::kFloat16, shape.head_dim, r).ok() ? r.needed : 0;
+}
+
+Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
+                 const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
+                 void* stream) {
+  using namespace cuda_detail::attn;
+  Status s = check_cuda_inputs(dtype, q, out, lse, shape, kv, softmax_scale);
+  if (!s.ok()) return s;
+  Request r = make_request(q, out, lse, shape, kv, softmax_scale);
+  r.workspace = workspace;
+  r.workspace_bytes = workspace_bytes;
+  r.stream = static_cast<cudaStream_t>(stream);
+  return dispatch(dtype, shape.head_dim, r);
+}
+
+}  // namespace cuda
+}  // namespace vecinfer

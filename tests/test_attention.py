@@ -1,0 +1,316 @@
+"""Attention on the compressed cache (vecinfer.attention): the CPU reference and the CUDA kernel
+against an independent float64 reference (numpy bit unpacking, explicit Hadamard matrix, plain
+softmax), on random and real K/V, awkward lengths, mixed lengths in a batch, empty parts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vecinfer
+from conftest import CUDA, codebook_for_heads, hadamard_matrix, table_for_heads, unpack_codes
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm_80+)")
+# bits/element preset -> (sub_dim, code_bits)
+PRESETS = {4: (2, 8), 3: (4, 12), 2: (4, 8), 1.5: (8, 12), 1: (8, 8)}
+
+
+class Case:
+    """Random compressed-cache inputs; everything on the CPU until .to(device)."""
+
+    def __init__(self, gen, *, batch=2, hkv=2, group=4, tq=1, d=128, key_bits=2, value_bits=2, lengths,
+                 dtype=torch.float16, capacity=None, per_head=False, transforms=True, value_mean=True):
+        ks, kb = PRESETS[key_bits]
+        vs, vb = PRESETS[value_bits]
+        self.d, self.group, self.tq, self.dtype = d, group, tq, dtype
+        self.lengths = torch.tensor(lengths, dtype=torch.int32).reshape(batch, 3)
+        sink_cap = max(int(self.lengths[:, 0].max()), 1)
+        recent_cap = max(int(self.lengths[:, 2].max()), 1)
+        coded_max = int(self.lengths[:, 1].max())
+        cap = capacity if capacity is not None else (coded_max + 15) // 16 * 16 + 16
+        groups = hkv if per_head else 1
+
+        def randn(*shape, s=1.0):
+            return torch.randn(shape, generator=gen, dtype=torch.float64).mul(s)
+
+        self.q = randn(batch, hkv * group, tq, d, s=1.5).to(dtype)
+        self.sink_k = randn(batch, hkv, sink_cap, d, s=2).to(dtype)
+        self.sink_v = randn(batch, hkv, sink_cap, d).to(dtype)
+        self.recent_k = randn(batch, hkv, recent_cap, d, s=2).to(dtype)
+        self.recent_v = randn(batch, hkv, recent_cap, d).to(dtype)
+        self.key_codebook = randn(groups, 1 << kb, ks, s=1.2).float()
+        self.value_codebook = randn(groups, 1 << vb, vs).float()
+        self.key_codes = torch.randint(0, 256, (batch, hkv, cap, d // ks * kb // 8), generator=gen, dtype=torch.uint8)
+        self.value_codes = torch.randint(0, 256, (batch, hkv, cap, d // vs * vb // 8), generator=gen, dtype=torch.uint8)
+        self.key_scale = (torch.rand((hkv, d), generator=gen) * 1.5 + 0.5) if transforms else None
+        self.key_mean = randn(hkv, d).float() if transforms else None
+        self.hadamard = transforms
+        self.value_mean = randn(hkv, d, s=0.5).float() if value_mean else None
+        self.shapes = ((ks, kb), (vs, vb))
+
+    def to(self, device):
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and name != "lengths":
+                setattr(self, name, value.to(device))
+        return self
+
+    def run(self, **kw):
+        return vecinfer.attention(self.q, self.key_codes, self.value_codes, self.lengths, self.key_codebook,
+                                  self.value_codebook, sink_keys=self.sink_k, sink_values=self.sink_v,
+                                  recent_keys=self.recent_k, recent_values=self.recent_v, key_scale=self.key_scale,
+                                  key_mean=self.key_mean, value_mean=self.value_mean, hadamard=self.hadamard, **kw)
+
+    def dequantized(self, b):
+        """float64 (keys, values) [Hkv, n_b, D] of sequence b in original coordinates (on the CPU)."""
+        (ks, kb), (vs, vb) = self.shapes
+        d, hkv = self.d, self.key_codes.shape[1]
+        sinks, coded, recent = (int(x) for x in self.lengths[b])
+
+        def decode(codes, codebook, sub, bits):
+            idx = unpack_codes(codes[b, :, :coded].cpu(), bits, d // sub)  # [H, T, M]
+            books = codebook_for_heads(codebook, hkv)  # [H, C, S]
+            return torch.stack([books[h][idx[h]] for h in range(hkv)]).reshape(hkv, coded, d)
+
+        keys = decode(self.key_codes, self.key_codebook, ks, kb)
+        if self.hadamard:
+            keys = keys @ hadamard_matrix(d)
+        if self.key_scale is not None:
+            keys = keys * table_for_heads(self.key_scale.cpu(), hkv)
+        if self.key_mean is not None:
+            keys = keys + table_for_heads(self.key_mean.cpu(), hkv)
+        values = decode(self.value_codes, self.value_codebook, vs, vb)
+        if self.value_mean is not None:
+            values = values + table_for_heads(self.value_mean.cpu(), hkv)
+        k = torch.cat([self.sink_k[b, :, :sinks].cpu().double(), keys, self.recent_k[b, :, :recent].cpu().double()], 1)
+        v = torch.cat([self.sink_v[b, :, :sinks].cpu().double(), values, self.recent_v[b, :, :recent].cpu().double()], 1)
+        return k, v
+
+    def reference(self, scale=None, low_precision=None):
+        """float64 attention (or, with low_precision=dtype, plain PyTorch at that precision on the
+        inputs rounded to it, to measure the error an unfused implementation makes)."""
+        b_, hq, tq, d = self.q.shape
+        scale = 1 / math.sqrt(d) if scale is None else scale
+        outs, lses = [], []
+        for b in range(b_):
+            k, v = self.dequantized(b)
+            n = k.shape[1]
+            q = self.q[b].cpu().double().reshape(k.shape[0], self.group * tq, d)
+            if low_precision is not None:
+                dev = self.q.device
+                qq, kk, vv = (x.to(dev).to(low_precision) for x in (q, k, v))
+                s = (qq @ kk.transpose(-1, -2)) * scale
+            else:
+                s = (q @ k.transpose(-1, -2)) * scale
+            pos = (n - tq + torch.arange(tq)).repeat(self.group).to(s.device)
+            mask = torch.arange(n, device=s.device)[None, :] > pos[:, None]
+            s = s.masked_fill(mask, float("-inf"))
+            if low_precision is not None:
+                o = torch.softmax(s.float(), -1).to(low_precision) @ vv
+                outs.append(o.double().cpu().reshape(hq, tq, d))
+            else:
+                outs.append((torch.softmax(s, -1) @ v).reshape(hq, tq, d))
+                lses.append(torch.logsumexp(s, -1).reshape(hq, tq))
+        out = torch.stack(outs)
+        return (out, torch.stack(lses)) if low_precision is None else out
+
+
+def check(case, device, scale=None):
+    """The op on `device` against the float64 reference, by FlashAttention's rule: error at most
+    twice plain PyTorch's at the same precision, plus a floor. Poisoned output, NaN check, LSE."""
+    case.to(device)
+    poison = torch.full_like(case.q, float("nan"))
+    out, lse = case.run(scale=scale, return_lse=True, out=poison)
+    assert out.data_ptr() == poison.data_ptr()
+    ref, ref_lse = case.reference(scale)
+    got = out.double().cpu()
+    assert not torch.isnan(got).any(), "NaN in the output (unwritten or poisoned)"
+    err = float((got - ref).abs().max())
+    if case.dtype == torch.float32:
+        bound = 1e-5 * max(1.0, float(ref.abs().max()))
+    else:
+        torch_err = float((case.reference(scale, low_precision=case.dtype) - ref).abs().max())
+        bound = 2 * torch_err + 2e-3 * max(1.0, float(ref.abs().max()))
+    assert err <= bound, f"max error {err:.3e} > bound {bound:.3e}"
+    lse_err = float((lse.double().cpu() - ref_lse).abs().max())
+    assert lse_err <= 1e-2 * max(1.0, float(ref_lse.abs().max())), f"lse error {lse_err:.3e}"
+
+
+# ---- CPU reference path (runs in CI) ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 1.5), (3, 1)])
+def test_cpu_matches_float64_reference(gen, dtype, d, bits):
+    case = Case(gen, d=d, dtype=dtype, key_bits=bits[0], value_bits=bits[1], tq=2,
+                lengths=[4, 37, 9, 0, 17, 3])
+    check(case, "cpu")
+
+
+@pytest.mark.parametrize("group,tq", [(1, 1), (4, 3), (16, 2)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_cpu_groups_and_queries(gen, group, tq, per_head):
+    case = Case(gen, d=64, group=group, tq=tq, per_head=per_head, dtype=torch.float32, lengths=[2, 20, 5, 1, 3, 0])
+    check(case, "cpu", scale=0.3)
+
+
+# ---- CUDA kernel ------------------------------------------------------------------------------
+
+LENGTHS = [1, 17, 127, 128, 129, 4097]
+
+
+@needs_cuda
+@pytest.mark.parametrize("coded", LENGTHS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_lengths_and_dims(gen, coded, d, dtype):
+    case = Case(gen, d=d, dtype=dtype, lengths=[4, coded, 128, 0, max(coded // 3, 1), 5])
+    check(case, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("key_bits", [4, 3, 2, 1.5, 1])
+@pytest.mark.parametrize("value_bits", [4, 3, 2, 1.5, 1])
+def test_cuda_bit_presets(gen, key_bits, value_bits):
+    case = Case(gen, d=128, key_bits=key_bits, value_bits=value_bits, lengths=[4, 300, 128, 2, 77, 40])
+    check(case, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("tq", [1, 2, 4, 16])
+def test_cuda_groups_and_queries(gen, group, tq):
+    # recent window shorter than Tq for one sequence: the causal mask then reaches coded tokens
+    case = Case(gen, d=64, group=group, tq=tq, lengths=[4, 200, 128, 0, 150, 3], per_head=group == 4)
+    check(case, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("lengths", [
+    [4, 0, 100, 0, 0, 7],             # no coded tokens at all
+    [0, 1000, 0, 3, 50, 0],           # empty recent windows, no sinks
+    [4, 20000, 128, 0, 3, 1],         # very different lengths in one batch
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_empty_parts_and_mixed_lengths(gen, lengths, dtype):
+    check(Case(gen, d=128, dtype=dtype, tq=4, lengths=lengths), "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("transforms,value_mean", [(False, False), (True, False), (False, True)])
+def test_cuda_without_transforms(gen, transforms, value_mean):
+    check(Case(gen, d=128, transforms=transforms, value_mean=value_mean, lengths=[4, 500, 64, 4, 250, 128]), "cuda")
+
+
+@needs_cuda
+def test_cuda_long_sequence(gen):
+    # 100003 coded tokens: split-KV across the GPU, exact merge
+    check(Case(gen, batch=1, hkv=2, group=4, d=128, lengths=[4, 100003, 128]), "cuda")
+
+
+@needs_cuda
+def test_cuda_matches_cpu_reference(gen):
+    case = Case(gen, d=128, tq=3, lengths=[4, 700, 128, 1, 33, 9])
+    cpu_out = case.run()
+    gpu_out = case.to("cuda").run().cpu()
+    assert float((gpu_out.double() - cpu_out.double()).abs().max()) < 5e-3
+
+
+@needs_cuda
+def test_cuda_lengths_on_device_are_clamped(gen):
+    # lengths beyond the buffers, passed on the GPU (no host check): clamped, never out of bounds
+    case = Case(gen, d=64, lengths=[4, 40, 16, 2, 10, 3]).to("cuda")
+    bad = torch.tensor([[100, 10**6, 10**6], [-5, -1, 3]], dtype=torch.int32, device="cuda")
+    out = vecinfer.attention(case.q, case.key_codes, case.value_codes, bad, case.key_codebook, case.value_codebook,
+                             sink_keys=case.sink_k, sink_values=case.sink_v, recent_keys=case.recent_k,
+                             recent_values=case.recent_v)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_real_kv(gen, d):
+    """Real post-RoPE K/V of SmolLM2-135M (shipped), compressed with a calibrated quantizer; queries
+    are later real keys (post-RoPE vectors of the same model and head)."""
+    from vecinfer.demo import load_real_kv
+
+    _, keys, values, _ = load_real_kv()
+    k, v = keys[0], values[0]  # [Hkv, T, 64]
+    if d == 128:  # two heads side by side: real statistics at head_dim 128
+        k = torch.cat([k[:1], k[1:2]], -1)
+        v = torch.cat([v[:1], v[1:2]], -1)
+    hkv, t = k.shape[0], k.shape[1]
+    calib = t // 2
+    cfg = vecinfer.VQConfig(key_bits=2, value_bits=2, value_mean=True)
+    quant = vecinfer.KVQuantizer.calibrate([k[:, :calib]], [v[:, :calib]], cfg, progress=False).to("cuda")
+    p = quant.layers[0]
+    sinks, recent = 4, 64
+    coded = t - sinks - recent
+    cap = (coded + 15) // 16 * 16
+    kc = torch.zeros((1, hkv, cap, d // 4), dtype=torch.uint8, device="cuda")
+    vc = torch.zeros_like(kc)
+    kk, vv = k[None].half().cuda(), v[None].half().cuda()
+    kc[:, :, :coded] = quant.encode_keys(0, kk[:, :, sinks:sinks + coded].contiguous())
+    vc[:, :, :coded] = quant.encode_values(0, vv[:, :, sinks:sinks + coded].contiguous())
+    case = Case(gen, batch=1, hkv=hkv, group=3, tq=2, d=d, lengths=[sinks, coded, recent])
+    case.q = kk[:, :, -1:].repeat_interleave(3, 1).repeat(1, 1, 2, 1).contiguous() * 1.3
+    case.sink_k, case.sink_v = kk[:, :, :sinks].contiguous(), vv[:, :, :sinks].contiguous()
+    case.recent_k, case.recent_v = kk[:, :, -recent:].contiguous(), vv[:, :, -recent:].contiguous()
+    case.key_codes, case.value_codes = kc, vc
+    case.key_codebook, case.value_codebook = p["key_codebook"], p["value_codebook"]
+    case.key_scale, case.key_mean, case.value_mean = p["key_scale"], p["key_mean"], p["value_mean"]
+    check(case, "cuda")
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _bad_input_case(gen, device="cpu"):
+    return Case(gen, d=64, lengths=[4, 40, 16, 2, 10, 3]).to(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda c: setattr(c, "q", c.q[:1]), ValueError, "key_codes"),                       # batch mismatch
+    (lambda c: setattr(c, "q", c.q[:, :7].contiguous()), ValueError, "query heads"),                  # heads not a multiple
+    (lambda c: setattr(c, "q", c.q[..., :32].contiguous()), ValueError, "head_dim"),       # dim
+    (lambda c: setattr(c, "key_codes", c.key_codes[..., :8].contiguous()), ValueError, "key_codes"),
+    (lambda c: setattr(c, "value_codes", c.value_codes[:, :, :16].contiguous()), ValueError, "value_codes"),
+    (lambda c: setattr(c, "key_codebook", c.key_codebook[:, :100].contiguous()), ValueError, "key_codebook"),
+    (lambda c: setattr(c, "key_scale", c.key_scale[:, :32].contiguous()), ValueError, "scale"),
+    (lambda c: setattr(c, "value_mean", c.value_mean[:1].repeat(3, 1)), ValueError, "value_mean"),
+    (lambda c: setattr(c, "sink_k", c.sink_k.float()), TypeError, "sink_keys"),
+    (lambda c: setattr(c, "recent_v", c.recent_v[:, :1]), ValueError, "recent_values"),
+    (lambda c: setattr(c, "lengths", c.lengths.long()), TypeError, "lengths"),
+    (lambda c: setattr(c, "lengths", torch.tensor([[4, 40, 16]], dtype=torch.int32)), ValueError, "lengths"),
+    (lambda c: c.lengths.__setitem__((0, 1), 10**6), ValueError, "capacity"),
+    (lambda c: c.lengths.__setitem__((1, 0), -1), ValueError, "negative"),
+    (lambda c: c.lengths.__setitem__((1,), 0), ValueError, "fewer tokens"),
+    (lambda c: setattr(c, "key_codes", c.key_codes.float()), TypeError, "uint8"),
+])
+def test_bad_input_raises(gen, device, mutate, error, match):
+    case = _bad_input_case(gen, device)
+    mutate(case)
+    with pytest.raises(error, match=match):
+        case.run()
+
+
+@needs_cuda
+def test_cuda_rejects_unsupported(gen):
+    case = _bad_input_case(gen, "cuda")
+    case.q = torch.randn((2, 8, 17, 64), device="cuda", dtype=torch.float16)
+    case.lengths = torch.tensor([[4, 40, 16], [2, 10, 16]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="16 queries"):
+        case.run()
+    case = _bad_input_case(gen, "cuda")
+    case.q = case.q.float()
+    for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
+        setattr(case, name, getattr(case, name).float())
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        case.run()
+    case = _bad_input_case(gen, "cuda")
+    case.key_codebook = torch.randn((1, 1 << 10, 4), device="cuda")
+    case.key_codes = torch.zeros((2, 2, 48, 64 // 4 * 10 // 8), dtype=torch.uint8, device="cuda")
+    case.value_codes = case.value_codes[:, :, :48].contiguous()
+    with pytest.raises(ValueError, match="presets"):
+        case.run()
