@@ -334,8 +334,27 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
   return a;
 }
 
-// Runs attention; on CUDA with workspace None, returns the workspace bytes needed and runs nothing.
-int64_t attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> key_codes, nb::ndarray<> value_codes,
+// Workspace bytes the CUDA kernel needs: integers only, so the call is cheap.
+int64_t attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t num_queries,
+                                  int32_t head_dim, int32_t key_sub_dim, int32_t key_code_bits,
+                                  int32_t value_sub_dim, int32_t value_code_bits, int64_t max_coded) {
+  vecinfer::AttentionShape shape;
+  shape.batch = batch;
+  shape.num_q_heads = num_q_heads;
+  shape.num_kv_heads = num_kv_heads;
+  shape.num_queries = num_queries;
+  shape.head_dim = head_dim;
+  vecinfer::CompressedKV kv;
+  kv.key_codebook.sub_dim = key_sub_dim;
+  kv.key_codebook.code_bits = key_code_bits;
+  kv.value_codebook.sub_dim = value_sub_dim;
+  kv.value_codebook.code_bits = value_code_bits;
+  kv.max_coded = max_coded;
+  return static_cast<int64_t>(vecinfer::cuda::attention_workspace_bytes(shape, kv));
+}
+
+// Runs attention (workspace: a CUDA byte tensor of attention_workspace_bytes, ignored on the CPU).
+void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> key_codes, nb::ndarray<> value_codes,
                   nb::ndarray<> lengths, nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
                   nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
                   OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, double scale,
@@ -356,16 +375,12 @@ int64_t attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<
   const float softmax_scale = static_cast<float>(scale);
   if (!a.placement.cuda) {
     raise_if_error(vecinfer::cpu::attention(a.dtype, q.data(), out.data(), lse_ptr, a.shape, a.kv, softmax_scale));
-    return 0;
+    return;
   }
-  if (!workspace) {
-    raise_if_error(vecinfer::check_attention(a.shape, a.kv));
-    return static_cast<int64_t>(vecinfer::cuda::attention_workspace_bytes(a.shape, a.kv));
-  }
+  if (!workspace) fail_value("workspace: required on CUDA (see attention_workspace_bytes)");
   check_same_placement(a.placement, *workspace, "workspace");
   raise_if_error(vecinfer::cuda::attention(a.dtype, q.data(), out.data(), lse_ptr, a.shape, a.kv, softmax_scale,
                                            workspace->data(), workspace->nbytes(), stream_ptr(stream)));
-  return 0;
 }
 
 }  // namespace
@@ -384,6 +399,9 @@ NB_MODULE(_C, m) {
         nb::arg("recent_keys"), nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"),
         nb::arg("key_scale").none(), nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"),
         nb::arg("scale"), nb::arg("max_coded"), nb::arg("workspace").none(), nb::arg("stream"));
+  m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
+        nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),
+        nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"));
   m.def("cuda_built", &vecinfer::cuda::built);
   m.def("check_device", [] { raise_if_error(vecinfer::cuda::check_device()); });
 }

@@ -227,7 +227,11 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         workspace = None
         if q.is_cuda:
             # split-KV partial results; torch's caching allocator makes this cheap and stream-safe
-            nbytes = _C.attention(*args, None, _stream(q))
-            workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+            def shape(cb):  # (sub_dim, code_bits); a malformed codebook is reported by the binding
+                return (int(cb.shape[2]), max(int(cb.shape[1]) - 1, 0).bit_length()) if cb.dim() == 3 else (0, 0)
+
+            nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, q.shape[2], d, *shape(key_codebook),
+                                                  *shape(value_codebook), int(max_coded))
+            workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
         _C.attention(*args, workspace, _stream(q))
     return (out, lse) if return_lse else out

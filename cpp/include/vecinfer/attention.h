@@ -64,6 +64,8 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
 
 namespace cuda {
 // Bytes of device workspace cuda::attention needs for these shapes (split-KV partial results).
+// Reads only the shapes (no pointers): shape, the codebooks' sub_dim and code_bits, max_coded.
+// 0 for shapes the kernel does not take.
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv);
 // The fused kernel: float16 or bfloat16; key and value codebooks with code_bits 8 or 12 and any
 // sub_dim (the 4, 3, 2, 1.5 and 1 bit presets); every pointer on the current device, element

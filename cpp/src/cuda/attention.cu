@@ -81,7 +81,11 @@ namespace cuda {
 
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv) {
   using namespace cuda_detail::attn;
-  if (!check_attention(shape, kv).ok()) return 0;
+  // Only shapes matter here (no pointers are read): the batch, heads, queries, head_dim, the two
+  // codebooks' sub_dim and code_bits, and max_coded.
+  if (shape.batch < 1 || shape.num_kv_heads < 1 || shape.num_q_heads % shape.num_kv_heads != 0 ||
+      shape.num_queries < 1 || kv.max_coded < 0)
+    return 0;
   Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
   r.plan_only = true;
   // The plan does not depend on the element type beyond occupancy; float16 and bfloat16 match.

@@ -163,6 +163,7 @@ struct Bits {
   // Code u of width B (u, B compile-time so the word indices are too).
   template <int B>
   __device__ __forceinline__ uint32_t code(int u) const {
+    if constexpr (B == 8) return __byte_perm(w[u >> 2], 0, 0x4440 | (u & 3));  // one PRMT
     const int bit = u * B, word = bit >> 5, off = bit & 31;
     uint32_t v = w[word] >> off;
     if (off + B > 32) v = __funnelshift_r(w[word], w[word + 1], off);
@@ -170,10 +171,11 @@ struct Bits {
   }
 };
 
-// Gathers of one centroid (2*S bytes) from a replicated table: entry e, copy `copy`.
+// Entry e of a replicated table, `copy` being this lane's copy: table + copy * kEntryBytes.
+// (Entry-major layout, so the address is one shift-add of the code.)
 template <class C>
-__device__ __forceinline__ const uint8_t* entry_ptr(const uint8_t* table, uint32_t e, int copy) {
-  return table + (e * C::kCopies + copy) * C::kEntryBytes;
+__device__ __forceinline__ const uint8_t* entry_ptr(const uint8_t* copy, uint32_t e) {
+  return copy + e * (C::kCopies * C::kEntryBytes);
 }
 
 // ---- the coded-token blocks --------------------------------------------------------------------
@@ -280,27 +282,52 @@ __device__ void prepare_queries(float* qs, float* shift, const Params& p, int64_
   __syncthreads();
 }
 
-// Stages one warp step (kStep tokens from `first`, of which `valid` exist) of key and value codes;
-// bytes past the valid tokens are zero-filled (they are masked out of the softmax).
+// Per warp, the cp.async staging of its steps' code bytes: the key and value bytes of kStep
+// tokens, lane-strided 16-byte chunks, kStages buffers in rotation. Bytes past the split's last
+// token are zero-filled (those tokens are masked out of the softmax).
 template <int D, class KC, class VC>
-__device__ __forceinline__ void stage_step(uint8_t* dst, const uint8_t* key_src, const uint8_t* value_src,
-                                           int64_t first, int valid, int lane) {
+struct Stager {
   using L = Layout<D, KC, VC>;
-  constexpr int kKeyChunks = kStep * L::kKeyRowBytes / 16;
-  constexpr int kValueChunks = kStep * L::kValueRowBytes / 16;
-  const uint8_t* keys = key_src + first * L::kKeyRowBytes;
-  const uint8_t* values = value_src + first * L::kValueRowBytes;
-  const int key_valid = valid * L::kKeyRowBytes, value_valid = valid * L::kValueRowBytes;
+  static constexpr int kKeyChunks = kStep * L::kKeyRowBytes / 16;
+  static constexpr int kChunks = kKeyChunks + kStep * L::kValueRowBytes / 16;
+  static constexpr int kPerLane = (kChunks + 31) / 32;
+  static constexpr int64_t kStride = int64_t{kWarps} * kStep;  // tokens between a warp's steps
+
+  uint8_t* buffers;       // this warp's kStages buffers
+  const uint8_t* keys;    // code bytes of the next step to issue
+  const uint8_t* values;
+  int64_t first, end;     // next step's first token; the split's end
+  int stage = 0;
+  int lane;
+
+  // Issues the next step (or an empty group past the end, so group counting stays uniform).
+  __device__ __forceinline__ void issue() {
+    if (first < end) {
+      uint8_t* dst = buffers + stage * L::kStageBytes;
+      const bool full = end - first >= kStep;  // all but a split's last step
+      const int valid = full ? kStep : static_cast<int>(end - first);
 #pragma unroll
-  for (int i = lane; i < kKeyChunks + kValueChunks; i += 32) {
-    const bool is_key = i < kKeyChunks;
-    const int chunk = is_key ? i : i - kKeyChunks;
-    const int have = (is_key ? key_valid : value_valid) - 16 * chunk;
-    const int bytes = have < 0 ? 0 : have > 16 ? 16 : have;
-    const uint8_t* src = (is_key ? keys : values) + 16 * chunk;
-    cp_async16(dst + (is_key ? 0 : kStep * L::kKeyRowBytes) + 16 * chunk, bytes ? src : key_src, bytes);
+      for (int q = 0; q < kPerLane; ++q) {
+        const int i = lane + 32 * q;
+        if (kChunks % 32 != 0 && i >= kChunks) break;
+        const bool is_key = kKeyChunks % 32 == 0 ? q < kKeyChunks / 32 : i < kKeyChunks;
+        const int offset = 16 * (is_key ? i : i - kKeyChunks);
+        int bytes = 16;
+        if (!full) {
+          const int have = valid * (is_key ? L::kKeyRowBytes : L::kValueRowBytes) - offset;
+          bytes = have < 0 ? 0 : have > 16 ? 16 : have;
+        }
+        const uint8_t* src = (is_key ? keys : values) + offset;
+        cp_async16(dst + (is_key ? 0 : kStep * L::kKeyRowBytes) + offset, bytes ? src : keys, bytes);
+      }
+    }
+    cp_async_commit();
+    first += kStride;
+    keys += kStride * L::kKeyRowBytes;
+    values += kStride * L::kValueRowBytes;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
-}
+};
 
 // 8x8 b16 transpose of an mma fragment (lane 4r + c: row r, columns 2c, 2c+1).
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
@@ -348,17 +375,11 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 
   // Start the first stages' copies, then build the tables and queries while they fly.
   const int64_t steps = begin < end ? (end - begin + kStep - 1) / kStep : 0;
-  auto issue = [&](int64_t k) {  // the warp's k-th step: block step warp + k * kWarps
-    const int64_t step = warp + k * kWarps;
-    if (step < steps) {
-      const int64_t first = begin + step * kStep;
-      const int valid = static_cast<int>(min(int64_t{kStep}, end - first));
-      stage_step<D, KC, VC>(staging + (k % kStages) * L::kStageBytes, key_src, value_src, first, valid, ln.lane);
-    }
-    cp_async_commit();
-  };
+  const int64_t warp_first = begin + int64_t{warp} * kStep;
+  Stager<D, KC, VC> stager{staging, key_src + warp_first * L::kKeyRowBytes,
+                           value_src + warp_first * L::kValueRowBytes, warp_first, end, 0, ln.lane};
 #pragma unroll
-  for (int k = 0; k < kStages - 1; ++k) issue(k);
+  for (int k = 0; k < kStages - 1; ++k) stager.issue();
   load_tables<T, D, KC, VC>(smem, p, kv_head);
   prepare_queries<T, D>(qs, shift, p, b, kv_head, first_row, rows, true);
 
@@ -384,18 +405,19 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
   for (int i = 0; i < kMB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-  const uint8_t* key_table = smem + L::kKeyTable;
-  const uint8_t* value_table = smem + L::kValueTable;
-  const int key_copy = ln.lane % KC::kCopies, value_copy = ln.lane % VC::kCopies;
+  const uint8_t* key_table = smem + L::kKeyTable + (ln.lane % KC::kCopies) * KC::kEntryBytes;
+  const uint8_t* value_table = smem + L::kValueTable + (ln.lane % VC::kCopies) * VC::kEntryBytes;
   const int my_steps = steps > warp ? static_cast<int>((steps - warp + kWarps - 1) / kWarps) : 0;
 
-  for (int k = 0; k < my_steps; ++k) {
-    issue(k + kStages - 1);
+  int stage = 0;
+  int64_t first = warp_first;
+  for (int k = 0; k < my_steps; ++k, first += Stager<D, KC, VC>::kStride) {
+    stager.issue();
     cp_async_wait<kStages - 1>();
     __syncwarp();
-    const uint8_t* keys = staging + (k % kStages) * L::kStageBytes;
+    const uint8_t* keys = staging + stage * L::kStageBytes;
     const uint8_t* values = keys + kStep * L::kKeyRowBytes;
-    const int64_t first = begin + (warp + int64_t{k} * kWarps) * kStep;
+    stage = stage + 1 == kStages ? 0 : stage + 1;
 
     // Scores S^T: per token tile, lane (r, c) gathers tokens r and r + 8 for its dims.
     float s[kTiles][4];
@@ -409,7 +431,7 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
           auto at = [&](const Bits<kKeyBits>& c, int u) {
-            return *reinterpret_cast<const uint32_t*>(entry_ptr<KC>(key_table, c.template code<KC::kBits>(u), key_copy));
+            return *reinterpret_cast<const uint32_t*>(entry_ptr<KC>(key_table, c.template code<KC::kBits>(u)));
           };
           const uint32_t a[4] = {at(lo, 2 * kb), at(hi, 2 * kb), at(lo, 2 * kb + 1), at(hi, 2 * kb + 1)};
           Mma<T>::run(s[t], a, qb[kb][0], qb[kb][1]);
@@ -418,9 +440,9 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 #pragma unroll
         for (int kb = 0; kb < kKB; ++kb) {
           const uint2 e = *reinterpret_cast<const uint2*>(
-              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb), key_copy));
+              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb)));
           const uint2 f = *reinterpret_cast<const uint2*>(
-              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb), key_copy));
+              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb)));
           const uint32_t a[4] = {e.x, f.x, e.y, f.y};
           Mma<T>::run(s[t], a, qb[kb][0], qb[kb][1]);
         }
@@ -428,9 +450,9 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 #pragma unroll
         for (int kb = 0; kb < kKB; kb += 2) {
           const uint4 e = *reinterpret_cast<const uint4*>(
-              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb / 2), key_copy));
+              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb / 2)));
           const uint4 f = *reinterpret_cast<const uint4*>(
-              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb / 2), key_copy));
+              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb / 2)));
           const uint32_t a0[4] = {e.x, f.x, e.y, f.y};
           const uint32_t a1[4] = {e.z, f.z, e.w, f.w};
           Mma<T>::run(s[t], a0, qb[kb][0], qb[kb][1]);
@@ -502,7 +524,7 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
         uint32_t e[4][VC::kSub / 2];  // centroid of sub-vector u for the 4 tokens, as element pairs
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint8_t* ptr = entry_ptr<VC>(value_table, vcodes[j].template code<VC::kBits>(u), value_copy);
+          const uint8_t* ptr = entry_ptr<VC>(value_table, vcodes[j].template code<VC::kBits>(u));
           if constexpr (VC::kSub == 2) {
             e[j][0] = *reinterpret_cast<const uint32_t*>(ptr);
           } else if constexpr (VC::kSub == 4) {

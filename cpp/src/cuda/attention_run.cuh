@@ -8,6 +8,8 @@
 
 namespace vecinfer::cuda_detail::attn {
 
+constexpr int kMaxDevices = 64;
+
 struct Request {
   Params params;
   int key_sub, key_bits, value_sub, value_bits;
@@ -40,24 +42,40 @@ Status run(Request& r) {
   if (!s.ok()) return s;
   if (L::kSharedBytes > max_shared)
     return unsupported("codebooks too large for this GPU's shared memory (use fewer code bits)");
-  s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSharedBytes));
-  int blocks_per_sm = 0;
-  if (s.ok())
-    s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, L::kSharedBytes));
+  // The shared-memory opt-in and the occupancy query are per kernel and device: done once each.
+  static int cached_blocks_per_sm[kMaxDevices] = {};
+  int device = 0;
+  s = cuda_status(cudaGetDevice(&device));
   if (!s.ok()) return s;
+  if (device >= kMaxDevices) return unsupported("more than 64 CUDA devices");
+  int& blocks_per_sm = cached_blocks_per_sm[device];
+  if (blocks_per_sm == 0) {
+    s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSharedBytes));
+    int blocks = 0;
+    if (s.ok())
+      s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, L::kSharedBytes));
+    if (!s.ok()) return s;
+    blocks_per_sm = blocks > 0 ? blocks : 1;
+  }
 
-  // Split the coded tokens so that the grid fills the GPU about once, each split holding at
-  // least 4 steps per warp (shorter splits would spend more on tables and queries than on codes).
+  // Split the coded tokens so that the coded blocks fill the GPU's block slots in whole waves:
+  // the split count minimising waves / splits (the time in units of one unsplit block); on ties
+  // the larger while splits keep >= 4096 tokens (finer pieces balance better, but each block
+  // pays for loading its tables); each split holds at least 4 steps per warp.
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
   const int64_t max_coded = p.kv.max_coded;
   constexpr int64_t kQuantum = kStep * kWarps;
-  const int64_t slots = int64_t{sm_count} * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  const int64_t slots = int64_t{sm_count} * blocks_per_sm;
   int64_t splits = 0;
   if (max_coded > 0) {
-    const int64_t wanted = (slots + groups - 1) / groups;
     const int64_t most = (max_coded + 4 * kQuantum - 1) / (4 * kQuantum);
-    splits = wanted < most ? wanted : most;
-    if (splits < 1) splits = 1;
+    const int64_t limit = 2 * ((slots + groups - 1) / groups);
+    splits = 1;
+    for (int64_t c = 2; c <= limit && c <= most; ++c) {
+      const int64_t waves = (groups * c + slots - 1) / slots, best = (groups * splits + slots - 1) / slots;
+      const bool better = waves * splits < best * c, tie = waves * splits == best * c;
+      if (better || (tie && max_coded / c >= 4096)) splits = c;
+    }
     int64_t per_split = (max_coded + splits - 1) / splits;
     per_split = (per_split + kQuantum - 1) / kQuantum * kQuantum;
     p.split_tokens = per_split;
