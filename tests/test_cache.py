@@ -319,3 +319,22 @@ def test_layers_not_held_take_no_memory(quantizer):
     assert one.nbytes() - quantizer.parameter_bytes() == (full.nbytes() - quantizer.parameter_bytes()) // 2
     with pytest.raises(ValueError, match="does not hold layer 0"):
         one.append(0, torch.randn((1, 2, 1, 64)), torch.randn((1, 2, 1, 64)))
+
+
+@pytest.mark.parametrize("sinks,residual,tokens,ok", [(2, 16, 5, True), (2, 16, 16, True), (2, 16, 17, False),
+                                                     (3, 0, 1, False), (4, 8, 0, True)])
+def test_truncate_removes_full_precision_tokens_only(quantizer, sinks, residual, tokens, ok):
+    gen = torch.Generator().manual_seed(11)
+    cache = vecinfer.QuantizedKVCache(_with_windows(quantizer, sinks, residual), 2, 2, 64, 64, dtype=torch.float32)
+    cache.append(0, *_kv(2, 40, gen), skip=[0, 8])
+    before = _snapshot(cache, 0)
+    if not ok:
+        with pytest.raises(ValueError, match="only tokens still in full precision"):
+            cache.truncate(tokens, layers=[0])
+        _assert_same(before, _snapshot(cache, 0))
+        return
+    cache.truncate(tokens, layers=[0])
+    k, v, lens = cache.dequantize(0, padded=True)
+    assert lens.tolist() == [40 - tokens, 32 - tokens]
+    for i, n in enumerate(lens.tolist()):
+        assert torch.equal(k[i, :, :n], before[0][i, :, :n]) and torch.equal(v[i, :, :n], before[1][i, :, :n])

@@ -315,6 +315,29 @@ class QuantizedKVCache:
                     buffers[i] = grown
         self.max_tokens = max_tokens
 
+    def truncate(self, tokens: int, layers: Optional[Sequence[int]] = None) -> None:
+        """Removes the last `tokens` tokens of every sequence in `layers` (default all held). Only
+        full-precision tokens can go back: those of the recent window, or the sinks of a sequence
+        holding nothing else; otherwise ValueError, and the cache is unchanged."""
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens: expected a non-negative int, got {tokens!r}")
+        layers = sorted(self._held) if layers is None else list(layers)
+        new = []
+        for layer in layers:
+            self._check_layer(layer)
+            s, c, r = self._lengths[layer].unbind(1)
+            from_recent = r.clamp(max=tokens)
+            from_sinks = tokens - from_recent
+            ok = (from_sinks == 0) | ((c == 0) & (r == from_recent) & (from_sinks <= s))
+            if not bool(ok.all()):
+                b = int((~ok).nonzero()[0])
+                raise ValueError(f"truncate: cannot remove {tokens} tokens from sequence {b} of layer {layer} "
+                                 f"(sinks, coded, recent = {self._lengths[layer][b].tolist()}): only tokens still in "
+                                 "full precision can be removed; the cache is unchanged")
+            new.append(torch.stack([s - from_sinks, c, r - from_recent], dim=1).to(torch.int32))
+        for layer, lens in zip(layers, new):
+            self._lengths[layer] = lens
+
     def select(self, indices) -> None:
         """Keeps the sequences `indices` (a 1-D integer tensor or list, repeats allowed) in that
         order, in every layer: beam-search reordering, batch expansion and selection."""

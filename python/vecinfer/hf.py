@@ -403,5 +403,14 @@ def calibrate(model, tokenizer, texts: Union[str, Sequence[str]], cfg=None, max_
     return KVQuantizer.calibrate(keys, values, cfg, progress=progress)
 
 
-__all__ = ["MODELS", "TEXTS", "cache_dir", "calibrate", "collect_kv", "gguf_path", "load_gguf_model", "load_text",
-           "strip_wiki_markup", "tokenize"]
+def __getattr__(name: str):
+    # VecInferCache needs transformers: imported on first use, so `import vecinfer.hf` works without it
+    if name == "VecInferCache":
+        from .hf_cache import VecInferCache
+
+        return VecInferCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MODELS", "TEXTS", "VecInferCache", "cache_dir", "calibrate", "collect_kv", "gguf_path", "load_gguf_model",
+           "load_text", "strip_wiki_markup", "tokenize"]
