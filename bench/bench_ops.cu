@@ -1,5 +1,7 @@
 // Microbenchmarks of the GPU ops through the public C++ API (vecinfer::cuda::*), against a
-// device-to-device copy of the same bytes as the bandwidth ceiling.
+// device-to-device copy of the same bytes as the bandwidth ceiling. The attention benchmarks also
+// report "x_vs_fp16_at_copy_bw": the time an fp16 attention kernel would need to read its K/V at
+// the copy bandwidth, over the measured time (the Python benchmark compares with torch SDPA).
 //
 //   vecinfer_bench [--benchmark_filter=REGEX] [--benchmark_format=json] ...
 //
@@ -20,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
 namespace {
@@ -227,15 +230,16 @@ double measure_copy_bandwidth(benchmark::State& state) {
 }
 
 // Runs the timed loop: launch(i) enqueues iteration i on g_stream and returns the op's Status.
-// bytes: read + written per iteration. is_copy: this is the ceiling itself.
+// bytes: read + written per iteration. is_copy: this is the ceiling itself. Returns the mean
+// seconds per iteration (0 on failure).
 template <class Launch>
-void timed_loop(benchmark::State& state, int64_t bytes, Launch&& launch, bool is_copy = false) {
-  if (!status_ok(state, vecinfer::cuda::check_device(), "check_device")) return;
+double timed_loop(benchmark::State& state, int64_t bytes, Launch&& launch, bool is_copy = false) {
+  if (!status_ok(state, vecinfer::cuda::check_device(), "check_device")) return 0.0;
   cudaEvent_t start, stop;
-  if (!cuda_ok(state, cudaEventCreate(&start), "cudaEventCreate")) return;
+  if (!cuda_ok(state, cudaEventCreate(&start), "cudaEventCreate")) return 0.0;
   if (!cuda_ok(state, cudaEventCreate(&stop), "cudaEventCreate")) {
     cudaEventDestroy(start);
-    return;
+    return 0.0;
   }
   // Untimed warm-up (first launch, shared-memory configuration, page mapping).
   bool ok = status_ok(state, launch(0), "warm-up") &&
@@ -257,12 +261,13 @@ void timed_loop(benchmark::State& state, int64_t bytes, Launch&& launch, bool is
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  if (!ok || iter == 0 || seconds <= 0.0) return;
+  if (!ok || iter == 0 || seconds <= 0.0) return 0.0;
   state.SetBytesProcessed(state.iterations() * bytes);
   const double bytes_per_s = static_cast<double>(bytes) * iter / seconds;
   if (is_copy) g_copy_bytes_per_s = std::max(g_copy_bytes_per_s, bytes_per_s);
   if (g_copy_bytes_per_s <= 0.0) g_copy_bytes_per_s = measure_copy_bandwidth(state);
   if (g_copy_bytes_per_s > 0.0) state.counters["pct_of_copy"] = 100.0 * bytes_per_s / g_copy_bytes_per_s;
+  return seconds / iter;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,6 +339,62 @@ void BM_Decode(benchmark::State& state, int32_t head_dim, int sub_dim, int code_
   });
 }
 
+// (f) Fused attention on the compressed cache: Llama-3.1-8B attention shapes (32 query heads,
+// 8 KV heads, D = 128), bf16, 2-bit keys and values (S = 4, 8-bit codes), 4 sinks + 128 recent
+// tokens in bf16, one query per sequence. Bytes: codes + full-precision tokens + q + out.
+void BM_Attention(benchmark::State& state, int64_t batch, int64_t tokens) {
+  constexpr int32_t kD = 128;
+  constexpr int64_t kQHeads = 32, kSinks = 4, kRecent = 128;
+  const int64_t coded = tokens - kSinks - kRecent, capacity = (coded + 15) / 16 * 16;
+  const int64_t row_bytes = vecinfer::code_row_bytes(kD, 4, 8);
+  const int64_t code_bytes = batch * kKvHeads * capacity * row_bytes;
+  const int64_t fp_bytes = batch * kKvHeads * kD * 2;  // one token of one part, bf16
+  std::vector<int32_t> lengths_host;
+  for (int64_t b = 0; b < batch; ++b) lengths_host.insert(lengths_host.end(), {int32_t(kSinks), int32_t(coded), int32_t(kRecent)});
+  auto* lengths = static_cast<int32_t*>(get_buffer(state, "lengths/" + std::to_string(batch), batch * 12, Fill::kNone, 0));
+  if (!lengths || !cuda_ok(state, cudaMemcpy(lengths, lengths_host.data(), batch * 12, cudaMemcpyHostToDevice), "lengths"))
+    return;
+  vecinfer::CompressedKV kv;
+  kv.lengths = lengths;
+  kv.key_codes = static_cast<const uint8_t*>(get_buffer(state, "attn_key_codes", code_bytes, Fill::kBytes, 21));
+  kv.value_codes = static_cast<const uint8_t*>(get_buffer(state, "attn_value_codes", code_bytes, Fill::kBytes, 22));
+  kv.code_capacity = capacity;
+  kv.sink_keys = get_buffer(state, "sink_k", kSinks * fp_bytes, Fill::kBf16, 23);
+  kv.sink_values = get_buffer(state, "sink_v", kSinks * fp_bytes, Fill::kBf16, 24);
+  kv.sink_capacity = kSinks;
+  kv.recent_keys = get_buffer(state, "recent_k", kRecent * fp_bytes, Fill::kBf16, 25);
+  kv.recent_values = get_buffer(state, "recent_v", kRecent * fp_bytes, Fill::kBf16, 26);
+  kv.recent_capacity = kRecent;
+  kv.max_coded = coded;
+  vecinfer::AttentionShape shape;
+  shape.batch = batch;
+  shape.num_q_heads = kQHeads;
+  shape.num_kv_heads = kKvHeads;
+  shape.num_queries = 1;
+  shape.head_dim = kD;
+  const int64_t q_bytes = batch * kQHeads * kD * 2;
+  void* q = get_buffer(state, "attn_q/" + std::to_string(batch), q_bytes, Fill::kBf16, 27);
+  void* out = get_buffer(state, "attn_out/" + std::to_string(batch), q_bytes, Fill::kNone, 0);
+  if (!kv.key_codes || !kv.value_codes || !kv.sink_keys || !kv.sink_values || !kv.recent_keys ||
+      !kv.recent_values || !q || !out || !codebook(state, 4, 8, kv.key_codebook) ||
+      !codebook(state, 4, 8, kv.value_codebook) || !key_transform(state, kD, kv.key_transform))
+    return;
+  const size_t workspace_bytes = vecinfer::cuda::attention_workspace_bytes(shape, kv);
+  void* workspace = get_buffer(state, "attn_workspace", static_cast<int64_t>(workspace_bytes), Fill::kNone, 0);
+  if (!workspace) return;
+  const int64_t bytes = 2 * batch * kKvHeads * coded * row_bytes + (kSinks + kRecent) * fp_bytes * 2 + 2 * q_bytes;
+  const double seconds = timed_loop(state, bytes, [&](int64_t) {
+    return vecinfer::cuda::attention(DType::kBFloat16, q, out, nullptr, shape, kv, 0.08838834764831845f,
+                                     workspace, workspace_bytes, g_stream);
+  });
+  if (seconds > 0.0 && g_copy_bytes_per_s > 0.0) {
+    const double fp16_seconds = 2.0 * batch * kKvHeads * tokens * kD * 2 / g_copy_bytes_per_s;
+    state.counters["x_vs_fp16_at_copy_bw"] = fp16_seconds / seconds;
+    state.counters["memory_x_vs_fp16"] =
+        2.0 * batch * kKvHeads * tokens * kD * 2 / static_cast<double>(2 * code_bytes + (kSinks + kRecent) * fp_bytes * 2);
+  }
+}
+
 void configure(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMicrosecond)
       ->UseManualTime()
@@ -368,6 +429,14 @@ void register_all() {
   }
   configure(benchmark::RegisterBenchmark("decode_inverse/bf16/D128/S4/B8/1GiB",
                                          [](benchmark::State& s) { BM_Decode(s, 128, 4, 8, kGiB); }));
+  const std::pair<int64_t, int64_t> attention_shapes[] = {{1, 131072}, {8, 32768}, {32, 32768}, {64, 16384}};
+  for (const auto& [batch, tokens] : attention_shapes) {
+    const std::string name = "attention/bf16/Hq32/Hkv8/D128/2bit/B" + std::to_string(batch) + "/S" +
+                             std::to_string(tokens);
+    configure(benchmark::RegisterBenchmark(name.c_str(), [batch = batch, tokens = tokens](benchmark::State& s) {
+      BM_Attention(s, batch, tokens);
+    }));
+  }
 }
 
 }  // namespace

@@ -32,8 +32,6 @@
 
 namespace vecinfer::cuda_detail::attn {
 
-constexpr int kWarps = 6;  // 2 blocks of 6 warps fit an SM's shared memory at D = 128, 2 bits
-constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 8;     // query rows per block: the N of mma m16n8k16
 constexpr int kStep = 32;    // tokens per warp step: two m16 token tiles
 constexpr int kStages = 3;   // cp.async stages per warp
@@ -41,6 +39,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+// Full-precision tokens are attended to in chunks of this many (see full_precision_block).
+template <int D>
+constexpr int chunk_tokens() { return D == 256 ? 32 : 64; }
 
 // A codebook shape (sub-vector length S, code width B) as the kernel stores it in shared memory.
 template <int S, int B>
@@ -190,11 +192,21 @@ struct Layout {
   static constexpr int kQuery = kValueTable + VC::kSharedBytes;   // float [kRows][D]
   static constexpr int kQueryShift = kQuery + kRows * D * 4;      // float [kRows]
   static constexpr int kStaging = kQueryShift + kRows * 4;        // [kWarps][kStages][stage]
-  static constexpr int kBytes = kStaging + kWarps * kStages * kStageBytes + 16;  // +16: Bits may over-read
-  // The warps' final states, written over the tables once all steps are done.
+  // One block per SM with as many warps as the registers (<= 128 each at 16 warps; D = 256 needs
+  // more, so 8 warps) and the shared memory left after the tables allow: more warps hide more of
+  // the gathers' latency, and every warp shares the block's tables.
+  static constexpr int kSharedLimit = 227 * 1024;
+  static constexpr int kWarps =
+      cmin(D == 256 ? 8 : 16, (kSharedLimit - kStaging - 16) / (kStages * kStageBytes));
+  static constexpr int kThreads = 32 * kWarps;
+  // The scratch region after the queries holds the staged codes (+16: Bits may read one word
+  // past), then the warps' final states for their merge; in a full-precision block, the chunks.
+  static constexpr int kStagingBytes = kWarps * kStages * kStageBytes + 16;
   static constexpr int kCombineBytes = kWarps * kRows * (D + 2) * 4;
-  static constexpr int kSharedBytes = cmax(kBytes, kCombineBytes);
+  static constexpr int kChunkBytes = 2 * chunk_tokens<D>() * (D + 2) * 2;
+  static constexpr int kSharedBytes = kStaging + cmax(kStagingBytes, cmax(kCombineBytes, kChunkBytes));
   static_assert(kStageBytes % 16 == 0, "stages must stay 16-byte aligned");
+  static_assert(kSharedBytes <= kSharedLimit, "shared memory layout too large");
 };
 
 // Per-lane mma fragment geometry: lane = 4 * r + c.
@@ -220,7 +232,7 @@ __device__ void load_tables(uint8_t* smem, const Params& p, int64_t kv_head) {
     using C = decltype(codec);
     const float* src = cb.centroids +
                        detail::table_row(kv_head, p.num_kv_heads, cb.num_codebooks) * C::kEntries * C::kSub;
-    for (int i = threadIdx.x; i < C::kEntries * C::kSub / 2; i += kThreads) {
+    for (int i = threadIdx.x; i < C::kEntries * C::kSub / 2; i += L::kThreads) {
       const float2 v = reinterpret_cast<const float2*>(src)[i];
       const uint32_t packed = Mma<T>::pack(v.x, v.y);
       const int e = 2 * i / C::kSub, within = (2 * i % C::kSub) * 2;  // byte offset in the entry
@@ -235,9 +247,10 @@ __device__ void load_tables(uint8_t* smem, const Params& p, int64_t kv_head) {
 
 // Writes the query rows of this block into shared memory as Q' = H(q * lambda) * hadamard_norm *
 // scale_log2 (float), and each row's shift q . mu * scale_log2. Rows past `rows` are zero.
-template <typename T, int D>
+template <typename T, int D, int kWarps>
 __device__ void prepare_queries(float* qs, float* shift, const Params& p, int64_t b, int64_t kv_head,
                                 int first_row, int rows, bool transformed) {
+  constexpr int kThreads = 32 * kWarps;
   const Transform& t = p.kv.key_transform;
   const int64_t table = detail::table_row(kv_head, p.num_kv_heads, t.table_rows);
   for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
@@ -291,7 +304,7 @@ struct Stager {
   static constexpr int kKeyChunks = kStep * L::kKeyRowBytes / 16;
   static constexpr int kChunks = kKeyChunks + kStep * L::kValueRowBytes / 16;
   static constexpr int kPerLane = (kChunks + 31) / 32;
-  static constexpr int64_t kStride = int64_t{kWarps} * kStep;  // tokens between a warp's steps
+  static constexpr int64_t kStride = int64_t{L::kWarps} * kStep;  // tokens between a warp's steps
 
   uint8_t* buffers;       // this warp's kStages buffers
   const uint8_t* keys;    // code bytes of the next step to issue
@@ -381,7 +394,7 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 #pragma unroll
   for (int k = 0; k < kStages - 1; ++k) stager.issue();
   load_tables<T, D, KC, VC>(smem, p, kv_head);
-  prepare_queries<T, D>(qs, shift, p, b, kv_head, first_row, rows, true);
+  prepare_queries<T, D, L::kWarps>(qs, shift, p, b, kv_head, first_row, rows, true);
 
   // Q'^T as B fragments: lane (r, c) holds row r's dims key_dim(c, 4kb + {0,1}) and {2,3}.
   uint32_t qb[kKB][2];
@@ -407,7 +420,7 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 
   const uint8_t* key_table = smem + L::kKeyTable + (ln.lane % KC::kCopies) * KC::kEntryBytes;
   const uint8_t* value_table = smem + L::kValueTable + (ln.lane % VC::kCopies) * VC::kEntryBytes;
-  const int my_steps = steps > warp ? static_cast<int>((steps - warp + kWarps - 1) / kWarps) : 0;
+  const int my_steps = steps > warp ? static_cast<int>((steps - warp + L::kWarps - 1) / L::kWarps) : 0;
 
   int stage = 0;
   int64_t first = warp_first;
@@ -555,8 +568,9 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
     l0 += __shfl_xor_sync(0xffffffffu, l0, o);
     l1 += __shfl_xor_sync(0xffffffffu, l1, o);
   }
-  __syncthreads();  // every warp is done with the tables and staging
-  float* cm = reinterpret_cast<float*>(smem);          // [kWarps][kRows][2]
+  __syncthreads();  // every warp is done with its staged codes
+  constexpr int kWarps = L::kWarps, kThreads = L::kThreads;
+  float* cm = reinterpret_cast<float*>(smem + L::kStaging);  // [kWarps][kRows][2]
   float* cacc = cm + kWarps * kRows * 2;               // [kWarps][kRows][D] natural dim order
   if (ln.r == 0) {
     cm[(warp * kRows + 2 * ln.c) * 2] = m0, cm[(warp * kRows + 2 * ln.c) * 2 + 1] = l0;
@@ -597,10 +611,7 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 // Chunks of kChunk full-precision tokens are copied into shared memory with 16-byte loads (rows
 // padded by 4 bytes so that lanes reading different rows hit different banks); then each warp
 // scores its rows lane-per-token and accumulates values lane-per-dimension.
-template <int D>
-constexpr int chunk_tokens() { return D == 256 ? 32 : 64; }
-
-template <typename T, int D>
+template <typename T, int D, int kThreads>
 __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* recent, int64_t sinks, int64_t first,
                                               int count) {
   constexpr int kVec = 8;  // elements per 16-byte load
@@ -624,11 +635,10 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   constexpr int kPerLane = D / 32;
   constexpr int kStride = D + 2;
   constexpr int kChunk = chunk_tokens<D>();
-  static_assert(2 * kChunk * kStride * sizeof(T) <= L::kQuery, "the chunk must fit where the tables go");
   float* qs = reinterpret_cast<float*>(smem + L::kQuery);
-  T* chunk_k = reinterpret_cast<T*>(smem);
+  T* chunk_k = reinterpret_cast<T*>(smem + L::kStaging);
   T* chunk_v = chunk_k + kChunk * kStride;
-  prepare_queries<T, D>(qs, nullptr, p, b, kv_head, first_row, rows, false);
+  prepare_queries<T, D, L::kWarps>(qs, nullptr, p, b, kv_head, first_row, rows, false);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int32_t* len = p.kv.lengths + 3 * b;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
@@ -642,6 +652,7 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   const T* rv = static_cast<const T*>(p.kv.recent_values) + head_index * p.kv.recent_capacity * D;
 
   // Per warp, up to kRows / kWarps rows: m, l and the accumulators live in registers.
+  constexpr int kWarps = L::kWarps;
   constexpr int kRowsPerWarp = (kRows + kWarps - 1) / kWarps;
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
 #pragma unroll
@@ -654,8 +665,8 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   for (int64_t first = 0; first < total; first += kChunk) {
     const int count = static_cast<int>(min(int64_t{kChunk}, total - first));
     __syncthreads();  // the previous chunk is consumed
-    load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count);
-    load_fp_chunk<T, D>(chunk_v, sv, rv, sinks, first, count);
+    load_fp_chunk<T, D, L::kThreads>(chunk_k, sk, rk, sinks, first, count);
+    load_fp_chunk<T, D, L::kThreads>(chunk_v, sv, rv, sinks, first, count);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -730,7 +741,7 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
 }
 
 template <typename T, int D, class KC, class VC>
-__global__ void __launch_bounds__(kThreads, 2) attention_kernel(Params p) {
+__global__ void __launch_bounds__(Layout<D, KC, VC>::kThreads, 1) attention_kernel(Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int64_t b = blockIdx.z;
   const int64_t kv_head = blockIdx.y / p.row_tiles;
@@ -746,8 +757,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(Params p) {
 // Merges the parts of one (sequence, KV head, row tile): part 0 the full-precision tokens, parts
 // 1..splits the coded splits. out = (sum_s acc_s 2^(m_s - M) + value_mean * W_coded) / L, where
 // W_coded is the softmax weight of the coded tokens (the value mean was taken out of them only).
+constexpr int kMergeWarps = 4;
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) merge_kernel(Params p) {
+__global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(Params p) {
+  constexpr int kWarps = kMergeWarps, kThreads = 32 * kMergeWarps;
   extern __shared__ float weights[];  // [parts][kRows]: 2^(m_s - M) of each part and row
   __shared__ float row_scale[kRows], coded_weight[kRows], row_lse[kRows];
   const int64_t group_index = blockIdx.x;

@@ -53,7 +53,7 @@ Status run(Request& r) {
     s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSharedBytes));
     int blocks = 0;
     if (s.ok())
-      s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, L::kSharedBytes));
+      s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, L::kThreads, L::kSharedBytes));
     if (!s.ok()) return s;
     blocks_per_sm = blocks > 0 ? blocks : 1;
   }
@@ -64,7 +64,7 @@ Status run(Request& r) {
   // pays for loading its tables); each split holds at least 4 steps per warp.
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
   const int64_t max_coded = p.kv.max_coded;
-  constexpr int64_t kQuantum = kStep * kWarps;
+  constexpr int64_t kQuantum = kStep * L::kWarps;
   const int64_t slots = int64_t{sm_count} * blocks_per_sm;
   int64_t splits = 0;
   if (max_coded > 0) {
@@ -80,7 +80,7 @@ Status run(Request& r) {
     per_split = (per_split + kQuantum - 1) / kQuantum * kQuantum;
     p.split_tokens = per_split;
     splits = (max_coded + per_split - 1) / per_split;
-  } else {
+  } else {  // only the full-precision block
     p.split_tokens = kQuantum;
   }
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
@@ -96,7 +96,7 @@ Status run(Request& r) {
 
   const dim3 grid(static_cast<unsigned>(splits + 1), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, L::kSharedBytes, r.stream>>>(p);
+  kernel<<<grid, L::kThreads, L::kSharedBytes, r.stream>>>(p);
   s = cuda_status(cudaGetLastError());
   if (!s.ok()) return s;
   const size_t merge_shared = static_cast<size_t>(splits + 1) * kRows * sizeof(float);
@@ -105,7 +105,7 @@ Status run(Request& r) {
                                          static_cast<int>(merge_shared)));
     if (!s.ok()) return s;
   }
-  merge_kernel<T, D><<<static_cast<unsigned>(groups), kThreads, merge_shared, r.stream>>>(p);
+  merge_kernel<T, D><<<static_cast<unsigned>(groups), 32 * kMergeWarps, merge_shared, r.stream>>>(p);
   return cuda_status(cudaGetLastError());
 }
 
