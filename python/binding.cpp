@@ -60,6 +60,7 @@ DType element_dtype(const nb::ndarray<>& a, const char* name) {
 }
 
 bool is_contiguous(const nb::ndarray<>& a) {
+  if (a.size() == 0) return true;  // an empty tensor's strides are arbitrary
   int64_t expected = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != expected) return false;

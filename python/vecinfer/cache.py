@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import code_row_bytes
+from .ops import attention, code_row_bytes
 from .quantizer import KVQuantizer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,7 +67,7 @@ class QuantizedKVCache:
             return [torch.empty((batch_size, num_kv_heads, *tail), dtype=dt, device=self.device)
                     if i in self._held else None for i in range(n)]
 
-        coded = max(max_tokens - self.sinks, 0)
+        coded = _code_capacity(max_tokens - self.sinks)
         self._key_codes = per_layer(coded, self._key_bytes, dt=torch.uint8)
         self._value_codes = per_layer(coded, self._value_bytes, dt=torch.uint8)
         self._sink_k, self._sink_v = per_layer(self.sinks, head_dim), per_layer(self.sinks, head_dim)
@@ -296,7 +296,26 @@ class QuantizedKVCache:
         if tq < 1 or tq > n:
             raise ValueError(f"q: {tq} queries, but a sequence of layer {layer} holds {n} tokens "
                              "(queries are the last appended)")
-        return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
+        inputs = self._attend_inputs(layer)
+        if self._fused_attention_supported(q):
+            p, cfg = self.quantizer.layers[layer], self.quantizer.config
+            return attention(q.contiguous(), *inputs[:3], p["key_codebook"], p["value_codebook"],
+                             sink_keys=inputs[3], sink_values=inputs[4], recent_keys=inputs[5], recent_values=inputs[6],
+                             key_scale=p["key_scale"], key_mean=p["key_mean"], value_mean=p["value_mean"],
+                             hadamard=cfg.hadamard, scale=scale)
+        return codes_attention(q, *inputs, self.quantizer, layer, scale)
+
+    def _fused_attention_supported(self, q: torch.Tensor) -> bool:
+        """Whether vecinfer.attention takes this call: always on the CPU (the C++ reference); on a GPU,
+        float16/bfloat16 caches, at most 16 queries and the bit presets' codebook shapes. The rest
+        runs codes_attention (dequantize, then attention), which computes the same function."""
+        if not q.is_cuda:
+            return q.dtype == self.dtype
+        cfg = self.quantizer.config
+        presets = {(2, 8), (4, 8), (4, 12), (8, 8), (8, 12)}
+        return (q.dtype == self.dtype and self.dtype in (torch.float16, torch.bfloat16) and q.shape[2] <= 16
+                and (cfg.key_sub_dim, cfg.key_code_bits) in presets
+                and (cfg.value_sub_dim, cfg.value_code_bits) in presets)
 
     def reserve(self, max_tokens: int) -> None:
         """Grows the capacity to max_tokens per sequence (never shrinks), keeping every token."""
@@ -306,12 +325,11 @@ class QuantizedKVCache:
             return
         if self.sinks < self.quantizer.config.sink_tokens:  # the sink part was cut by the old capacity
             raise ValueError(f"reserve: a cache created with max_tokens={self.max_tokens} < sink_tokens cannot grow")
-        old = self.max_tokens - self.sinks
         for buffers in (self._key_codes, self._value_codes):
             for i, t in enumerate(buffers):
                 if t is not None:
-                    grown = t.new_empty((*t.shape[:2], max_tokens - self.sinks, t.shape[3]))
-                    grown[:, :, :old] = t
+                    grown = t.new_empty((*t.shape[:2], _code_capacity(max_tokens - self.sinks), t.shape[3]))
+                    grown[:, :, :t.shape[2]] = t
                     buffers[i] = grown
         self.max_tokens = max_tokens
 
@@ -383,6 +401,11 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
         parts.append(torch.where(i < count, start + i, -1))
     pos = torch.cat(parts, dim=1).to(sink_k.device)
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos
+
+
+def _code_capacity(tokens: int) -> int:
+    """Code buffers hold a multiple of 16 tokens: the fused kernel copies them in 16-byte chunks."""
+    return (max(tokens, 0) + 15) // 16 * 16
 
 
 def codes_attention(q: torch.Tensor, key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v,

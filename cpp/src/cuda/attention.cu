@@ -34,9 +34,12 @@ Status check_cuda_inputs(DType dtype, const void* q, const void* out, const floa
   if ((kv.code_capacity * key_bytes) % 16 != 0 || (kv.code_capacity * value_bytes) % 16 != 0)
     return invalid("key_codes/value_codes: code_capacity * code_row_bytes must be a multiple of 16 "
                    "(allocate the code buffers with a capacity that is a multiple of 16 tokens)");
-  if (!aligned16(kv.key_codes) || !aligned16(kv.value_codes) || !aligned16(kv.key_codebook.centroids) ||
-      !aligned16(kv.value_codebook.centroids) || !aligned16(kv.sink_keys) || !aligned16(kv.sink_values) ||
-      !aligned16(kv.recent_keys) || !aligned16(kv.recent_values) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0)
+  const bool sinks_aligned = kv.sink_capacity == 0 || (aligned16(kv.sink_keys) && aligned16(kv.sink_values));
+  const bool recent_aligned =
+      kv.recent_capacity == 0 || (aligned16(kv.recent_keys) && aligned16(kv.recent_values));
+  const bool codes_aligned = kv.code_capacity == 0 || (aligned16(kv.key_codes) && aligned16(kv.value_codes));
+  if (!codes_aligned || !sinks_aligned || !recent_aligned || !aligned16(kv.key_codebook.centroids) ||
+      !aligned16(kv.value_codebook.centroids) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0)
     return invalid("codes/codebooks/sink and recent tensors: data pointers must be 16-byte aligned");
   (void)lse;
   return Status::Ok();
