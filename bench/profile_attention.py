@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import vecinfer
-from bench_attention import vecinfer_inputs
+from vecinfer.bench import vecinfer_inputs
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch", type=int, default=32)

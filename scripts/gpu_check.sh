@@ -66,7 +66,7 @@ grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head 
 if [ "$MODE" == "--attention" ]; then
   step "pytest (attention)" pytest.log $PY -m pytest tests/test_attention.py -q -rs -x -p no:cacheprovider
   tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
-  step "attention benchmark (quick)" bench_attn.log $PY bench/bench_attention.py --quick
+  step "attention benchmark (quick)" bench_attn.log $PY -m vecinfer bench --quick
   cat "$LOGS/bench_attn.log" >>"$SUMMARY"
   finish
 fi
@@ -76,7 +76,7 @@ tail -3 "$LOGS/pytest.log" | tee -a "$SUMMARY"
 [ "$MODE" == "--quick" ] && finish
 
 step "attention benchmark (Python, against torch SDPA)" bench_attn.log \
-  $PY bench/bench_attention.py --json "$OUT/bench_attention.json"
+  $PY -m vecinfer bench --json "$OUT/bench_attention.json" --plot "$OUT/bench_attention.png"
 cat "$LOGS/bench_attn.log" >>"$SUMMARY"
 step "C++ benchmarks (Google Benchmark: copy, attention)" bench_cpp.log \
   $(find $BUILD -name vecinfer_bench -type f | head -1) --benchmark_filter='copy|attention' \

@@ -314,3 +314,31 @@ def test_cuda_rejects_unsupported(gen):
     case.value_codes = case.value_codes[:, :, :48].contiguous()
     with pytest.raises(ValueError, match="presets"):
         case.run()
+
+
+# ---- the cache's attend on the fused kernel ----------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (4, 1.5)])
+def test_cache_attend_runs_the_kernel_with_unequal_lengths(gen, dtype, key_bits, value_bits):
+    """QuantizedKVCache.attend on the GPU (the fused kernel) against the cache's own reference path
+    (dequantize, then attention) on a left-padded batch whose sequences differ in length."""
+    from vecinfer.cache import codes_attention
+
+    keys = [torch.randn((2, 600, 128), generator=gen) + 2 * torch.randn((2, 1, 128), generator=gen)]
+    values = [torch.randn((2, 600, 128), generator=gen)]
+    cfg = vecinfer.VQConfig(key_bits=key_bits, value_bits=value_bits, residual=32, sink_tokens=4, kmeans_iters=3)
+    quantizer = vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+    cache = vecinfer.QuantizedKVCache(quantizer, 3, 2, 128, 700, device="cuda", dtype=dtype)
+    assert cache._fused_attention_supported(torch.empty((3, 8, 1, 128), device="cuda", dtype=dtype))
+    k = (torch.randn((3, 2, 500, 128), generator=gen) + 1).to(dtype).cuda()
+    v = torch.randn((3, 2, 500, 128), generator=gen).to(dtype).cuda()
+    cache.append(0, k, v, skip=torch.tensor([0, 130, 497]))  # 500, 370 and 3 tokens
+    for _ in range(5):
+        cache.append(0, k[:, :, :1], v[:, :, :1])
+    q = torch.randn((3, 8, 2, 128), generator=gen).to(dtype).cuda()
+    out = cache.attend(0, q)
+    ref = codes_attention(q, *cache._attend_inputs(0), cache.quantizer, 0)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -1,4 +1,4 @@
-"""Command line: `vecinfer demo`, `vecinfer eval` (also `python -m vecinfer ...`)."""
+"""Command line: `vecinfer demo`, `vecinfer eval`, `vecinfer bench` (also `python -m vecinfer ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,11 +12,17 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
     sub.add_parser("eval", add_help=False, help="perplexity / passkey retrieval with a compressed KV cache "
                                                 "(`vecinfer eval --help`)")
+    sub.add_parser("bench", add_help=False, help="GPU attention benchmark against torch SDPA "
+                                                 "(`vecinfer bench --help`)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
         from .evaluate import eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo

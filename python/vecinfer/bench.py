@@ -1,6 +1,6 @@
-"""GPU benchmark of decode attention on the compressed cache against torch SDPA on fp16 K/V.
+"""`vecinfer bench`: decode attention on the compressed cache against torch SDPA on fp16 K/V (GPU).
 
-    python bench/bench_attention.py [--quick] [--json out.json]
+    vecinfer bench [--quick] [--json out.json] [--plot out.png]     (or python -m vecinfer bench)
 
 For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
 and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
@@ -9,7 +9,8 @@ bytes the kernel must read (codes + fp16 window + queries) and the achieved GB/s
 copy's GB/s as the ceiling, and the cache's memory against fp16 (codes, codebooks, scales, means,
 sinks and window). Both sides are captured in CUDA graphs and replayed, so the figures are GPU time
 (the eager per-call time of vecinfer.attention, Python included, is printed too). Medians of many
-replays; every shape's data exceeds the 50 MB L2 cache.
+replays; every shape's data exceeds the 50 MB L2 cache. --plot draws the latency of both against
+the number of cached tokens (batch x context) with matplotlib, if it is installed.
 """
 from __future__ import annotations
 
@@ -132,11 +133,45 @@ def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits):
     return inp
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def plot(rows, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(--plot {path}: matplotlib is not installed; pip install matplotlib)")
+        return
+    base = [r for r in rows if r["head_dim"] == 128 and r["tq"] == 1 and r["key_bits"] == 2]
+    base.sort(key=lambda r: r["batch"] * r["tokens"])
+    x = [r["batch"] * r["tokens"] / 1024 for r in base]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [r["sdpa_us"] for r in base], "o-", label="torch SDPA, fp16 K/V")
+    ax.plot(x, [r["vecinfer_us"] for r in base], "o-", label="vecinfer, 2-bit K/V")
+    for r, xi in zip(base, x):
+        ax.annotate(f"B={r['batch']} S={r['tokens'] // 1024}k\n{r['speedup']:.1f}x", (xi, r["vecinfer_us"]),
+                    textcoords="offset points", xytext=(4, -18), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cached tokens per layer (batch x context, thousands)")
+    ax.set_ylabel("decode attention, one layer (us)")
+    ax.set_title(f"Llama-3.1-8B attention shapes on {torch.cuda.get_device_name()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vecinfer bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two shapes only")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--plot", default=None, help="write a latency plot to this PNG file (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if not vecinfer.cuda_available():
+        print("vecinfer bench needs a CUDA GPU (sm_80+) and a CUDA build of vecinfer")
+        return 1
     torch.manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     copy_gbs = copy_bandwidth()
@@ -177,7 +212,10 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "copy_GB/s": copy_gbs, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
