@@ -107,7 +107,7 @@ struct Params {
   int64_t batch, num_q_heads, num_kv_heads, num_queries;
   int group;           // query heads per KV head
   int row_tiles;       // ceil(group * num_queries / kRows)
-  int splits;          // blocks over the coded tokens; block x == splits does the full-precision part
+  int splits;          // blocks over the coded tokens (blocks x = 1..splits; x = 0: full precision)
   int64_t split_tokens;  // coded tokens per split, a multiple of kStep * kWarps
   float scale_log2;    // softmax scale * log2(e)
 };
