@@ -8,7 +8,7 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vecinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compress real K/V of SmolLM2-135M and report size and error")
+    demo = sub.add_parser("demo", help="the main job: SmolLM2-135M with a 2-bit cache; size, quality, speed")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
     sub.add_parser("eval", add_help=False, help="perplexity / passkey retrieval with a compressed KV cache "
                                                 "(`vecinfer eval --help`)")
