@@ -15,7 +15,11 @@ def test_demo_falls_back_to_shipped_kv_when_the_model_cannot_load(monkeypatch, c
         raise ImportError("no gguf here")
 
     monkeypatch.setattr(hf, "load_gguf_model", fail)
-    assert demo.run_demo(device="cpu") == 0
+    threads = torch.get_num_threads()
+    try:
+        assert demo.run_demo(device="cpu") == 0
+    finally:
+        torch.set_num_threads(threads)  # the demo sets its own
     out = capsys.readouterr().out
     assert "ImportError: no gguf here" in out and "Falling back" in out
     assert "real post-RoPE K/V of" in out and "bytes per token per layer" in out

@@ -259,3 +259,11 @@ def test_smollm2_generation(smollm2):
         single = _generate(model, e["input_ids"], VecInferCache(model, quantizers[2]), max_new_tokens=12)
         assert torch.equal(out[i, width:], single[0, e["input_ids"].shape[1]:]), tok.decode(out[i, width:])
     assert out.shape[1] == width + 12
+
+
+def test_attention_implementation_switched_back_is_reported():
+    model = _tiny("llama")
+    cache = VecInferCache(model, _quantizer(model))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="never reached the 'vecinfer' attention"), torch.no_grad():
+        model(_prompt(5), past_key_values=cache, use_cache=True)

@@ -10,6 +10,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: SmolLM2-135M with a 2-bit cache; size, quality, speed")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when usable)")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on the CPU)")
     sub.add_parser("eval", add_help=False, help="perplexity / passkey retrieval with a compressed KV cache "
                                                 "(`vecinfer eval --help`)")
     sub.add_parser("bench", add_help=False, help="GPU attention benchmark against torch SDPA "
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(device=args.device)
+        return run_demo(device=args.device, threads=args.threads)
     return 2
 
 

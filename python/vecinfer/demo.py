@@ -48,12 +48,20 @@ class _Steps:
         print(f"      done in {time.time() - t:.1f} s", flush=True)
 
 
-def run_demo(device=None) -> int:
+def run_demo(device=None, threads: Optional[int] = None) -> int:
     import vecinfer
 
     device = device or ("cuda" if vecinfer.cuda_available() else "cpu")
+    if threads is None and device == "cpu":
+        # One CPU thread by default: on a 2-core machine that also runs anything else, torch's
+        # intra-op threads wait on a busy core; measured there, 2 threads took 517 CPU-seconds
+        # for this demo, 1 thread 74.
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
     steps = _Steps(6 if device == "cuda" else 5)
-    print(f"vecinfer demo: SmolLM2-135M-Instruct, Paul Graham essays, device {device}\n", flush=True)
+    print(f"vecinfer demo: SmolLM2-135M-Instruct, Paul Graham essays, device {device}"
+          f"{f', {torch.get_num_threads()} CPU thread(s)' if device == 'cpu' else ''}\n", flush=True)
     with steps("loading the model and the text"):
         try:
             from vecinfer import hf

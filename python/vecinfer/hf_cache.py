@@ -74,14 +74,12 @@ def _run_previous(module, query, key, value, attention_mask, **kwargs):
 def vecinfer_attention(module, query, key, value, attention_mask, **kwargs):
     """The attention function registered as "vecinfer" (transformers' AttentionInterface)."""
     pending = _HANDOFF.pending
-    if pending is None:  # a layer of another cache, a sliding-window layer, or no cache at all
+    if pending is None or pending[2] is not key:
+        # a layer of another cache, a sliding-window layer, or no cache at all (a handoff left
+        # unconsumed is reported by the cache's next update)
         return _run_previous(module, query, key, value, attention_mask, **kwargs)
     _HANDOFF.pending = None
-    cache, layer_idx, stored_key = pending
-    if stored_key is not key or getattr(module, "layer_idx", layer_idx) != layer_idx:
-        raise RuntimeError(f"VecInferCache: the attention of layer {getattr(module, 'layer_idx', '?')} did not "
-                           f"receive the keys that layer {layer_idx} gave the cache; this model changes keys "
-                           "between the cache update and attention, which VecInferCache does not support")
+    cache, layer_idx, _ = pending
     return cache._attention(layer_idx, module, query, key, value, attention_mask, kwargs)
 
 
@@ -209,12 +207,15 @@ class VecInferCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, _CodesLayer):
             return layer.update(key_states, value_states, *args, **kwargs)
-        if _HANDOFF.pending is not None:
-            stale = _HANDOFF.pending[1]
-            _HANDOFF.pending = None
-            raise RuntimeError(f"VecInferCache: layer {stale} gave its keys to the cache but the 'vecinfer' attention "
-                               "function never ran; the model's attention implementation was changed after the cache "
-                               "was created (VecInferCache(model, quantizer) sets it)")
+        stale = _HANDOFF.pending
+        _HANDOFF.pending = None
+        # an earlier layer of this forward was never consumed (a forward that raised midway leaves
+        # a stale handoff too, but the next forward starts again at a lower layer)
+        if stale is not None and stale[0] is self and stale[1] < layer_idx:
+            raise RuntimeError(f"VecInferCache: the keys layer {stale[1]} gave the cache never reached the 'vecinfer' "
+                               "attention function: the model's attention implementation was changed after the cache "
+                               "was created (VecInferCache(model, quantizer) sets it), or the model changes keys "
+                               "between the cache update and attention")
         _HANDOFF.pending = (self, layer_idx, key_states)
         return key_states, value_states
 
