@@ -306,11 +306,12 @@ class QuantizedKVCache:
         return codes_attention(q, *inputs, self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
-        """Whether vecinfer.attention takes this call: always on the CPU (the C++ reference); on a GPU,
-        float16/bfloat16 caches, at most 16 queries and the bit presets' codebook shapes. The rest
-        runs codes_attention (dequantize, then attention), which computes the same function."""
+        """Whether the fused kernel (vecinfer.attention on the GPU) takes this call: float16/bfloat16
+        caches, at most 16 queries and the bit presets' codebook shapes. The rest, and every CPU
+        call, runs codes_attention (dequantize, then attention in float32: on a CPU faster than the
+        double-precision C++ reference), which computes the same function."""
         if not q.is_cuda:
-            return q.dtype == self.dtype
+            return False
         cfg = self.quantizer.config
         presets = {(2, 8), (4, 8), (4, 12), (8, 8), (8, 12)}
         return (q.dtype == self.dtype and self.dtype in (torch.float16, torch.bfloat16) and q.shape[2] <= 16
