@@ -338,3 +338,19 @@ def test_truncate_removes_full_precision_tokens_only(quantizer, sinks, residual,
     assert lens.tolist() == [40 - tokens, 32 - tokens]
     for i, n in enumerate(lens.tolist()):
         assert torch.equal(k[i, :, :n], before[0][i, :, :n]) and torch.equal(v[i, :, :n], before[1][i, :, :n])
+
+
+def test_reference_attend_ignores_garbage_in_unused_buffer_entries(quantizer):
+    """Unwritten buffer entries (NaN bits on a GPU's reused memory) must not reach the output of a
+    sequence that holds fewer tokens than another: masked entries contribute 0, not 0 * NaN."""
+    gen = torch.Generator().manual_seed(9)
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 64, dtype=torch.float32)
+    k, v = _kv(2, 30, gen)
+    cache.append(0, k, v, skip=[0, 24])  # 30 and 6 tokens: sequence 1 has 4 recent tokens of 16
+    assert cache._attend_inputs(0)[2][1].tolist() == [2, 0, 4]
+    cache._recent_k[0][1, :, 4:] = float("nan")
+    cache._recent_v[0][1, :, 4:] = float("nan")
+    # 5 queries: the float32 reference path (codes_attention), which pads the batch
+    assert not cache._fused_attention_supported(torch.empty((2, 4, 5, 64)))
+    out = cache.attend(0, torch.randn((2, 4, 5, 64), generator=gen))
+    assert not torch.isnan(out).any()

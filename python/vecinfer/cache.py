@@ -306,12 +306,13 @@ class QuantizedKVCache:
         return codes_attention(q, *inputs, self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
-        """Whether the fused kernel (vecinfer.attention on the GPU) takes this call: float16/bfloat16
-        caches, at most 16 queries and the bit presets' codebook shapes. The rest, and every CPU
-        call, runs codes_attention (dequantize, then attention in float32: on a CPU faster than the
-        double-precision C++ reference), which computes the same function."""
+        """Whether vecinfer.attention takes this call. On a GPU (the fused kernel): float16/bfloat16
+        caches, at most 16 queries and the bit presets' codebook shapes. On the CPU (the C++
+        reference, per sequence in double precision, so a sequence's result does not depend on the
+        rest of the batch): decode steps of up to 4 queries; longer query blocks run faster through
+        codes_attention (dequantize, then attention in float32), which computes the same function."""
         if not q.is_cuda:
-            return False
+            return q.dtype == self.dtype and q.shape[2] <= 4
         cfg = self.quantizer.config
         presets = {(2, 8), (4, 8), (4, 12), (8, 8), (8, 12)}
         return (q.dtype == self.dtype and self.dtype in (torch.float16, torch.bfloat16) and q.shape[2] <= 16
@@ -401,7 +402,11 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
         i = torch.arange(size)[None, :]
         parts.append(torch.where(i < count, start + i, -1))
     pos = torch.cat(parts, dim=1).to(sink_k.device)
-    return torch.cat(ks, dim=2), torch.cat(vs, dim=2), pos
+    # entries a sequence does not hold are unwritten memory (possibly NaN bits): zero them, so a
+    # masked-out entry contributes 0 * 0 and not 0 * NaN to the attention output
+    valid = (pos >= 0)[:, None, :, None]
+    k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    return k.masked_fill(~valid, 0), v.masked_fill(~valid, 0), pos
 
 
 def _code_capacity(tokens: int) -> int:

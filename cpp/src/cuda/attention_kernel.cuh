@@ -275,6 +275,7 @@ __device__ void prepare_queries(float* qs, float* shift, const Params& p, int64_
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if (lane == 0) shift[row] = dot * p.scale_log2;
   }
+  __syncthreads();  // the shifts read qs before it is scaled in place
   if (t.scale)
     for (int i = threadIdx.x; i < kRows * D; i += kThreads) qs[i] *= t.scale[table * D + i % D];
   __syncthreads();
