@@ -289,25 +289,15 @@ def shipped_kv_demo(device=None) -> int:
 
 def _gpu_speed(q, heads, dim):
     import vecinfer
+    from vecinfer.bench import eager_time_ms
 
     p = q.layers[0]
     k = torch.randn((16, heads, 16384, dim), device="cuda", dtype=torch.float16)
     codes = q.encode_keys(0, k)
     dst = torch.empty_like(k)
-
-    def timed(fn, reps=20):
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    copy_ms = timed(lambda: dst.copy_(k))
-    enc_ms = timed(lambda: vecinfer.vq_encode(k, p["key_codebook"], scale=p["key_scale"], mean=p["key_mean"],
-                                              hadamard=True, out=codes))
+    copy_ms = eager_time_ms(lambda: dst.copy_(k), iters=20)
+    enc_ms = eager_time_ms(lambda: vecinfer.vq_encode(k, p["key_codebook"], scale=p["key_scale"],
+                                                      mean=p["key_mean"], hadamard=True, out=codes), iters=20)
     moved = k.numel() * 2 + codes.numel()
     print(f"GPU fused transform+encode of {k.numel() * 2 / 2**20:.0f} MiB fp16 keys: {enc_ms:.3f} ms, "
           f"{moved / enc_ms / 1e6:.0f} GB/s (copy of the keys: {2 * k.numel() * 2 / copy_ms / 1e6:.0f} GB/s)")
