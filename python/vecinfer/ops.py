@@ -188,13 +188,9 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
                          f"and {list(key_codes.shape)}")
     b, hkv, d = key_codes.shape[0], key_codes.shape[1], q.shape[-1]
 
-    def empty_part(t, name):
-        if t is None:
-            return torch.empty((b, hkv, 0, d), dtype=q.dtype, device=q.device)
-        return t
-
-    parts = [empty_part(t, n) for t, n in ((sink_keys, "sink_keys"), (sink_values, "sink_values"),
-                                           (recent_keys, "recent_keys"), (recent_values, "recent_values"))]
+    # an absent part is an empty one: [B, Hkv, 0, D]
+    parts = [torch.empty((b, hkv, 0, d), dtype=q.dtype, device=q.device) if t is None else t
+             for t in (sink_keys, sink_values, recent_keys, recent_values)]
     if lengths.dtype != torch.int32:
         raise TypeError(f"lengths: expected an int32 tensor, got {lengths.dtype}")
     capacity = key_codes.shape[2]

@@ -16,7 +16,7 @@ Status run_bf16_d256(Request& r);
 
 namespace {
 
-Status check_cuda_inputs(DType dtype, const void* q, const void* out, const float* lse, const AttentionShape& shape,
+Status check_cuda_inputs(DType dtype, const void* q, const void* out, const AttentionShape& shape,
                          const CompressedKV& kv, float softmax_scale) {
   Status s = check_attention(shape, kv);
   if (!s.ok()) return s;
@@ -41,7 +41,6 @@ Status check_cuda_inputs(DType dtype, const void* q, const void* out, const floa
   if (!codes_aligned || !sinks_aligned || !recent_aligned || !aligned16(kv.key_codebook.centroids) ||
       !aligned16(kv.value_codebook.centroids) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0)
     return invalid("codes/codebooks/sink and recent tensors: data pointers must be 16-byte aligned");
-  (void)lse;
   return Status::Ok();
 }
 
@@ -99,7 +98,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
                  const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
                  void* stream) {
   using namespace cuda_detail::attn;
-  Status s = check_cuda_inputs(dtype, q, out, lse, shape, kv, softmax_scale);
+  Status s = check_cuda_inputs(dtype, q, out, shape, kv, softmax_scale);
   if (!s.ok()) return s;
   Request r = make_request(q, out, lse, shape, kv, softmax_scale);
   r.workspace = workspace;
