@@ -8,6 +8,8 @@
 #   bash scripts/gpu_check.sh [--quick|--attention]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
 #     --attention: build + the attention tests + the attention benchmark (two shapes)
+#     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
+#                  memory for the default cache at batch 16 x 32k)
 #
 # Needs: nvcc, cmake, ninja, python3 with torch, nanobind, scikit-build-core and pytest, Google
 # Benchmark; the nvidia-cutlass wheel installed or lying in .whl/ (carried to machines without a
@@ -63,6 +65,16 @@ step "build package (pip, sm_90a; C++ benchmarks: $BENCH_FLAG)" build.log \
 export PYTHONPATH=/tmp/vecinfer_pkg:$PYTHONPATH
 grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head -20 >"$LOGS/ptxas_warnings.txt"
 
+if [ "$MODE" == "--e2e" ]; then
+  step "pytest (all, GPU present)" pytest.log $PY -m pytest tests -q -rs -p no:cacheprovider
+  tail -3 "$LOGS/pytest.log" | tee -a "$SUMMARY"
+  # expandable segments: the longest-context run allocates ~100 GiB of codes after the other runs
+  step "end-to-end generation benchmark" bench_e2e.log env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    $PY -m vecinfer bench --e2e --json "$OUT/bench_e2e.json"
+  cat "$LOGS/bench_e2e.log" >>"$SUMMARY"
+  finish
+fi
+
 if [ "$MODE" == "--attention" ]; then
   step "pytest (attention)" pytest.log $PY -m pytest tests/test_attention.py -q -rs -x -p no:cacheprovider
   tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
@@ -95,6 +107,9 @@ step "compute-sanitizer racecheck (attention, encode, decode kernels)" racecheck
 tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
+step "end-to-end generation benchmark" bench_e2e.log env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  $PY -m vecinfer bench --e2e --json "$OUT/bench_e2e.json"
+cat "$LOGS/bench_e2e.log" >>"$SUMMARY"
 step "vecinfer demo (GPU)" demo.log $PY -m vecinfer demo
 cat "$LOGS/demo.log" >>"$SUMMARY"
 step "calibration timing (30 layers, 256-entry codebooks)" bench_calib.log $PY bench/bench_calibration.py

@@ -354,3 +354,64 @@ def test_reference_attend_ignores_garbage_in_unused_buffer_entries(quantizer):
     assert not cache._fused_attention_supported(torch.empty((2, 4, 5, 64)))
     out = cache.attend(0, torch.randn((2, 4, 5, 64), generator=gen))
     assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steady_decode_steps_equal_one_append_and_keep_device_lengths(quantizer, device):
+    """Past the sinks and a full window, a one-token step takes the steady path (code positions
+    from the lengths on the cache's device). Over a batch of unequal lengths, after steps,
+    select, truncate and more steps: the same buffers as appending each sequence's tokens at once,
+    and the device copy of the lengths equal to the host copy."""
+    gen = torch.Generator().manual_seed(12)
+    k, v = _kv(3, 60, gen, device=device)
+    skip = [0, 7, 19]
+    cache = vecinfer.QuantizedKVCache(quantizer, 3, 2, 64, 64, device=device, dtype=torch.float32)
+    cache.append(0, k[:, :, :30], v[:, :, :30], skip=skip)  # 30, 23 and 11 tokens: 11 < 2 + 16
+    steady = []
+    for t in range(30, 60):
+        steady.append(cache._steady(0))
+        cache.append(0, k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert not steady[0] and all(steady[-20:]), "the steps never reached the steady path"
+    one = vecinfer.QuantizedKVCache(quantizer, 3, 2, 64, 64, device=device, dtype=torch.float32)
+    one.append(0, k, v, skip=skip)
+    assert cache.lengths(0).tolist() == one.lengths(0).tolist() == [60, 53, 41]
+    for a, b in zip(cache.dequantize(0, padded=True), one.dequantize(0, padded=True)):
+        assert torch.equal(a, b)
+
+    def device_lengths_agree():
+        if cache._device_lengths is not None:
+            assert torch.equal(cache._device_lengths[0].cpu(), cache._lengths[0])
+
+    device_lengths_agree()
+    cache.select([2, 0])
+    device_lengths_agree()
+    cache.truncate(3, layers=[0])
+    device_lengths_agree()
+    for _ in range(4):
+        cache.append(0, *_kv(2, 1, gen, device=device))
+    device_lengths_agree()
+    q = torch.randn((2, 4, 1, 64), generator=gen).to(device)
+    got = cache.attend(0, q)
+    k_hat, v_hat, lens = cache.dequantize(0, padded=True)
+    for b in range(2):
+        n = int(lens[b])
+        torch.testing.assert_close(got[b:b + 1].double(), _attention64(q[b:b + 1], k_hat[b:b + 1, :, :n],
+                                                                       v_hat[b:b + 1, :, :n]), atol=1e-4, rtol=1e-4)
+
+
+def test_attend_under_torch_compile_uses_the_custom_operator(quantizer, monkeypatch):
+    """cache.attend inside a torch.compile'd function traces through torch.ops.vecinfer.attention
+    (not the plain binding) and gives the eager result."""
+    import vecinfer.cache as cache_module
+
+    gen = torch.Generator().manual_seed(13)
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 64, dtype=torch.float32)
+    cache.append(0, *_kv(2, 40, gen))
+    q = torch.randn((2, 4, 1, 64), generator=gen)
+    eager = cache.attend(0, q) * 2
+    calls = []
+    monkeypatch.setattr(cache_module, "attention", lambda *a, **k: calls.append(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: cache.attend(0, x) * 2, backend="aot_eager")(q)
+    assert not calls, "the compiled function called the plain binding"
+    torch.testing.assert_close(compiled, eager)

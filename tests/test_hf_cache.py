@@ -267,3 +267,182 @@ def test_attention_implementation_switched_back_is_reported():
     model.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="never reached the 'vecinfer' attention"), torch.no_grad():
         model(_prompt(5), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_from_cache_equals_prefilling_the_codes_cache(padded):
+    """A prompt prefilled in chunks into a DynamicCache, then VecInferCache.from_cache: the same
+    codes and windows as a VecInferCache that took the prompt itself, and the same generation."""
+    model = _tiny("llama")
+    q = _quantizer(model, bits=2, residual=5, sink_tokens=2)
+    ids = _prompt(30, batch=2)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
+    direct = VecInferCache(model, q)
+    fp = DynamicCache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=direct, use_cache=True)
+        for s in range(0, 30, 13):  # chunks of 13, 13 and 4 tokens
+            model(ids[:, s:s + 13], attention_mask=mask[:, :s + 13], past_key_values=fp, use_cache=True)
+    cache = VecInferCache.from_cache(model, q, fp, attention_mask=mask if padded else None, release_source=True)
+    assert cache.get_seq_length() == 30 and _cache_layer_kv(fp, 0)[0] is None
+    for i in cache._codes_layers():
+        assert cache.codes.lengths(i).tolist() == ([30, 24] if padded else [30, 30])
+        for a, b in zip(cache.codes.dequantize(i, padded=True), direct.codes.dequantize(i, padded=True)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    nxt = torch.tensor([[5], [6]])
+    step_mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        a = model(nxt, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+        b = model(nxt, attention_mask=step_mask, past_key_values=direct, use_cache=True).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_from_cache_bad_input():
+    model = _tiny("llama")
+    q = _quantizer(model)
+    with pytest.raises(ValueError, match="holds 0 layers"):
+        VecInferCache.from_cache(model, q, DynamicCache())
+    fp = DynamicCache()
+    with torch.no_grad():
+        model(_prompt(8), past_key_values=fp, use_cache=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        VecInferCache.from_cache(model, q, fp, attention_mask=torch.ones((1, 5)))
+    with pytest.raises(ValueError, match="left padding"):
+        VecInferCache.from_cache(model, q, fp, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]]))
+
+
+def test_cuda_graph_decoder_refuses_what_it_cannot_replay():
+    from vecinfer.hf_cache import CUDAGraphDecoder
+
+    model = _tiny("llama")
+    q = _quantizer(model, bits=2, residual=5, sink_tokens=2)
+    cache = VecInferCache(model, q)
+    with pytest.raises(ValueError, match="CUDA"):
+        CUDAGraphDecoder(model, cache, max_new_tokens=4)  # empty, and on the CPU
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        CUDAGraphDecoder(model, cache, max_new_tokens=0)
+
+
+@pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype):
+    """CUDAGraphDecoder on a left-padded batch: the logits of every replayed step equal those of
+    eager forward passes over an identical cache fed the same tokens; the host and device lengths
+    advance together; a too-young cache, sliding-window layers and overuse are refused."""
+    from vecinfer.hf_cache import CUDAGraphDecoder
+
+    model = _tiny(family, kv_heads)
+    q = _quantizer(model, bits=2, residual=5, sink_tokens=2)
+    model = model.to("cuda", dtype)
+    ids = _prompt(30, batch=2).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    caches = [VecInferCache(model, q) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(ids, attention_mask=mask, past_key_values=c, use_cache=True)
+    decoder = CUDAGraphDecoder(model, caches[0], max_new_tokens=6)
+    tokens = torch.randint(3, VOCAB, (6, 2), generator=torch.Generator().manual_seed(5)).cuda()
+    positions = mask.sum(1)  # each sequence's next position
+    step_mask = mask
+    for t in range(6):
+        got = decoder(tokens[t]).clone()
+        step_mask = torch.cat([step_mask, torch.ones((2, 1), dtype=mask.dtype, device="cuda")], dim=1)
+        with torch.no_grad():
+            ref = model(tokens[t][:, None], attention_mask=step_mask, position_ids=(positions + t)[:, None],
+                        past_key_values=caches[1], use_cache=True).logits[:, -1]
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    codes = caches[0].codes
+    for i in caches[0]._codes_layers():
+        assert codes.lengths(i).tolist() == caches[1].codes.lengths(i).tolist() == [32, 36]
+        assert torch.equal(codes._device_lengths[i].cpu(), codes._lengths[i])
+    assert caches[0].get_seq_length() == 36
+    with pytest.raises(RuntimeError, match="used up"):
+        decoder(tokens[0])
+    young = VecInferCache(model, q)
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=young, use_cache=True)
+    with pytest.raises(ValueError, match="recent window"):
+        CUDAGraphDecoder(model, young, max_new_tokens=2)
+    gemma = _tiny("gemma3", 1)
+    gemma_q = _quantizer(gemma, bits=2, residual=5, sink_tokens=2)
+    gemma = gemma.to("cuda", dtype)
+    cache = VecInferCache(gemma, gemma_q)
+    with torch.no_grad():
+        gemma(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="sliding-window"):
+        CUDAGraphDecoder(gemma, cache, max_new_tokens=2)
+
+
+def test_e2e_benchmark_runs_on_a_small_model(tmp_path):
+    """`vecinfer bench --e2e` end to end on the CPU with a 2-layer Llama: every figure present and
+    sane (the GPU run is the one that measures; this keeps the script itself working)."""
+    import json
+
+    from vecinfer.bench_e2e import main
+
+    out = tmp_path / "e2e.json"
+    assert main(["--device", "cpu", "--runs", "1x300,2x200", "--new-tokens", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["prompt_tokens"]) for r in rows] == [(1, 300), (2, 200)]
+    for r in rows:
+        assert r["default_ms_per_token"] > 0 and r["vecinfer_eager_ms_per_token"] > 0
+        # 2 layers x (K, V) x 2 KV heads x the prompt's tokens x 64 float32 elements
+        assert r["default_cache_bytes"] == 2 * 2 * 2 * r["batch"] * (r["prompt_tokens"] - 1) * 64 * 4
+
+
+@pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoder_on_a_static_cache_equals_eager_steps():
+    """The full-precision comparison of `vecinfer bench --e2e`: transformers' StaticCache decoded
+    through CUDAGraphDecoder gives the logits of eager steps over a DynamicCache."""
+    from transformers.cache_utils import StaticCache
+
+    from vecinfer.hf_cache import CUDAGraphDecoder
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("CUDAGraphDecoder takes the StaticCache of transformers 5+")
+    model = _tiny("llama").to("cuda", torch.float16)
+    ids = _prompt(20, batch=2).cuda()
+    static, dynamic = StaticCache(config=model.config, max_cache_len=30), DynamicCache()
+    with torch.no_grad():
+        for c in (static, dynamic):
+            model(ids, past_key_values=c, use_cache=True)
+    decoder = CUDAGraphDecoder(model, static, max_new_tokens=5)
+    tokens = torch.randint(3, VOCAB, (5, 2), generator=torch.Generator().manual_seed(6)).cuda()
+    for t in range(5):
+        got = decoder(tokens[t]).clone()
+        with torch.no_grad():
+            ref = model(tokens[t][:, None], past_key_values=dynamic, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        CUDAGraphDecoder(model, static, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU"))])
+def test_compiled_decode_step_equals_eager(device):
+    """A decode step of the model over a VecInferCache under torch.compile: the cache's attention
+    goes through torch.ops.vecinfer.attention (traced by its fake implementation; the cache's own
+    bookkeeping runs as Python between graphs). Same logits and the same cache as eager steps."""
+    model = _tiny("llama")
+    q = _quantizer(model, bits=2, residual=5, sink_tokens=2)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    model = model.to(device, dtype)
+    ids = _prompt(20).to(device)
+    caches = [VecInferCache(model, q) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(ids, past_key_values=c, use_cache=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    for t in (5, 9, 11):
+        token = torch.tensor([[t]], device=device)
+        with torch.no_grad():
+            got = compiled(token, past_key_values=caches[0], use_cache=True).logits
+            ref = model(token, past_key_values=caches[1], use_cache=True).logits
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    assert caches[0].codes.lengths(0).tolist() == caches[1].codes.lengths(0).tolist() == [23]

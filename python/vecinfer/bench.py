@@ -1,6 +1,7 @@
 """`vecinfer bench`: decode attention on the compressed cache against torch SDPA on fp16 K/V (GPU).
 
     vecinfer bench [--quick] [--json out.json] [--plot out.png]     (or python -m vecinfer bench)
+    vecinfer bench --e2e [...]      end-to-end generation with a Llama-3.1-8B-shaped model (bench_e2e.py)
 
 For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
 and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="write a latency plot to this PNG file (needs matplotlib)")
+    parser.add_argument("--e2e", action="store_true", help="the end-to-end generation benchmark instead "
+                        "(`vecinfer bench --e2e --help`)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--e2e" in argv:
+        from .bench_e2e import main as e2e_main
+
+        return e2e_main([a for a in argv if a != "--e2e"])
     args = parser.parse_args(argv)
     if not vecinfer.cuda_available():
         print("vecinfer bench needs a CUDA GPU (sm_80+) and a CUDA build of vecinfer")

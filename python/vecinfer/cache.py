@@ -75,6 +75,13 @@ class QuantizedKVCache:
         # (sinks, coded, recent) per sequence; replaced, never modified in place, so a tensor
         # handed out by _attend_inputs stays a consistent snapshot
         self._lengths = [torch.zeros((batch_size, 3), dtype=torch.int32) for _ in range(n)]
+        # On a GPU, a copy of each layer's lengths on the device: what the fused kernel and the
+        # steady decode step read, so a decode step needs no host-to-device copy (and can be
+        # captured in a CUDA graph). Kept equal to _lengths by _set_lengths.
+        self._device_lengths = ([torch.zeros((batch_size, 3), dtype=torch.int32, device=self.device)
+                                 if i in self._held else None for i in range(n)]
+                                if self.device.type == "cuda" else None)
+        self._rows = torch.arange(batch_size, device=self.device)
 
     @property
     def num_layers(self) -> int:
@@ -94,6 +101,19 @@ class QuantizedKVCache:
     def length(self, layer: int) -> int:
         """Tokens appended to `layer` so far: the most any sequence holds."""
         return int(self.lengths(layer).max())
+
+    def _set_lengths(self, layer: int, lengths: torch.Tensor, device_updated: bool = False) -> None:
+        """Replaces a layer's lengths; `device_updated`: the device copy already holds them (the
+        steady step advances it on the device)."""
+        self._lengths[layer] = lengths.contiguous()
+        if self._device_lengths is not None and not device_updated:
+            self._device_lengths[layer].copy_(lengths, non_blocking=True)
+
+    def _steady(self, layer: int) -> bool:
+        """Whether every sequence of the layer has its sinks and its recent window full: the state
+        of a long-running decode, in which a token in means the oldest window token out to codes."""
+        s, _, r = self._lengths[layer].unbind(1)
+        return self.residual > 0 and bool((s == self.sinks).all()) and bool((r == self.residual).all())
 
     def _uniform(self, layer: int) -> bool:
         lens = self._lengths[layer]
@@ -154,7 +174,11 @@ class QuantizedKVCache:
             return
         k, v = k.to(self.dtype), v.to(self.dtype)
         # Phase 1 plans every write and encodes (what can fail); phase 2 commits the writes.
-        if self._uniform(layer) and bool((skip == skip[0]).all()):
+        steady = t == 1 and bool(new.all()) and self._steady(layer)
+        if steady:
+            commit, new_lens = self._plan_steady_step(layer, k, v)
+            commits = [commit]
+        elif self._uniform(layer) and bool((skip == skip[0]).all()):
             s = int(skip[0])
             commit, state = self._plan(layer, slice(None), lens[0].tolist(), k[:, :, s:], v[:, :, s:])
             commits, new_lens = [commit], torch.tensor([state], dtype=torch.int32).expand(self.batch_size, 3)
@@ -173,7 +197,7 @@ class QuantizedKVCache:
             new_lens = torch.tensor(rows, dtype=torch.int32)
         for commit in commits:
             commit()
-        self._lengths[layer] = new_lens.contiguous()
+        self._set_lengths(layer, new_lens, device_updated=steady)
 
     def _plan(self, layer: int, rows: slice, state: List[int], k: torch.Tensor, v: torch.Tensor
               ) -> Tuple[Callable[[], None], List[int]]:
@@ -202,6 +226,31 @@ class QuantizedKVCache:
                 self._recent_v[layer][rows, :, :keep] = window_v[:, :, spill:]
 
         return commit, [sinks + to_sink, coded + spill, keep if t > to_sink else recent]
+
+    def _plan_steady_step(self, layer: int, k: torch.Tensor, v: torch.Tensor
+                          ) -> Tuple[Callable[[], None], torch.Tensor]:
+        """One token for every sequence (k, v [B, Hkv, 1, D]) in the steady state: the oldest
+        window token of each sequence is encoded to codes at its coded length, the window shifts
+        by one and takes the new token. The code positions are read from the lengths on the
+        cache's device, so this step does no host-to-device copy and a CUDA graph can replay it."""
+        recent_k, recent_v = self._recent_k[layer], self._recent_v[layer]
+        key_codes = self.quantizer.encode_keys(layer, recent_k[:, :, :1])[:, :, 0]  # [B, Hkv, bytes]
+        value_codes = self.quantizer.encode_values(layer, recent_v[:, :, :1])[:, :, 0]
+        window_k = torch.cat([recent_k[:, :, 1:], k], dim=2)
+        window_v = torch.cat([recent_v[:, :, 1:], v], dim=2)
+        on_device = self._device_lengths is not None
+        lens = self._device_lengths[layer] if on_device else self._lengths[layer]
+
+        def commit():
+            pos = lens[:, 1].long()
+            self._key_codes[layer][self._rows, :, pos] = key_codes
+            self._value_codes[layer][self._rows, :, pos] = value_codes
+            recent_k.copy_(window_k)
+            recent_v.copy_(window_v)
+            if on_device:
+                lens[:, 1] += 1
+
+        return commit, self._lengths[layer] + torch.tensor([0, 1, 0], dtype=torch.int32)
 
     def _plan_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor
                    ) -> Tuple[Callable[[], None], torch.Tensor]:
@@ -299,10 +348,28 @@ class QuantizedKVCache:
         inputs = self._attend_inputs(layer)
         if self._fused_attention_supported(q):
             p, cfg = self.quantizer.layers[layer], self.quantizer.config
-            return attention(q.contiguous(), *inputs[:3], p["key_codebook"], p["value_codebook"],
+            lengths, max_coded = inputs[2], None
+            if q.is_cuda:
+                # the device copy of the lengths; max_coded (which sizes the split-KV plan) from the
+                # host copy, or, while a CUDA graph is captured, the capacity: replays of the graph
+                # run on longer sequences than the capture saw
+                lengths = self._device_lengths[layer]
+                capturing = torch.cuda.is_current_stream_capturing()
+                max_coded = inputs[0].shape[2] if capturing else int(inputs[2][:, 1].max())
+            if torch.compiler.is_compiling():
+                # traced by torch.compile: the registered operator, whose fake implementation
+                # gives the output's shape without running the kernel
+                from . import custom_ops  # noqa: F401  (registers torch.ops.vecinfer.attention)
+
+                return torch.ops.vecinfer.attention(
+                    q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
+                    *inputs[3:7], p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard,
+                    q.shape[-1] ** -0.5 if scale is None else float(scale),
+                    int(inputs[2][:, 1].max()) if max_coded is None else max_coded)
+            return attention(q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
                              sink_keys=inputs[3], sink_values=inputs[4], recent_keys=inputs[5], recent_values=inputs[6],
                              key_scale=p["key_scale"], key_mean=p["key_mean"], value_mean=p["value_mean"],
-                             hadamard=cfg.hadamard, scale=scale)
+                             hadamard=cfg.hadamard, scale=scale, max_coded=max_coded)
         return codes_attention(q, *inputs, self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
@@ -356,7 +423,7 @@ class QuantizedKVCache:
                                  "full precision can be removed; the cache is unchanged")
             new.append(torch.stack([s - from_sinks, c, r - from_recent], dim=1).to(torch.int32))
         for layer, lens in zip(layers, new):
-            self._lengths[layer] = lens
+            self._set_lengths(layer, lens)
 
     def select(self, indices) -> None:
         """Keeps the sequences `indices` (a 1-D integer tensor or list, repeats allowed) in that
@@ -372,6 +439,9 @@ class QuantizedKVCache:
                 if t is not None:
                     buffers[i] = t.index_select(0, dev_idx)
         self._lengths = [lens.index_select(0, idx) for lens in self._lengths]
+        if self._device_lengths is not None:
+            self._device_lengths = [None if t is None else t.index_select(0, dev_idx) for t in self._device_lengths]
+        self._rows = torch.arange(len(idx), device=self.device)
         self.batch_size = len(idx)
 
     def nbytes(self) -> int:

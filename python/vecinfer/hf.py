@@ -313,6 +313,18 @@ def _cache_layer_kv(cache, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return cache[i][0], cache[i][1]  # legacy tuple of tuples
 
 
+def _release_cache_layer(cache, i: int) -> None:
+    """Drops the tensors of layer i of a transformers cache (5.x layers or 4.x lists)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layers[i].keys = layers[i].values = None
+        layers[i].is_initialized = False
+    elif hasattr(cache, "key_cache"):
+        cache.key_cache[i] = cache.value_cache[i] = torch.empty(0)
+    else:
+        raise TypeError(f"cache: cannot release the layers of a {type(cache).__name__}")
+
+
 def _num_cache_layers(cache) -> int:
     layers = getattr(cache, "layers", None)
     if layers is not None:

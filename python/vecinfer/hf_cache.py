@@ -71,6 +71,9 @@ def _run_previous(module, query, key, value, attention_mask, **kwargs):
     return fn(module, query, key, value, attention_mask, **kwargs)
 
 
+# torch.compile runs the handoff between the cache's update and this function (identity of the
+# key tensor, a thread-local) and the cache's host bookkeeping eagerly, between compiled graphs.
+@torch.compiler.disable
 def vecinfer_attention(module, query, key, value, attention_mask, **kwargs):
     """The attention function registered as "vecinfer" (transformers' AttentionInterface)."""
     pending = _HANDOFF.pending
@@ -113,9 +116,22 @@ def _padding_from_mask(mask: Optional[torch.Tensor], tokens: int) -> Optional[to
                          f"{type(mask).__name__} {list(getattr(mask, 'shape', []))}")
     last = mask[:, 0, -1, -tokens:]  # what the last prompt token sees: [B, T]
     seen = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return _left_padding(seen)
+
+
+def _padding_from_2d_mask(mask: torch.Tensor, tokens: int) -> Optional[torch.Tensor]:
+    """Leading padding per sequence from a prompt's 2D attention mask [B, tokens] (1 = token)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != tokens:
+        raise ValueError(f"attention_mask: expected [batch, {tokens}] (the prompt's mask), got "
+                         f"{list(getattr(mask, 'shape', []))}")
+    return _left_padding(mask.bool())
+
+
+def _left_padding(seen: torch.Tensor) -> Optional[torch.Tensor]:
+    """Padding tokens per sequence from which positions a prompt sees ([B, T] bool); None: none."""
     seen = seen.cpu()
     skip = (~seen).sum(1)
-    if not torch.equal(seen, torch.arange(tokens)[None, :] >= skip[:, None]):
+    if not torch.equal(seen, torch.arange(seen.shape[1])[None, :] >= skip[:, None]):
         raise ValueError("VecInferCache: the prompt's attention mask is not left padding (pad on the left: "
                          "tokenizer.padding_side = 'left'; padding elsewhere is not supported)")
     return skip if bool(skip.any()) else None
@@ -203,6 +219,7 @@ class VecInferCache(Cache):
         use_vecinfer_attention(model)
 
     # --- the transformers Cache interface ---------------------------------------------------
+    @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         if not isinstance(layer, _CodesLayer):
@@ -218,6 +235,36 @@ class VecInferCache(Cache):
                                "between the cache update and attention")
         _HANDOFF.pending = (self, layer_idx, key_states)
         return key_states, value_states
+
+    @classmethod
+    def from_cache(cls, model, quantizer: KVQuantizer, cache, attention_mask: Optional[torch.Tensor] = None,
+                   max_tokens: Optional[int] = None, release_source: bool = False) -> "VecInferCache":
+        """A VecInferCache holding the tokens of a filled full-precision transformers cache (a
+        DynamicCache after a chunked prefill of a prompt too long for one forward pass, say),
+        encoded once. `attention_mask` [B, S]: the prompt's mask, for left padding (dropped, as on
+        a prompt). `release_source`: empty each layer of `cache` once it is encoded, so that memory
+        peaks at the source plus one encoded layer; `cache` is unusable afterwards."""
+        from .hf import _cache_layer_kv, _num_cache_layers, _release_cache_layer
+
+        out = cls(model, quantizer, max_tokens=max_tokens)
+        if _num_cache_layers(cache) != len(out.layers):
+            raise ValueError(f"cache: holds {_num_cache_layers(cache)} layers, the model has {len(out.layers)} (fill it "
+                             "with a forward pass of the model over the prompt first)")
+        skip = None
+        for i, layer in enumerate(out.layers):
+            key, value = _cache_layer_kv(cache, i)
+            if key is None or key.dim() != 4 or key.shape[2] == 0:
+                raise ValueError(f"cache: layer {i} holds no tokens; fill it with the prompt first")
+            if isinstance(layer, _CodesLayer):
+                if skip is None and attention_mask is not None:
+                    skip = _padding_from_2d_mask(attention_mask, key.shape[2])
+                out._room(i, key).append(i, key, value, skip=skip)
+                layer.seen = key.shape[2]
+            else:
+                layer.update(key, value)
+            if release_source:
+                _release_cache_layer(cache, i)
+        return out
 
     def reset(self) -> None:
         self.codes = None
@@ -311,4 +358,116 @@ class VecInferCache(Cache):
         return held
 
 
-__all__ = ["ATTENTION_NAME", "VecInferCache", "use_vecinfer_attention", "vecinfer_attention"]
+class CUDAGraphDecoder:
+    """One-token decode steps of a model, captured once in a CUDA graph and replayed, so that a step
+    costs the GPU's time and no Python or kernel-launch time.
+
+        cache = VecInferCache.from_cache(model, quantizer, prefilled)  # or after model(prompt, past_key_values=cache)
+        decode = CUDAGraphDecoder(model, cache, max_new_tokens=128)
+        logits = decode(tokens)  # tokens [B]: each sequence's newest token; logits [B, vocab]
+
+    The first call runs eagerly (a real step that also warms the kernels up) and captures the next
+    step; each later call copies the tokens into the graph's input and replays it. The returned
+    logits are a buffer that the next call overwrites. The cache's buffers are reserved for
+    max_new_tokens up front; nothing else may use the cache while the decoder does.
+
+    `cache`, on a CUDA device:
+      - a VecInferCache whose layers are all compressed (no sliding-window layers) and in which
+        every sequence is past its sink tokens and its full recent window (a prompt longer than
+        sink_tokens + residual), so that every step has the same shape of work; positions continue
+        from each sequence's length, so left-padded batches work;
+      - or transformers' StaticCache (transformers 5: its layers count their tokens on the GPU),
+        without padding: the full-precision comparison under the same graph capture.
+    """
+
+    def __init__(self, model, cache, max_new_tokens: int):
+        from transformers.cache_utils import StaticCache
+
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        if isinstance(cache, VecInferCache):
+            positions, layers = self._check_codes_cache(cache, max_new_tokens)
+        elif isinstance(cache, StaticCache):
+            positions, layers = self._check_static_cache(cache, max_new_tokens), []
+        else:
+            raise TypeError(f"cache: expected a VecInferCache or a transformers StaticCache, got "
+                            f"{type(cache).__name__}")
+        self.model, self.cache, self.layers, self.steps_left = model, cache, layers, max_new_tokens
+        self.positions = positions[:, None]  # each sequence's next position
+        self.tokens = torch.zeros_like(self.positions)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _check_codes_cache(cache: VecInferCache, max_new_tokens: int):
+        codes = cache.codes
+        if codes is None or codes.device.type != "cuda":
+            raise ValueError("cache: expected a VecInferCache holding a prompt on a CUDA device")
+        layers = cache._codes_layers()
+        if len(layers) != len(cache.layers):
+            raise ValueError("model: has sliding-window layers (kept in a full-precision cache that grows by "
+                             "concatenation); CUDAGraphDecoder needs every layer compressed")
+        for i in layers:
+            if not codes._steady(i):
+                raise ValueError(f"cache: in layer {i} a sequence has not filled its {codes.sinks} sink tokens and "
+                                 f"{codes.residual}-token recent window; decode eagerly until it has")
+        if len({cache.layers[i].seen for i in layers}) != 1:
+            raise ValueError("cache: its layers hold different numbers of tokens (a forward pass did not finish)")
+        codes.reserve(codes.length(layers[0]) + max_new_tokens)  # the graph keeps the buffers' addresses
+        return codes.lengths(layers[0]).to(codes.device), layers
+
+    @staticmethod
+    def _check_static_cache(cache, max_new_tokens: int) -> torch.Tensor:
+        layer = cache.layers[0]
+        if not hasattr(layer, "cumulative_length"):
+            raise ValueError("cache: a StaticCache of transformers 5 or later is needed (earlier ones count their "
+                             "tokens on the host)")
+        if not layer.is_initialized or layer.keys.device.type != "cuda":
+            raise ValueError("cache: expected a StaticCache holding a prompt on a CUDA device")
+        seen = cache.get_seq_length()
+        if seen < 1 or seen + max_new_tokens > layer.max_cache_len:
+            raise ValueError(f"cache: holds {seen} tokens of max_cache_len={layer.max_cache_len}; it needs a prompt "
+                             f"and room for max_new_tokens={max_new_tokens}")
+        return torch.full((layer.keys.shape[0],), seen, dtype=torch.long, device=layer.keys.device)
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.positions.add_(1)
+        return out.logits[:, -1]
+
+    def _host_state(self):
+        """What a step changes on the host: each compressed layer's token count and the cache's
+        lengths (a replay changes only the GPU state; a StaticCache has none on the host)."""
+        return [(self.cache.layers[i].seen, self.cache.codes._lengths[i]) for i in self.layers]
+
+    def _set_host_state(self, state) -> None:
+        for i, (seen, lengths) in zip(self.layers, state):
+            self.cache.layers[i].seen = seen
+            self.cache.codes._lengths[i] = lengths
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps_left == 0:
+            raise RuntimeError("CUDAGraphDecoder: the max_new_tokens steps are used up; make a new decoder")
+        if not isinstance(tokens, torch.Tensor) or tokens.numel() != self.tokens.shape[0]:
+            raise ValueError(f"tokens: expected a tensor of {self.tokens.shape[0]} token ids (one per sequence), "
+                             f"got {getattr(tokens, 'shape', type(tokens).__name__)}")
+        self.tokens.copy_(tokens.reshape(-1, 1))
+        self.steps_left -= 1
+        if self.graph is not None:
+            self.graph.replay()
+            self._set_host_state([(seen + 1, lengths + delta) for (seen, lengths), delta
+                                  in zip(self._host_state(), self._step_lengths)])
+            return self.logits
+        logits = self._forward()  # eager: warms up every kernel before the capture
+        before = self._host_state()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        # capturing ran the step's Python (which advanced the host state) but not its GPU work
+        self._step_lengths = [after - lengths for (_, after), (_, lengths) in zip(self._host_state(), before)]
+        self._set_host_state(before)
+        return logits
+
+
+__all__ = ["ATTENTION_NAME", "CUDAGraphDecoder", "VecInferCache", "use_vecinfer_attention", "vecinfer_attention"]
