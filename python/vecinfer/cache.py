@@ -348,14 +348,14 @@ class QuantizedKVCache:
         inputs = self._attend_inputs(layer)
         if self._fused_attention_supported(q):
             p, cfg = self.quantizer.layers[layer], self.quantizer.config
-            lengths, max_coded = inputs[2], None
+            lengths, max_coded = inputs[2], int(inputs[2][:, 1].max())
             if q.is_cuda:
                 # the device copy of the lengths; max_coded (which sizes the split-KV plan) from the
                 # host copy, or, while a CUDA graph is captured, the capacity: replays of the graph
                 # run on longer sequences than the capture saw
                 lengths = self._device_lengths[layer]
-                capturing = torch.cuda.is_current_stream_capturing()
-                max_coded = inputs[0].shape[2] if capturing else int(inputs[2][:, 1].max())
+                if torch.cuda.is_current_stream_capturing():
+                    max_coded = inputs[0].shape[2]
             if torch.compiler.is_compiling():
                 # traced by torch.compile: the registered operator, whose fake implementation
                 # gives the output's shape without running the kernel
@@ -364,8 +364,7 @@ class QuantizedKVCache:
                 return torch.ops.vecinfer.attention(
                     q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
                     *inputs[3:7], p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard,
-                    q.shape[-1] ** -0.5 if scale is None else float(scale),
-                    int(inputs[2][:, 1].max()) if max_coded is None else max_coded)
+                    q.shape[-1] ** -0.5 if scale is None else float(scale), max_coded)
             return attention(q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
                              sink_keys=inputs[3], sink_values=inputs[4], recent_keys=inputs[5], recent_values=inputs[6],
                              key_scale=p["key_scale"], key_mean=p["key_mean"], value_mean=p["value_mean"],

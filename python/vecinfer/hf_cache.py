@@ -397,6 +397,7 @@ class CUDAGraphDecoder:
         self.tokens = torch.zeros_like(self.positions)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None
+        self._step_lengths: List[torch.Tensor] = []  # what one replay adds to each layer's lengths
 
     @staticmethod
     def _check_codes_cache(cache: VecInferCache, max_new_tokens: int):
