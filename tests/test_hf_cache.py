@@ -323,6 +323,8 @@ def test_cuda_graph_decoder_refuses_what_it_cannot_replay():
         CUDAGraphDecoder(model, cache, max_new_tokens=4)  # empty, and on the CPU
     with pytest.raises(ValueError, match="max_new_tokens"):
         CUDAGraphDecoder(model, cache, max_new_tokens=0)
+    with pytest.raises(TypeError, match="VecInferCache or a transformers StaticCache"):
+        CUDAGraphDecoder(model, DynamicCache(), max_new_tokens=4)
 
 
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
@@ -363,6 +365,8 @@ def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype):
     assert caches[0].get_seq_length() == 36
     with pytest.raises(RuntimeError, match="used up"):
         decoder(tokens[0])
+    with pytest.raises(ValueError, match="one per sequence"):
+        CUDAGraphDecoder(model, caches[1], max_new_tokens=2)(tokens[0, :1])
     young = VecInferCache(model, q)
     with torch.no_grad():
         model(ids[:, :5], past_key_values=young, use_cache=True)
@@ -393,6 +397,8 @@ def test_e2e_benchmark_runs_on_a_small_model(tmp_path):
         assert r["default_ms_per_token"] > 0 and r["vecinfer_eager_ms_per_token"] > 0
         # 2 layers x (K, V) x 2 KV heads x the prompt's tokens x 64 float32 elements
         assert r["default_cache_bytes"] == 2 * 2 * 2 * r["batch"] * (r["prompt_tokens"] - 1) * 64 * 4
+    with pytest.raises(SystemExit):  # argparse: "--runs: expected BATCHxTOKENS items like 1x32768"
+        main(["--device", "cpu", "--runs", "1x"])
 
 
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")

@@ -81,14 +81,12 @@ def _peak(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, cache, chunk_tokens: int = 4096) -> torch.Tensor:
+def prefill(model, ids: torch.Tensor, cache, chunk_tokens: int = 4096) -> None:
     """Runs the prompt through the model into `cache` in chunks of about chunk_tokens tokens over
-    the batch (a 128k prompt does not fit one forward pass); returns the last position's logits."""
+    the batch (a 128k prompt does not fit one forward pass)."""
     chunk = max(chunk_tokens // ids.shape[0], 1)
     for start in range(0, ids.shape[1], chunk):
-        logits = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits
-    return logits[:, -1]
+        model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
