@@ -262,7 +262,8 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
                              const nb::ndarray<>& sink_values, const nb::ndarray<>& recent_keys,
                              const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
                              const nb::ndarray<>& value_codebook, const OptArray& key_scale,
-                             const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded) {
+                             const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded,
+                             const OptArray& page_table) {
   AttentionArgs a;
   a.dtype = element_dtype(q, "q");
   a.placement = placement_of(q, "q");
@@ -275,8 +276,12 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
   if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
   if (!is_uint8(key_codes.dtype()) || !is_uint8(value_codes.dtype()))
     fail_type("key_codes/value_codes: expected uint8 tensors");
-  if (key_codes.ndim() != 4) fail_value("key_codes: expected [batch, num_kv_heads, capacity, bytes], got " + shape_string(key_codes));
-  if (int64_t(key_codes.shape(0)) != batch)
+  const bool paged = page_table.has_value();
+  if (key_codes.ndim() != 4)
+    fail_value(std::string("key_codes: expected ") +
+               (paged ? "[num_pages, num_kv_heads, page_size, bytes]" : "[batch, num_kv_heads, capacity, bytes]") +
+               ", got " + shape_string(key_codes));
+  if (!paged && int64_t(key_codes.shape(0)) != batch)
     fail_value("key_codes: holds " + std::to_string(key_codes.shape(0)) + " sequences, q " + std::to_string(batch));
   const int64_t hkv = int64_t(key_codes.shape(1));
   if (hkv < 1 || hq % hkv != 0)
@@ -293,10 +298,30 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
   const int64_t key_bytes = vecinfer::code_row_bytes(int32_t(d), kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
   const int64_t value_bytes =
       vecinfer::code_row_bytes(int32_t(d), kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
-  kv.code_capacity = check_4d(key_codes, "key_codes", p, batch, hkv, key_bytes, "bytes per row of the key codebook");
-  if (check_4d(value_codes, "value_codes", p, batch, hkv, value_bytes, "bytes per row of the value codebook") !=
-      kv.code_capacity)
+  // Contiguous: [batch, Hkv, capacity, bytes]. Paged: pools [num_pages, Hkv, page_size, bytes].
+  const int64_t outer = paged ? int64_t(key_codes.shape(0)) : batch;
+  const int64_t rows = check_4d(key_codes, "key_codes", p, outer, hkv, key_bytes, "bytes per row of the key codebook");
+  if (check_4d(value_codes, "value_codes", p, outer, hkv, value_bytes, "bytes per row of the value codebook") != rows)
     fail_value("value_codes: must hold as many tokens (third dimension) as key_codes");
+  kv.code_capacity = rows;
+  if (paged) {
+    const nb::ndarray<>& t = *page_table;
+    if (!is_int32(t.dtype())) fail_type("page_table: expected an int32 tensor, got " + dtype_name(t.dtype()));
+    check_same_placement(p, t, "page_table");
+    check_contiguous(t, "page_table");
+    if (t.ndim() != 2 || int64_t(t.shape(0)) != batch || t.shape(1) == 0)
+      fail_value("page_table: expected [" + std::to_string(batch) + ", max_pages] (page ids per sequence), got " +
+                 shape_string(t));
+    if (outer < 1) fail_value("key_codes: the page pools hold no pages");
+    if (rows < 16 || (rows & (rows - 1)) != 0)
+      fail_value("key_codes: page_size (third dimension) must be a power of two >= 16, got " + std::to_string(rows));
+    kv.page_table = static_cast<const int32_t*>(t.data());
+    kv.page_size = int32_t(rows);
+    kv.num_pages = outer;
+    kv.max_pages = int64_t(t.shape(1));
+    if (kv.max_pages > (int64_t{1} << 40) / rows) fail_value("page_table: too many pages per sequence");
+    kv.code_capacity = kv.max_pages * rows;
+  }
   kv.key_codes = static_cast<const uint8_t*>(key_codes.data());
   kv.value_codes = static_cast<const uint8_t*>(value_codes.data());
   if (!is_int32(lengths.dtype())) fail_type("lengths: expected an int32 tensor, got " + dtype_name(lengths.dtype()));
@@ -359,10 +384,10 @@ void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> k
                   nb::ndarray<> lengths, nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
                   nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
                   OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, double scale,
-                  int64_t max_coded, OptArray workspace, uintptr_t stream) {
+                  int64_t max_coded, OptArray page_table, OptArray workspace, uintptr_t stream) {
   const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
                                          recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean,
-                                         hadamard, max_coded);
+                                         hadamard, max_coded, page_table);
   check_like(out, q, "out", a.dtype, a.placement);
   float* lse_ptr = nullptr;
   if (lse) {
@@ -384,6 +409,25 @@ void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> k
                                            workspace->data(), workspace->nbytes(), stream_ptr(stream)));
 }
 
+// Puts a CPU float32 codebook [num_codebooks, 2**code_bits, sub_dim] on the kernel's 8-bit grid, in place.
+void snap_codebook(nb::ndarray<> codebook) {
+  if (!is_float32(codebook.dtype())) fail_type("codebook: expected a float32 tensor, got " + dtype_name(codebook.dtype()));
+  if (codebook.device_type() != nb::device::cpu::value) fail_value("codebook: expected a CPU tensor");
+  check_contiguous(codebook, "codebook");
+  if (codebook.ndim() != 3 || codebook.shape(0) == 0 || codebook.shape(2) == 0 || codebook.shape(2) > 8)
+    fail_value("codebook: expected [num_codebooks, 2**code_bits, sub_dim <= 8], got " + shape_string(codebook));
+  const size_t entries = codebook.shape(1);
+  int bits = 0;
+  while ((size_t{1} << bits) < entries) ++bits;
+  if ((size_t{1} << bits) != entries || bits < 1 || bits > 12)
+    fail_value("codebook: the number of centroids must be a power of two from 2 to 4096, got " + shape_string(codebook));
+  vecinfer::Codebook shape;
+  shape.num_codebooks = int64_t(codebook.shape(0));
+  shape.sub_dim = int32_t(codebook.shape(2));
+  shape.code_bits = bits;
+  raise_if_error(vecinfer::snap_codebook(static_cast<float*>(codebook.data()), shape));
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -399,7 +443,9 @@ NB_MODULE(_C, m) {
         nb::arg("value_codes"), nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"),
         nb::arg("recent_keys"), nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"),
         nb::arg("key_scale").none(), nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"),
-        nb::arg("scale"), nb::arg("max_coded"), nb::arg("workspace").none(), nb::arg("stream"));
+        nb::arg("scale"), nb::arg("max_coded"), nb::arg("page_table").none(), nb::arg("workspace").none(),
+        nb::arg("stream"));
+  m.def("snap_codebook", &snap_codebook, nb::arg("codebook"));
   m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
         nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),
         nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"));

@@ -39,8 +39,9 @@ class Case:
         self.sink_v = randn(batch, hkv, sink_cap, d).to(dtype)
         self.recent_k = randn(batch, hkv, recent_cap, d, s=2).to(dtype)
         self.recent_v = randn(batch, hkv, recent_cap, d).to(dtype)
-        self.key_codebook = randn(groups, 1 << kb, ks, s=1.2).float()
-        self.value_codebook = randn(groups, 1 << vb, vs).float()
+        # on the kernel's 8-bit centroid grid, as KVQuantizer's codebooks are
+        self.key_codebook = vecinfer.snap_codebook(randn(groups, 1 << kb, ks, s=1.2).float())
+        self.value_codebook = vecinfer.snap_codebook(randn(groups, 1 << vb, vs).float())
         self.key_codes = torch.randint(0, 256, (batch, hkv, cap, d // ks * kb // 8), generator=gen, dtype=torch.uint8)
         self.value_codes = torch.randint(0, 256, (batch, hkv, cap, d // vs * vb // 8), generator=gen, dtype=torch.uint8)
         self.key_scale = (torch.rand((hkv, d), generator=gen) * 1.5 + 0.5) if transforms else None
@@ -56,10 +57,40 @@ class Case:
         return self
 
     def run(self, **kw):
-        return vecinfer.attention(self.q, self.key_codes, self.value_codes, self.lengths, self.key_codebook,
+        key_codes, value_codes = (self.key_pool, self.value_pool) if self.page_table is not None else \
+            (self.key_codes, self.value_codes)
+        return vecinfer.attention(self.q, key_codes, value_codes, self.lengths, self.key_codebook,
                                   self.value_codebook, sink_keys=self.sink_k, sink_values=self.sink_v,
                                   recent_keys=self.recent_k, recent_values=self.recent_v, key_scale=self.key_scale,
-                                  key_mean=self.key_mean, value_mean=self.value_mean, hadamard=self.hadamard, **kw)
+                                  key_mean=self.key_mean, value_mean=self.value_mean, hadamard=self.hadamard,
+                                  page_table=self.page_table, **kw)
+
+    page_table = None
+
+    def page(self, gen, page_size, shared_pages=0):
+        """Moves the codes into page pools in shuffled order, with spare pages of random bytes; with
+        shared_pages, sequence 1 reads sequence 0's first pages (its codes are made equal first)."""
+        b, hkv, cap, _ = self.key_codes.shape
+        assert cap % page_size == 0
+        per = cap // page_size
+        if shared_pages:
+            n = shared_pages * page_size
+            self.key_codes[1, :, :n] = self.key_codes[0, :, :n]
+            self.value_codes[1, :, :n] = self.value_codes[0, :, :n]
+        total = b * per + 3
+        ids = torch.randperm(total, generator=gen)[: b * per].reshape(b, per).to(torch.int32)
+        if shared_pages:
+            ids[1, :shared_pages] = ids[0, :shared_pages]
+        pools = []
+        for codes in (self.key_codes, self.value_codes):
+            pool = torch.randint(0, 256, (total, hkv, page_size, codes.shape[-1]), generator=gen, dtype=torch.uint8)
+            for s in range(b):
+                for i in range(per):
+                    pool[int(ids[s, i])] = codes[s, :, i * page_size:(i + 1) * page_size].cpu()
+            pools.append(pool.to(codes.device))
+        self.key_pool, self.value_pool = pools
+        self.page_table = ids.to(self.key_codes.device)
+        return self
 
     def dequantized(self, b):
         """float64 (keys, values) [Hkv, n_b, D] of sequence b in original coordinates (on the CPU)."""
@@ -147,6 +178,24 @@ def test_cpu_matches_float64_reference(gen, dtype, d, bits):
     check(case, "cpu")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("page_size,shared", [(16, 0), (32, 2), (64, 1)])
+def test_paged_codes(gen, device, page_size, shared):
+    """Codes in page pools, pages shuffled (and shared between two sequences): the same function."""
+    case = Case(gen, d=128, tq=2, lengths=[4, 300, 40, 2, 187, 9], capacity=320)
+    check(case.page(gen, page_size, shared_pages=shared), device)
+
+
+def test_paged_codes_rejects_bad_page_ids(gen):
+    case = Case(gen, d=64, lengths=[4, 40, 16, 2, 10, 3], capacity=64).page(gen, 16)
+    case.page_table[1, 0] = case.key_pool.shape[0]
+    with pytest.raises(ValueError, match="page ids"):
+        case.run()
+    case.page_table = case.page_table[:, :2].contiguous().float()
+    with pytest.raises(TypeError, match="page_table"):
+        case.run()
+
+
 @pytest.mark.parametrize("group,tq", [(1, 1), (4, 3), (16, 2)])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_cpu_groups_and_queries(gen, group, tq, per_head):
@@ -206,6 +255,27 @@ def test_cuda_without_transforms(gen, transforms, value_mean):
 def test_cuda_long_sequence(gen):
     # 100003 coded tokens: split-KV across the GPU, exact merge
     check(Case(gen, batch=1, hkv=2, group=4, d=128, lengths=[4, 100003, 128]), "cuda")
+
+
+@needs_cuda
+def test_cuda_paged_long_sequence_with_unequal_lengths(gen):
+    # many pages per split, a page table read on the device, lengths ending mid-page
+    case = Case(gen, batch=3, hkv=2, group=4, d=128, lengths=[4, 9001, 128, 0, 4133, 7, 1, 17, 2], capacity=9088)
+    check(case.page(gen, 64, shared_pages=30), "cuda")
+
+
+@needs_cuda
+def test_cuda_rounds_codebooks_to_the_grid(gen):
+    """An off-grid codebook gives attention over its snapped version (the documented rounding)."""
+    case = Case(gen, d=128, lengths=[4, 500, 64, 4, 250, 128]).to("cuda")
+    snapped = case.key_codebook.clone()
+    lo, hi = snapped.amin(1, keepdim=True), snapped.amax(1, keepdim=True)
+    noise = (torch.rand_like(snapped) - 0.5) * 0.6 * (hi - lo) / 255  # under half a grid step
+    case.key_codebook = torch.where((snapped == lo) | (snapped == hi), snapped, snapped + noise)
+    assert not torch.equal(case.key_codebook, snapped)
+    out = case.run()
+    case.key_codebook = snapped
+    torch.testing.assert_close(out, case.run(), atol=0, rtol=0)
 
 
 @needs_cuda

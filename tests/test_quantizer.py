@@ -191,6 +191,57 @@ def test_load_rejects_damaged_files(tmp_path, damage, words):
         vecinfer.KVQuantizer.load(bad)
 
 
+@pytest.mark.parametrize("shape", [(1, 256, 4), (3, 4096, 8), (2, 256, 2), (1, 16, 1)])
+def test_snap_codebook_grid(shape):
+    """Per codebook and element position: at most 256 levels, evenly spaced from the smallest to the
+    largest entry, each entry moved by at most half a step; idempotent."""
+    g = torch.Generator().manual_seed(sum(shape))
+    cb = torch.randn(shape, generator=g) * torch.rand((1, 1, shape[2]), generator=g) * 3
+    cb[:, 5 % shape[1], 0] = 7.0  # an outlier sets the range
+    snapped = vecinfer.snap_codebook(cb)
+    assert snapped.dtype == torch.float32 and snapped.shape == cb.shape
+    lo, hi = cb.amin(1, keepdim=True), cb.amax(1, keepdim=True)
+    step = (hi - lo) / 255
+    assert torch.equal(snapped.amin(1, keepdim=True), lo)
+    assert torch.allclose(snapped.amax(1, keepdim=True), hi, rtol=1e-6, atol=0)
+    assert bool(((snapped - cb).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all())
+    levels = (snapped - lo) / step
+    assert bool(((levels - levels.round()).abs() < 1e-3).all())
+    assert torch.equal(vecinfer.snap_codebook(snapped), snapped)
+    const = torch.full((1, 16, 2), 0.25)
+    assert torch.equal(vecinfer.snap_codebook(const), const)
+
+
+def test_snap_codebook_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        vecinfer.snap_codebook(torch.tensor([[[1.0], [float("nan")]]]))
+    with pytest.raises(ValueError, match="power of two"):
+        vecinfer.snap_codebook(torch.zeros((1, 100, 4)))
+    with pytest.raises(ValueError, match="num_codebooks"):
+        vecinfer.snap_codebook(torch.zeros((256, 4)))
+    with pytest.raises(TypeError, match="floating"):
+        vecinfer.snap_codebook(torch.zeros((1, 256, 4), dtype=torch.int32))
+
+
+def test_calibrated_codebooks_are_on_the_grid(tmp_path):
+    keys, values = _samples(layers=1)
+    q = vecinfer.KVQuantizer.calibrate(keys, values, vecinfer.VQConfig(kmeans_iters=2, key_bits=1.5), progress=False)
+    for name in ("key_codebook", "value_codebook"):
+        assert torch.equal(vecinfer.snap_codebook(q.layers[0][name]), q.layers[0][name])
+    # A version 1 file (codebooks off the grid) is converted on load, with a warning; a version 2
+    # file whose codebook left the grid is refused.
+    good, old, bad = (str(tmp_path / f"{n}.safetensors") for n in ("good", "old", "bad"))
+    q.save(good)
+    nudge = lambda t: t["layer0.value_codebook"].view(-1).__setitem__(1, float(t["layer0.value_codebook"].view(-1)[1]) + 1e-3)  # noqa: E731
+    _resave(good, old, edit_tensors=nudge, edit_meta=lambda m: m.update(version="1"))
+    with pytest.warns(UserWarning, match="version 1"):
+        r = vecinfer.KVQuantizer.load(old)
+    assert torch.equal(r.layers[0]["value_codebook"], vecinfer.snap_codebook(r.layers[0]["value_codebook"]))
+    _resave(good, bad, edit_tensors=nudge)
+    with pytest.raises(ValueError, match="grid"):
+        vecinfer.KVQuantizer.load(bad)
+
+
 def test_kivi_fake_quantize_levels():
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn((1, 2, 70, 64), generator=g), torch.randn((1, 2, 70, 64), generator=g)

@@ -66,6 +66,14 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
     return invalid("recent_keys/recent_values: null pointer");
   if (kv.max_coded < 0 || kv.max_coded > kv.code_capacity)
     return invalid("max_coded must be in [0, code_capacity]");
+  if (kv.page_table != nullptr) {
+    const int64_t size = kv.page_size;
+    if (size < 16 || (size & (size - 1)) != 0)
+      return invalid("page_size: must be a power of two >= 16");
+    if (kv.num_pages < 1 || kv.max_pages < 1) return invalid("page pools and page tables must not be empty");
+    if (kv.max_pages > (int64_t{1} << 40) / size || kv.code_capacity != kv.max_pages * size)
+      return invalid("code_capacity: must be max_pages * page_size for a paged cache");
+  }
   RowLayout heads;  // one row per KV head: the tables and codebooks are indexed by KV head
   heads.head_dim = shape.head_dim;
   heads.num_heads = shape.num_kv_heads;

@@ -140,6 +140,21 @@ def _row_bytes_for(head_dim: int, codebook: Tensor) -> int:
     return max(n, 1)
 
 
+def snap_codebook(codebook: Tensor) -> Tensor:
+    """The codebook [num_codebooks, 2**code_bits, sub_dim] on the 8-bit grid the CUDA kernel holds
+    centroids on: per codebook and element position, with lo and hi the smallest and largest entry
+    and step = (hi - lo) / 255, each entry becomes lo + step * round((x - lo) / step) (float32, on
+    the codebook's device). Idempotent; KVQuantizer's codebooks are on the grid already."""
+    _check_tensor(codebook, "codebook")
+    if not codebook.is_floating_point():
+        raise TypeError(f"codebook: expected a floating-point tensor, got {codebook.dtype}")
+    if codebook.dim() != 3:
+        raise ValueError(f"codebook: expected [num_codebooks, 2**code_bits, sub_dim], got {list(codebook.shape)}")
+    snapped = codebook.detach().to("cpu", torch.float32).contiguous().clone()
+    _C.snap_codebook(snapped)
+    return snapped.to(codebook.device)
+
+
 def unpack_codes(codes: Tensor, code_bits: int, num_codes: int) -> Tensor:
     """Packed codes uint8 [..., code_row_bytes] -> int64 centroid indices [..., num_codes]."""
     _check_tensor(codes, "codes")
@@ -158,35 +173,42 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
               recent_keys: Optional[Tensor] = None, recent_values: Optional[Tensor] = None,
               key_scale: Optional[Tensor] = None, key_mean: Optional[Tensor] = None,
               value_mean: Optional[Tensor] = None, hadamard: bool = True, scale: Optional[float] = None,
-              return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None):
+              return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None,
+              page_table: Optional[Tensor] = None):
     """Attention of q [B, Hq, Tq, D] over a compressed cache, without dequantizing it to memory.
 
     Per sequence b, lengths[b] = (sinks, coded, recent) (int32 [B, 3]): positions [0, sinks) are
     sink_keys/values[b, :, :sinks] (full precision), the next `coded` positions are key_codes /
     value_codes[b, :, :coded] (uint8 [B, Hkv, capacity, code_row_bytes]; keys encoded after the
     transform (key_scale, key_mean, hadamard), values after subtracting value_mean), the last
-    `recent` are recent_keys/values[b, :, :recent]. The Tq queries are the last Tq positions of each
-    sequence, causal among themselves; query head h reads KV head h // (Hq // Hkv). Softmax scale
-    1/sqrt(D) unless given. Returns out [B, Hq, Tq, D] in q's dtype, and with return_lse the
-    float32 log-sum-exp of the scaled scores [B, Hq, Tq] (to merge partial results exactly).
+    `recent` are recent_keys/values[b, :, :recent]. With `page_table` (int32 [B, max_pages]) the
+    codes are paged instead: key_codes / value_codes are pools [num_pages, Hkv, page_size,
+    code_row_bytes] (page_size a power of two >= 16) and coded token t of sequence b is row
+    t % page_size of page page_table[b, t // page_size]; pages may be shared and in any order.
+    The Tq queries are the last Tq positions of each sequence, causal among themselves; query head
+    h reads KV head h // (Hq // Hkv). Softmax scale 1/sqrt(D) unless given. Returns out [B, Hq, Tq,
+    D] in q's dtype, and with return_lse the float32 log-sum-exp of the scaled scores [B, Hq, Tq]
+    (to merge partial results exactly).
 
     CPU tensors run the double-precision reference; CUDA tensors (float16/bfloat16, Tq <= 16,
-    codebooks of the bit presets) the fused kernel. `lengths` on the CPU are checked against the
-    capacities before the kernel runs; lengths already on the GPU are clamped to the capacities by
-    the kernel instead (no host synchronisation). max_coded, an upper bound of the coded lengths,
-    sizes the split-KV plan (default: the code capacity). `out` may be given (q's shape and dtype).
+    codebooks of the bit presets) the fused kernel, which holds centroids on the 8-bit grid of
+    snap_codebook (codebooks made by KVQuantizer are on it already; others are rounded to it).
+    `lengths` and `page_table` on the CPU are checked before the kernel runs; on the GPU the kernel
+    clamps lengths to the capacities and page ids to the pools instead (no host synchronisation).
+    max_coded, an upper bound of the coded lengths, sizes the split-KV plan (default: the code
+    capacity). `out` may be given (q's shape and dtype).
     """
     for name, t in (("q", q), ("key_codes", key_codes), ("value_codes", value_codes), ("lengths", lengths),
                     ("key_codebook", key_codebook), ("value_codebook", value_codebook)):
         _check_tensor(t, name)
     for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
                     ("recent_values", recent_values), ("key_scale", key_scale), ("key_mean", key_mean),
-                    ("value_mean", value_mean), ("out", out)):
+                    ("value_mean", value_mean), ("out", out), ("page_table", page_table)):
         _check_tensor(t, name, optional=True)
     if q.dim() != 4 or key_codes.dim() != 4:
         raise ValueError(f"q and key_codes: expected 4-D tensors [B, heads, tokens, ...], got {list(q.shape)} "
                          f"and {list(key_codes.shape)}")
-    b, hkv, d = key_codes.shape[0], key_codes.shape[1], q.shape[-1]
+    b, hkv, d = q.shape[0] if page_table is not None else key_codes.shape[0], key_codes.shape[1], q.shape[-1]
 
     # an absent part is an empty one: [B, Hkv, 0, D]
     parts = [torch.empty((b, hkv, 0, d), dtype=q.dtype, device=q.device) if t is None else t
@@ -194,6 +216,16 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     if lengths.dtype != torch.int32:
         raise TypeError(f"lengths: expected an int32 tensor, got {lengths.dtype}")
     capacity = key_codes.shape[2]
+    if page_table is not None:
+        if page_table.dtype != torch.int32 or page_table.dim() != 2:
+            raise TypeError(f"page_table: expected an int32 tensor [B, max_pages], got {page_table.dtype} "
+                            f"{list(page_table.shape)}")
+        capacity = page_table.shape[1] * key_codes.shape[2]
+        if not page_table.is_cuda:
+            if bool(((page_table < 0) | (page_table >= key_codes.shape[0])).any()):
+                raise ValueError(f"page_table: page ids must be in [0, {key_codes.shape[0]}) (the pools' pages)")
+            if q.is_cuda:
+                page_table = page_table.to(q.device, non_blocking=True)
     if not lengths.is_cuda:
         if lengths.dim() != 2 or lengths.shape != (b, 3):
             raise ValueError(f"lengths: expected [{b}, 3] (sinks, coded, recent), got {list(lengths.shape)}")
@@ -218,7 +250,8 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     args = [q.detach(), out, lse, key_codes.detach(), value_codes.detach(), lengths,
             *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
             None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
-            None if value_mean is None else value_mean.detach(), bool(hadamard), scale, int(max_coded)]
+            None if value_mean is None else value_mean.detach(), bool(hadamard), scale, int(max_coded),
+            None if page_table is None else page_table.detach()]
     with _device_guard(q):
         workspace = None
         if q.is_cuda:

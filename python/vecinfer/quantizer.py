@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .config import VQConfig
 from .kmeans import kmeans
-from .ops import hadamard, vq_decode, vq_encode
+from .ops import hadamard, snap_codebook, vq_decode, vq_encode
 
 FORMAT = "vecinfer-kv-quantizer"
-FORMAT_VERSION = 1
+# Version 2: codebooks on the 8-bit grid of snap_codebook (version 1 files are converted on load).
+FORMAT_VERSION = 2
 _LAYER_TENSORS = ("key_scale", "key_mean", "value_mean", "key_codebook", "value_codebook")
 
 
@@ -137,7 +139,8 @@ class KVQuantizer:
                 gen = torch.Generator().manual_seed(seed + 7 * g)
                 part = part[torch.randperm(part.shape[0], generator=gen)[: cfg.max_samples].to(part.device)]
             books.append(kmeans(part, 1 << bits, cfg.kmeans_iters, seed + 7 * g, progress=tick))
-        return torch.stack(books).contiguous()
+        # On the 8-bit grid the CUDA kernel holds centroids on, so that every path decodes the same values.
+        return snap_codebook(torch.stack(books))
 
     # --- encode / decode -------------------------------------------------------------------------
     def _layer(self, layer: int) -> Dict[str, Optional[torch.Tensor]]:
@@ -240,8 +243,9 @@ class KVQuantizer:
             raise ValueError(f"{path}: not a readable vecinfer quantizer file ({e})") from e
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a vecinfer quantizer file (format {meta.get('format')!r})")
-        if meta.get("version") != str(FORMAT_VERSION):
-            raise ValueError(f"{path}: format version {meta.get('version')!r}, this vecinfer reads {FORMAT_VERSION}")
+        version = meta.get("version")
+        if version not in ("1", str(FORMAT_VERSION)):
+            raise ValueError(f"{path}: format version {version!r}, this vecinfer reads 1 and {FORMAT_VERSION}")
         try:
             cfg = VQConfig.from_dict(json.loads(meta["config"]))
             num_layers, heads, dim = int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
@@ -275,6 +279,15 @@ class KVQuantizer:
                     raise ValueError(f"{path}: layer{i}.{name} contains NaN or infinity")
                 if name == "key_scale" and not bool((t > 0).all()):
                     raise ValueError(f"{path}: layer{i}.key_scale has non-positive entries")
+                if name.endswith("codebook"):
+                    snapped = snap_codebook(t)
+                    if version == "1":  # written before the grid: converted (a small rounding of centroids)
+                        if i == 0 and name == "key_codebook":
+                            warnings.warn(f"{path}: a version 1 file; its codebooks are rounded to the 8-bit "
+                                          f"centroid grid of version {FORMAT_VERSION} (save it again to update it)")
+                        t = snapped
+                    elif not torch.equal(snapped, t):
+                        raise ValueError(f"{path}: layer{i}.{name} is not on the 8-bit centroid grid (altered file?)")
                 p[name] = t.to(device)
             layers.append(p)
         tensors.pop("empty", None)

@@ -3,8 +3,12 @@
 // Per sequence b of the batch, the cache holds n_b = sinks + coded + recent tokens, with
 // lengths[b] = {sinks, coded, recent}:
 //   positions [0, sinks)                    full precision: sink_keys/values[b, h, 0:sinks]
-//   positions [sinks, sinks + coded)        codes: key_codes/value_codes[b, h, 0:coded]
+//   positions [sinks, sinks + coded)        codes: key_codes/value_codes rows 0..coded-1 of (b, h)
 //   positions [sinks + coded, n_b)          full precision: recent_keys/values[b, h, 0:recent]
+// The code rows are either contiguous, [batch, num_kv_heads, code_capacity, row_bytes], or paged:
+// pools [num_pages, num_kv_heads, page_size, row_bytes] with a page table [batch, max_pages] of
+// int32 page ids, coded token t of sequence b being row t % page_size of page
+// page_table[b][t / page_size] (pages may be shared between sequences and appear in any order).
 // Keys were encoded as codes of transform(k, kKey) (smoothing scale, key mean, Hadamard); values as
 // codes of v - value_mean. The op computes, for the queries q [B, Hq, Tq, D] (raw post-RoPE, query
 // head h reading KV head h / (Hq / Hkv)), softmax attention over the dequantized keys and values:
@@ -32,9 +36,15 @@ struct AttentionShape {
 
 struct CompressedKV {
   const int32_t* lengths = nullptr;    // [batch, 3] {sinks, coded, recent}, on the data's device
-  const uint8_t* key_codes = nullptr;  // [batch, num_kv_heads, code_capacity, key code_row_bytes]
-  const uint8_t* value_codes = nullptr;
-  int64_t code_capacity = 0;
+  const uint8_t* key_codes = nullptr;  // contiguous: [batch, num_kv_heads, code_capacity, key code_row_bytes]
+  const uint8_t* value_codes = nullptr;  // paged: [num_pages, num_kv_heads, page_size, row bytes]
+  int64_t code_capacity = 0;           // code rows per sequence (paged: max_pages * page_size)
+  // Paging (page_table null: contiguous). page_size is a power of two >= 16. The kernel clamps a
+  // page id outside [0, num_pages) into the pool; the CPU reference rejects it.
+  const int32_t* page_table = nullptr;  // [batch, max_pages], on the data's device
+  int64_t max_pages = 0;
+  int64_t num_pages = 0;
+  int32_t page_size = 0;
   const void* sink_keys = nullptr;  // [batch, num_kv_heads, sink_capacity, head_dim], q's dtype
   const void* sink_values = nullptr;
   int64_t sink_capacity = 0;
@@ -51,8 +61,14 @@ struct CompressedKV {
   int64_t max_coded = 0;
 };
 
-// Argument checks shared by both implementations (shapes, capacities, codebooks, tables).
+// Argument checks shared by both implementations (shapes, capacities, paging, codebooks, tables).
 Status check_attention(const AttentionShape& shape, const CompressedKV& kv);
+
+// Rounds float32 centroids [num_codebooks, 2^code_bits, sub_dim] (in place) onto the 8-bit affine
+// grid of each (codebook, element position) that the CUDA kernel stores: with lo and hi the
+// smallest and largest entry at the position and step = (hi - lo) / 255, every entry becomes
+// lo + step * round((x - lo) / step). Idempotent; non-finite entries are an error.
+Status snap_codebook(float* centroids, const Codebook& shape);
 
 namespace cpu {
 // out [B, Hq, Tq, D] in dtype (float32, float16 or bfloat16, the dtype of q and of the
@@ -69,7 +85,11 @@ namespace cuda {
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv);
 // The fused kernel: float16 or bfloat16; key and value codebooks with code_bits 8 or 12 and any
 // sub_dim (the 4, 3, 2, 1.5 and 1 bit presets); every pointer on the current device, element
-// tensors and code tensors 16-byte aligned, code_capacity * code_row_bytes a multiple of 16.
+// tensors and code tensors 16-byte aligned, code_capacity a multiple of 16.
+// Centroids are held as 8 bits per element on the affine grid of each (codebook, element
+// position): lo + step * u, lo and step = (max - min) / 255 taken over the codebook's entries at
+// that position. A codebook already on its grid (snap_codebook; KVQuantizer's are) gives the
+// reference's function; any other is rounded to its grid (error at most step / 2 per element).
 Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
                  const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
                  void* stream);

@@ -1,6 +1,7 @@
 // CPU reference of attention on the compressed cache: dequantize each (sequence, KV head) with the
 // decode op, then softmax attention accumulated in double. Simple on purpose: it is the function
 // the CUDA kernel must compute.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -63,6 +64,11 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       return invalid("lengths: a sequence holds more tokens than its buffers' capacity");
     if (int64_t{len[0]} + len[1] + len[2] < shape.num_queries)
       return invalid("lengths: a sequence holds fewer tokens than the number of queries");
+    if (kv.page_table != nullptr)
+      for (int64_t i = 0; i < (int64_t{len[1]} + kv.page_size - 1) / kv.page_size; ++i) {
+        const int32_t page = kv.page_table[b * kv.max_pages + i];
+        if (page < 0 || page >= kv.num_pages) return invalid("page_table: a page id outside the page pools");
+      }
   }
   const int d = shape.head_dim;
   const int64_t hkv = shape.num_kv_heads, group = shape.num_q_heads / hkv, tq = shape.num_queries;
@@ -81,25 +87,33 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
         keys[i] = load(dtype, kv.sink_keys, head * kv.sink_capacity * d + i);
         values[i] = load(dtype, kv.sink_values, head * kv.sink_capacity * d + i);
       }
-      if (coded > 0) {
+      Transform value_transform;
+      if (kv.value_mean) value_transform.mean = kv.value_mean + detail::table_row(h, hkv, kv.value_mean_rows) * d;
+      // The coded tokens in runs of consecutive rows: the whole sequence, or one page at a time.
+      const int64_t run = kv.page_table != nullptr ? kv.page_size : std::max<int64_t>(coded, 1);
+      bool decoded = true;
+      for (int64_t first = 0; first < coded && decoded; first += run) {
+        const int64_t count = std::min<int64_t>(run, coded - first);
+        const int64_t row = kv.page_table != nullptr
+                                ? (int64_t{kv.page_table[b * kv.max_pages + first / run]} * hkv + h) * run
+                                : head * kv.code_capacity;
         RowLayout rows;
-        rows.num_rows = coded;
+        rows.num_rows = count;
         rows.head_dim = d;
-        rows.tokens_per_head = coded;
-        Transform value_transform;
-        if (kv.value_mean) value_transform.mean = kv.value_mean + detail::table_row(h, hkv, kv.value_mean_rows) * d;
-        Status sk = vq_decode(DType::kFloat32, kv.key_codes + head * kv.code_capacity * key_bytes,
-                              keys.data() + int64_t{sinks} * d, rows, head_codebook(kv.key_codebook, h, hkv),
-                              head_transform(kv.key_transform, h, hkv, d));
-        Status sv = vq_decode(DType::kFloat32, kv.value_codes + head * kv.code_capacity * value_bytes,
-                              values.data() + int64_t{sinks} * d, rows, head_codebook(kv.value_codebook, h, hkv),
-                              value_transform);
+        rows.tokens_per_head = count;
+        Status sk = vq_decode(DType::kFloat32, kv.key_codes + row * key_bytes,
+                              keys.data() + (int64_t{sinks} + first) * d, rows,
+                              head_codebook(kv.key_codebook, h, hkv), head_transform(kv.key_transform, h, hkv, d));
+        Status sv = vq_decode(DType::kFloat32, kv.value_codes + row * value_bytes,
+                              values.data() + (int64_t{sinks} + first) * d, rows,
+                              head_codebook(kv.value_codebook, h, hkv), value_transform);
         if (!sk.ok() || !sv.ok()) {
 #pragma omp critical
           failed = sk.ok() ? sv : sk;
-          continue;
+          decoded = false;
         }
       }
+      if (!decoded) continue;
       const int64_t recent_first = (int64_t{sinks} + coded) * d;
       for (int64_t i = 0; i < int64_t{recent} * d; ++i) {
         keys[recent_first + i] = load(dtype, kv.recent_keys, head * kv.recent_capacity * d + i);

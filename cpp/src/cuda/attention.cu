@@ -29,17 +29,16 @@ Status check_cuda_inputs(DType dtype, const void* q, const void* out, const Atte
   if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
   if (!(softmax_scale == softmax_scale) || softmax_scale == INFINITY || softmax_scale == -INFINITY)
     return invalid("scale: must be finite");
-  const int64_t key_bytes = code_row_bytes(shape.head_dim, kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
-  const int64_t value_bytes = code_row_bytes(shape.head_dim, kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
-  if ((kv.code_capacity * key_bytes) % 16 != 0 || (kv.code_capacity * value_bytes) % 16 != 0)
-    return invalid("key_codes/value_codes: code_capacity * code_row_bytes must be a multiple of 16 "
-                   "(allocate the code buffers with a capacity that is a multiple of 16 tokens)");
+  if (kv.code_capacity % 16 != 0)
+    return invalid("key_codes/value_codes: the code capacity must be a multiple of 16 tokens (the kernel "
+                   "copies code rows 16 at a time)");
   const bool sinks_aligned = kv.sink_capacity == 0 || (aligned16(kv.sink_keys) && aligned16(kv.sink_values));
   const bool recent_aligned =
       kv.recent_capacity == 0 || (aligned16(kv.recent_keys) && aligned16(kv.recent_values));
   const bool codes_aligned = kv.code_capacity == 0 || (aligned16(kv.key_codes) && aligned16(kv.value_codes));
   if (!codes_aligned || !sinks_aligned || !recent_aligned || !aligned16(kv.key_codebook.centroids) ||
-      !aligned16(kv.value_codebook.centroids) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0)
+      !aligned16(kv.value_codebook.centroids) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(kv.page_table) % 4 != 0)
     return invalid("codes/codebooks/sink and recent tensors: data pointers must be 16-byte aligned");
   return Status::Ok();
 }
@@ -69,6 +68,7 @@ Request make_request(const void* q, void* out, float* lse, const AttentionShape&
   p.group = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
   p.row_tiles = static_cast<int>((p.group * shape.num_queries + kRows - 1) / kRows);
   p.scale_log2 = softmax_scale * kLog2e;
+  while (kv.page_table != nullptr && (int64_t{1} << p.page_shift) < kv.page_size) ++p.page_shift;
   r.key_sub = kv.key_codebook.sub_dim;
   r.key_bits = kv.key_codebook.code_bits;
   r.value_sub = kv.value_codebook.sub_dim;

@@ -1,24 +1,41 @@
-// The fused dequant-attention kernel (see vecinfer/attention.h for the function it computes and
-// bench/NOTES.md for the design, predictions and measurements).
+// The fused dequant-attention kernel (vecinfer/attention.h says what it computes; bench/NOTES.md
+// has the design, its predictions and measurements).
 //
 // Grid: x = part: 0 for the full-precision sink and recent tokens, 1.. for the splits of the coded
-// tokens (split-KV); y = (KV head, tile of 8 query rows); z = sequence. The query rows of a block are
-// (query head, query) pairs of one KV head: they share every code loaded. A merge kernel combines
-// the parts exactly (max, sum of exponentials, accumulators) and adds the value mean.
+// tokens (split-KV); y = (KV head, tile of kRows query rows); z = sequence. The query rows of a
+// block are (query head, query) pairs of one KV head, so they share every code the block reads. A
+// merge kernel combines the parts exactly and adds the value mean.
 //
-// A coded block has kWarps warps; each walks its own steps of kStep tokens (block step k goes to
-// warp k % kWarps), staging code bytes with cp.async (kStages deep, per warp, so warps never wait
-// on each other) and keeping its own online-softmax state; the warps' states merge at the end.
-// Tokens sit on the M dimension of mma.sync m16n8k16 (fp32 accumulate), the query rows on N:
-//   S^T[16 tokens x 8 rows] = K'[16 x D] Q'^T: Q' = H(q * lambda) in registers (B fragments), K'
-//       gathered centroid by centroid from the key codebook in shared memory into A fragments;
-//   softmax online, in registers (exp2: log2(e) and the softmax scale are folded into Q');
-//   O^T[D x 8 rows] += V'^T[D x 16] P^T: P^T from the score accumulators by an 8x8 register
-//       transpose (movmatrix), V'^T gathered from the value codebook into A fragments.
-// The dimension order inside the fragments is permuted so that each thread's fragment values are
-// whole centroids (see key_dim / value_dim): one gather of 2*sub_dim bytes per code. Each codebook
-// is replicated in shared memory so that the lanes of one shared-memory phase read distinct banks
-// (copy = lane % kCopies), which keeps random gathers conflict-free.
+// A coded block has `warps` warps (chosen on the host from the device's shared memory). The
+// split's stages of 64 (or, for wide code rows, 32) tokens go to the warps in turn; each warp has
+// its own online softmax (per 32-token step), and the warps' states merge at the end. Code bytes
+// reach shared memory by bulk copies completing on an mbarrier (sm_90) or by cp.async (sm_80),
+// `stages` deep per warp, read through the page table when the cache is paged.
+//
+// Centroids live in shared memory as 8-bit integers u on an affine grid per (codebook, element
+// position e): value = lo[e] + step[e] * u (KVQuantizer puts its codebooks on this grid; see
+// snap_codebook). As fp16, [u0, 0, u1, 0] is the pair (u0, u1) * 2^-24 (subnormal, exact), so the
+// tensor cores take the integers directly and lo and step are applied outside the products. Tables
+// of 8-bit codes are replicated so that each lane reads its own slot (random gathers never share a
+// bank) and start at a 64 KiB boundary of the shared window, so a gather is one PRMT (its whole
+// address) and one shared load: key entries compact (a byte per element, turned into pairs by the
+// PRMTs that also interleave two tokens into the mma operand), value entries stored as the pairs.
+//
+// Both products are mma.sync m16n8k16 (fp32 accumulate) with every operand built in registers:
+//   scores:  S^T[16 tokens x 8 columns] = K''[16 x 16 dims] Q''^T. Tokens are M, dims K, and the
+//            columns N are four query rows twice (column n: row n & 3; a block with more rows runs
+//            a second set for rows 4-7). Lane (r, c) gathers tokens r and r + 8 at its 4 dims.
+//   values:  O[16 dim pairs x (4 rows x 2)] += V''[16 pairs x (8 tokens x 2)] B(P). The K index
+//            is (token, element of the pair), and B[(t, e)][(row, e')] = P[row][t] [e == e'], so
+//            the A fragment of a lane is the two dims of one token's centroid, as gathered. P^T
+//            comes from the score fragment by one 8x8 transpose (movmatrix) per 8 tokens, which
+//            leaves lane (r, c) with row r & 3 at tokens 2c and 2c + 1: its own B fragment. Score
+//            and output fragments give a lane the same two rows, so rescaling needs no shuffle.
+//            One more mma with A = ones sums P exactly as rounded to fp16, which the grid's
+//            offset needs.
+// The dimension order inside the fragments is permuted so that a lane's dims are one contiguous
+// run of the row (keys: lane column c holds dims [c D/4, (c+1) D/4); values: lane row r holds
+// [r D/8, (r+1) D/8)), so its codes are one contiguous run of bits.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,76 +44,108 @@
 
 #include <cstdint>
 
+#include <cute/arch/copy_sm90_tma.hpp>  // SM90_BULK_COPY_G2S: cp.async.bulk global -> shared
+#include <cute/arch/mma_sm80.hpp>       // SM80_16x8x16_F32F16F16F32_TN: mma.sync m16n8k16
+#include <cutlass/arch/barrier.h>       // ClusterTransactionBarrier: mbarrier with a byte count
+
 #include "../common.h"
 #include "vecinfer/attention.h"
 
+// The block's dynamic shared memory (one symbol for the kernel and its helpers).
+extern __shared__ __align__(128) uint8_t vecinfer_attention_smem[];
+
 namespace vecinfer::cuda_detail::attn {
 
-constexpr int kRows = 8;     // query rows per block: the N of mma m16n8k16
-constexpr int kStep = 32;    // tokens per warp step: two m16 token tiles
-constexpr int kStages = 3;   // cp.async stages per warp
+constexpr int kRows = 8;      // query rows per block
+constexpr int kStep = 32;     // coded tokens per warp step: four groups of 8 (the score mma's N)
+constexpr int kMaxStages = 4;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr uint32_t kOnes = 0x3C003C00u;  // fp16 pair (1, 1)
+constexpr int kGridFloats = 24;          // a codebook's grid: lo[8], step[8], 1 / step[8]
 
-constexpr int cmin(int a, int b) { return a < b ? a : b; }
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // Full-precision tokens are attended to in chunks of this many (see full_precision_block).
 template <int D>
 constexpr int chunk_tokens() { return D == 256 ? 32 : 64; }
 
-// A codebook shape (sub-vector length S, code width B) as the kernel stores it in shared memory.
+// Warps of a block, bounded by the coded loop's registers: with up to 4 query rows 16 warps at
+// D <= 128 (<= 128 registers each) and 8 at D = 256; with 8 rows (twice the query fragments and
+// accumulators) 12 and 6.
+template <int D, bool kEight>
+constexpr int max_warps() { return (D == 256 ? 8 : 16) * (kEight ? 3 : 4) / 4; }
+
+// A codebook shape (sub-vector length S, code width B) as the kernel stores it. 8-bit codes index
+// replicated tables, 128 B per code: each lane reads its own slot (at least 4 bytes) so that
+// random gathers never share a bank. 12-bit codes index a single copy of 4096 entries (too large
+// to replicate) of one byte per element.
 template <int S, int B>
 struct Codec {
   static constexpr int kSub = S;
   static constexpr int kBits = B;
-  static constexpr int kEntryBytes = 2 * S;  // one fp16/bf16 centroid
   static constexpr int kEntries = 1 << B;
-  static constexpr int kTableBytes = kEntries * kEntryBytes;
-  // Lanes served by one shared-memory phase for loads of kEntryBytes; that many copies (at most
-  // 32 KB in all) give every lane of a phase its own banks.
-  static constexpr int kCopies = cmin(128 / kEntryBytes, cmax(1, 32768 / kTableBytes));
-  static constexpr int kSharedBytes = kTableBytes * kCopies;
+  static constexpr bool kByteCodes = B == 8;
+  static constexpr int kWideBytes = kByteCodes ? 0 : kEntries * S;
   template <int D>
   static constexpr int row_bytes() { return D / S * B / 8; }
 };
 
-// The mma operand types for an element type.
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+// Shared memory of a block: a fixed part laid out at compile time, then the warps' stages.
+//
+// The byte-code tables (code c at c * 256, key slots at +0, value slots at +128) start at a shared
+// address that is a multiple of 64 KiB, so that one PRMT assembles a gather's whole address from
+// the code (byte 1), the lane's slot (byte 0) and the table's base (bytes 2, 3). The block's dynamic
+// memory starts kReservedSmem bytes into the shared window (the driver's reserved block; checked on
+// the host against the device attribute and in the kernel), so the tables sit at 64 KiB -
+// kReservedSmem. Below them: the 12-bit tables, grids, queries and barriers, then stages of the
+// first `low_warps` warps; the other warps' stages follow the tables.
+constexpr int kReservedSmem = 1024;
+
+template <class C, bool kExpanded, int kOffset>
+struct Table;
+
+template <int D, class KC, class VC, bool kEight>
+struct Layout {
+  static constexpr int kKeyRowBytes = KC::template row_bytes<D>();
+  static constexpr int kValueRowBytes = VC::template row_bytes<D>();
+  // A stage holds the code rows of two steps when they are small (fewer waits and copies per
+  // token), of one otherwise: key rows, then value rows.
+  static constexpr int kStageTokens = kKeyRowBytes + kValueRowBytes <= 64 ? 2 * kStep : kStep;
+  static constexpr int kStageBytes = kStageTokens * (kKeyRowBytes + kValueRowBytes);
+  static constexpr bool kByteTable = KC::kByteCodes || VC::kByteCodes;
+  static constexpr int kByteTableOffset = kByteTable ? 65536 - kReservedSmem : 0;
+  static constexpr int kKeyWide = 0;
+  static constexpr int kValueWide = kKeyWide + KC::kWideBytes;
+  static constexpr int kAffine = kValueWide + VC::kWideBytes;  // float [2][kGridFloats]: key, value grids
+  static constexpr int kQuery = kAffine + 2 * kGridFloats * 4;   // float [kRows][D]
+  static constexpr int kRowConst = kQuery + kRows * D * 4;       // float [kRows][2]: score scale, shift
+  static constexpr int kShift = kRowConst + kRows * 2 * 4;       // float [kRows]: q . mu * scale_log2
+  static constexpr int kReduce = kShift + kRows * 4;             // float [max warps][2][16]
+  static constexpr int kQueryMean = kReduce + max_warps<D, kEight>() * 2 * 16 * 4;  // float [kRows][D]: q * mu
+  static constexpr int kBarriers = round_up(kQueryMean + kRows * D * 4, 8);  // uint64 [warps][stages]
+  static constexpr int kLowEnd = round_up(kBarriers + max_warps<D, kEight>() * kMaxStages * 8, 128);
+  static_assert(!kByteTable || kLowEnd <= kByteTableOffset, "fixed part overlaps the byte-code tables");
+  static constexpr int kHigh = kByteTable ? kByteTableOffset + 256 * 256 : kLowEnd;
+  // Overlays once the tables are dead or unused: the warps' final states (coded blocks, from 0)
+  // and the full-precision chunks (full-precision blocks, in the tables' place).
+  static constexpr int combine_bytes(int warps) { return warps * kRows * (D + 2) * 4; }
+  static constexpr int kChunks = kByteTable ? kByteTableOffset : kLowEnd;
+  static constexpr int kChunkBytes = 2 * chunk_tokens<D>() * (D + 2) * 2;
+  // Warps whose stages fit below the tables.
+  static int low_warps(int stages) { return kByteTable ? (kByteTableOffset - kLowEnd) / (stages * kStageBytes) : 0; }
+  // (+16: Bits may read one word past a stage's last row.)
+  static int shared_bytes(int warps, int stages) {
+    const int high = warps > low_warps(stages) ? (warps - low_warps(stages)) * stages * kStageBytes : 0;
+    return cmax(cmax(kHigh + high + 16, combine_bytes(warps)), kChunks + kChunkBytes);
   }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+  // Keys compact, values expanded where their codes are bytes (see Table).
+  using KeyTable = Table<KC, false, kKeyWide>;
+  using ValueTable = Table<VC, VC::kByteCodes, kValueWide>;
+  static_assert(kStageBytes % 16 == 0, "stages must stay 16-byte aligned");
 };
 
-// Everything the kernel reads, by value (kernel parameter space).
+// Everything the kernels read, by value (kernel parameter space).
 struct Params {
   const void* q;
   void* out;
@@ -105,22 +154,57 @@ struct Params {
   float* partial_ml;   // [groups, parts, kRows, 2] running max (log2 units) and sum of exp2
   CompressedKV kv;
   int64_t batch, num_q_heads, num_kv_heads, num_queries;
-  int group;           // query heads per KV head
-  int row_tiles;       // ceil(group * num_queries / kRows)
-  int splits;          // blocks over the coded tokens (blocks x = 1..splits; x = 0: full precision)
-  int64_t split_tokens;  // coded tokens per split, a multiple of kStep * kWarps
-  float scale_log2;    // softmax scale * log2(e)
+  int group;             // query heads per KV head
+  int row_tiles;         // ceil(group * num_queries / kRows)
+  int splits;            // blocks over the coded tokens (blocks x = 1..splits; x = 0: full precision)
+  int64_t split_tokens;  // coded tokens per split, a multiple of the stage tokens * warps
+  float scale_log2;      // softmax scale * log2(e)
+  int warps, stages;     // the shared-memory plan of a block
+  int low_warps;         // warps whose stages lie below the byte-code tables (Layout)
+  int page_shift;        // log2 of kv.page_size (paged caches)
 };
 
 // ---- small device helpers -----------------------------------------------------------------------
 
-// Two consecutive elements (4-byte aligned) as floats.
-__device__ __forceinline__ float2 pair_to_float2(const __half* x) {
-  return __half22float2(*reinterpret_cast<const __half2*>(x));
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float2 pair(const __half* x) {
+    return __half22float2(*reinterpret_cast<const __half2*>(x));
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float2 pair(const __nv_bfloat16* x) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
+  }
+};
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
 }
-__device__ __forceinline__ float2 pair_to_float2(const __nv_bfloat16* x) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
+
+// c += A B on the tensor cores (fp16 operands, fp32 accumulate).
+__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+  cute::SM80_16x8x16_F32F16F16F32_TN::fma(c[0], c[1], c[2], c[3], a0, a1, a2, a3, b0, b1, c[0], c[1], c[2], c[3]);
 }
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The softmax reference point of a running max: -inf (nothing seen yet) counts as 0, so that
+// exp2(x - ref) never computes -inf - -inf.
+__device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
 // A length from the device-side lengths table, clamped to its buffer (a bad length cannot make the
 // kernel read outside the buffers).
@@ -128,13 +212,14 @@ __device__ __forceinline__ int64_t clamp_length(int32_t length, int64_t capacity
   return length < 0 ? 0 : (length > capacity ? capacity : length);
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// fp16 operand pairs from bytes: [u0, 0, u1, 0] is the fp16 pair (u0, u1) * 2^-24 (subnormal, exact).
+__device__ __forceinline__ uint32_t bytes01(uint32_t w) { return __byte_perm(w, 0, 0x4140); }
+__device__ __forceinline__ uint32_t bytes23(uint32_t w) { return __byte_perm(w, 0, 0x4342); }
+
+// An entry as fp16 pairs: elements (0, 1) in x, (2, 3) in y, (4, 5) in z, (6, 7) in w.
+struct Pairs {
+  uint32_t x, y, z, w;
+};
 
 // BITS consecutive bits of a row of codes in shared memory (row 4-byte aligned), starting at bit
 // `first`, as little-endian words.
@@ -162,10 +247,9 @@ struct Bits {
       for (int i = 0; i < kWords; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], shift);
     }
   }
-  // Code u of width B (u, B compile-time so the word indices are too).
+  // Code u of width B (u and B compile-time, so the word indices are too).
   template <int B>
   __device__ __forceinline__ uint32_t code(int u) const {
-    if constexpr (B == 8) return __byte_perm(w[u >> 2], 0, 0x4440 | (u & 3));  // one PRMT
     const int bit = u * B, word = bit >> 5, off = bit & 31;
     uint32_t v = w[word] >> off;
     if (off + B > 32) v = __funnelshift_r(w[word], w[word + 1], off);
@@ -173,115 +257,316 @@ struct Bits {
   }
 };
 
-// Entry e of a replicated table, `copy` being this lane's copy: table + copy * kEntryBytes.
-// (Entry-major layout, so the address is one shift-add of the code.)
-template <class C>
-__device__ __forceinline__ const uint8_t* entry_ptr(const uint8_t* copy, uint32_t e) {
-  return copy + e * (C::kCopies * C::kEntryBytes);
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// ---- the coded-token blocks --------------------------------------------------------------------
+// How a lane reads centroids of codec C. Byte codes: the replicated tables, each lane its own slot,
+// entries either compact (one byte per element, turned into fp16 pairs after the load: the keys,
+// whose pairs of two tokens interleave in the mma operand anyway) or expanded (stored as the fp16
+// pairs themselves: the values, whose operand takes them as loaded). 12-bit codes: the single
+// compact table at kOffset.
+template <class C, bool kExpanded, int kOffset>
+struct Table {
+  using Codec = C;
+  static constexpr bool kExpandedEntries = kExpanded;
+  static constexpr int kEntryBytes = kExpanded ? 2 * C::kSub : C::kSub;
+  static constexpr int kSlot = kEntryBytes < 4 ? 4 : kEntryBytes;
+  static constexpr int kCopies = 128 / kSlot;
+  static_assert(!kExpanded || C::kByteCodes, "only replicated tables are expanded");
 
-template <int D, class KC, class VC>
-struct Layout {
-  static constexpr int kKeyRowBytes = KC::template row_bytes<D>();
-  static constexpr int kValueRowBytes = VC::template row_bytes<D>();
-  static constexpr int kStageBytes = kStep * (kKeyRowBytes + kValueRowBytes);
-  static constexpr int kKeyTable = 0;
-  static constexpr int kValueTable = KC::kSharedBytes;
-  static constexpr int kQuery = kValueTable + VC::kSharedBytes;   // float [kRows][D]
-  static constexpr int kQueryShift = kQuery + kRows * D * 4;      // float [kRows]
-  static constexpr int kStaging = kQueryShift + kRows * 4;        // [kWarps][kStages][stage]
-  // One block per SM with as many warps as the registers (<= 128 each at 16 warps; D = 256 needs
-  // more, so 8 warps) and the shared memory left after the tables allow: more warps hide more of
-  // the gathers' latency, and every warp shares the block's tables.
-  static constexpr int kSharedLimit = 227 * 1024;
-  static constexpr int kWarps =
-      cmin(D == 256 ? 8 : 16, (kSharedLimit - kStaging - 16) / (kStages * kStageBytes));
-  static constexpr int kThreads = 32 * kWarps;
-  // The scratch region after the queries holds the staged codes (+16: Bits may read one word
-  // past), then the warps' final states for their merge; in a full-precision block, the chunks.
-  static constexpr int kStagingBytes = kWarps * kStages * kStageBytes + 16;
-  static constexpr int kCombineBytes = kWarps * kRows * (D + 2) * 4;
-  static constexpr int kChunkBytes = 2 * chunk_tokens<D>() * (D + 2) * 2;
-  static constexpr int kSharedBytes = kStaging + cmax(kStagingBytes, cmax(kCombineBytes, kChunkBytes));
-  static_assert(kStageBytes % 16 == 0, "stages must stay 16-byte aligned");
-  static_assert(kSharedBytes <= kSharedLimit, "shared memory layout too large");
+  // Byte codes: the tables' shared address (a multiple of 64 KiB) plus this lane's slot (< 256).
+  uint32_t lane_base;
+
+  // The centroid of code u as fp16 pairs.
+  template <int BITS>
+  __device__ __forceinline__ Pairs entry(const Bits<BITS>& codes, int u) const {
+    uint32_t v[4] = {0, 0, 0, 0};
+    if constexpr (C::kByteCodes) {
+      // the address in one PRMT: code byte u % 4 of word u / 4 into byte 1, lane_base's bytes 0, 2, 3
+      const uint32_t address = __byte_perm(codes.w[u >> 2], lane_base, 0x7604 | ((u & 3) << 4));
+      if constexpr (kEntryBytes == 16)
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(address));
+      else if constexpr (kEntryBytes == 8)
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "r"(address));
+      else
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v[0]) : "r"(address));
+    } else {
+      const uint8_t* ptr = vecinfer_attention_smem + kOffset + codes.template code<C::kBits>(u) * C::kSub;
+      if constexpr (C::kSub == 8) {
+        const uint2 w = *reinterpret_cast<const uint2*>(ptr);
+        v[0] = w.x, v[1] = w.y;
+      } else if constexpr (C::kSub == 4) {
+        v[0] = *reinterpret_cast<const uint32_t*>(ptr);
+      } else {
+        v[0] = *reinterpret_cast<const uint16_t*>(ptr);
+      }
+    }
+    if constexpr (kExpanded) return {v[0], v[1], v[2], v[3]};
+    return {bytes01(v[0]), bytes23(v[0]), bytes01(v[1]), bytes23(v[1])};
+  }
 };
 
-// Per-lane mma fragment geometry: lane = 4 * r + c.
-struct Lane {
-  int lane, r, c;
-  __device__ __forceinline__ Lane() : lane(threadIdx.x & 31), r((threadIdx.x & 31) >> 2), c(threadIdx.x & 3) {}
+// ---- code rows: contiguous or paged -------------------------------------------------------------
+
+// Where the code rows of one (sequence, KV head) live: contiguous, or paged through the
+// sequence's page table (pages of 2^page_shift rows; page ids clamped into the pool, so a bad id
+// cannot read outside it).
+template <int KRB, int VRB>
+struct CodeSource {
+  const uint8_t* keys;    // contiguous: row 0 of this head; paged: the pools, offset by the head
+  const uint8_t* values;
+  const int32_t* pages;   // this sequence's page table row, or null
+  int64_t capacity;       // rows in the buffer (contiguous) or max_pages * page size
+  int64_t page_rows;      // rows between pages of the pool: num_kv_heads * page size
+  int64_t last_page;
+  int page_shift;
+
+  __device__ __forceinline__ CodeSource(const Params& p, int64_t b, int64_t head) {
+    const CompressedKV& kv = p.kv;
+    capacity = kv.code_capacity;
+    page_shift = p.page_shift;
+    page_rows = p.num_kv_heads << page_shift;
+    last_page = kv.num_pages - 1;
+    const int64_t first_row = kv.page_table ? head << page_shift : (b * p.num_kv_heads + head) * capacity;
+    keys = kv.key_codes + first_row * KRB;
+    values = kv.value_codes + first_row * VRB;
+    pages = kv.page_table ? kv.page_table + b * kv.max_pages : nullptr;
+  }
+
+  // The rows of `token` (a multiple of 16, below capacity): `run` tokens from there lie one after
+  // another (the rest of the buffer or of the page; a multiple of 16).
+  __device__ __forceinline__ void rows(int64_t token, const uint8_t*& k, const uint8_t*& v, int64_t& run) const {
+    if (pages == nullptr) {
+      k = keys + token * KRB, v = values + token * VRB, run = capacity - token;
+      return;
+    }
+    const int64_t slot = token & ((int64_t{1} << page_shift) - 1);
+    int64_t page = pages[token >> page_shift];
+    page = page < 0 ? 0 : (page > last_page ? last_page : page);
+    const int64_t row = page * page_rows + slot;
+    k = keys + row * KRB, v = values + row * VRB, run = (int64_t{1} << page_shift) - slot;
+  }
 };
 
-// Dimension (natural order) of value index i of the key fragments of quad lane c: k-block i / 4,
-// slot (2c, 2c+1, 2c+8, 2c+9)[i % 4]. Each lane's dims are one contiguous run of D/4, so its codes
-// are one contiguous run of bits of the row.
-template <int D>
-__device__ __forceinline__ int key_dim(int c, int i) { return c * (D / 4) + i; }
-// Dimension of output row rho (0..15) of value m-block mb for lane group r = rho % 8: lane group r
-// holds dims [r*D/8, (r+1)*D/8), block mb its dims 2mb (rho = r) and 2mb + 1 (rho = r + 8).
-template <int D>
-__device__ __forceinline__ int value_dim(int r, int mb, int high) { return r * (D / 8) + 2 * mb + high; }
+// Per warp, the staging of its code rows: stages of L::kStageTokens tokens (key rows, then value
+// rows), `stages` of them in rotation. Tokens past the buffer's end are not copied (stale bytes
+// are valid codes; those tokens are masked out of the softmax).
+template <class L>
+struct Stager {
+  static constexpr int KRB = L::kKeyRowBytes, VRB = L::kValueRowBytes, kTokens = L::kStageTokens;
+  uint8_t* buffers;    // this warp's stages
+  uint64_t* barriers;  // this warp's stage barriers (sm_90)
+  CodeSource<KRB, VRB> source;
 
-template <typename T, int D, class KC, class VC>
+  __device__ __forceinline__ uint8_t* stage(int s) const { return buffers + s * L::kStageBytes; }
+
+  // Starts copying the stage of tokens from `first` into stage s.
+  __device__ __forceinline__ void issue(int s, int64_t first, int lane) const {
+    uint8_t* dst = stage(s);
+#if __CUDA_ARCH__ >= 900
+    if (lane == 0) {
+      // The rows up to the buffer's end, in runs of consecutive rows (one, or one per page).
+      const int total = static_cast<int>(min(int64_t{kTokens}, source.capacity - first));
+      cutlass::arch::fence_view_async_shared();  // this warp's reads of the stage came first
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&barriers[s], total * (KRB + VRB));
+      for (int t = 0; t < total;) {
+        const uint8_t *k, *v;
+        int64_t run;
+        source.rows(first + t, k, v, run);
+        const int n = static_cast<int>(min(run, int64_t{total - t}));
+        cute::SM90_BULK_COPY_G2S::copy(k, &barriers[s], dst + t * KRB, n * KRB);
+        cute::SM90_BULK_COPY_G2S::copy(v, &barriers[s], dst + kTokens * KRB + t * VRB, n * VRB);
+        t += n;
+      }
+    }
+#else
+    // Quarters of 16 tokens (pages and capacities are multiples of 16), 16-byte chunks per lane.
+    constexpr int kQuarters = kTokens / 16;
+    const uint8_t* k[kQuarters];
+    const uint8_t* v[kQuarters];
+#pragma unroll
+    for (int h = 0; h < kQuarters; ++h) {
+      int64_t run;
+      k[h] = v[h] = nullptr;
+      if (first + 16 * h < source.capacity) source.rows(first + 16 * h, k[h], v[h], run);
+    }
+    constexpr int kKeyChunks = kTokens * KRB / 16, kChunks = kKeyChunks + kTokens * VRB / 16;
+#pragma unroll
+    for (int i = lane; i < kChunks; i += 32) {
+      const bool key = i < kKeyChunks;
+      const int offset = 16 * (key ? i : i - kKeyChunks), quarter_bytes = 16 * (key ? KRB : VRB);
+      const int h = offset / quarter_bytes;
+      const uint8_t* src = nullptr;  // k[h] or v[h], selected without a run-time array index (local memory)
+#pragma unroll
+      for (int q = 0; q < kQuarters; ++q)
+        if (q == h) src = key ? k[q] : v[q];
+      const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + (key ? 0 : kTokens * KRB) + offset));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d),
+                   "l"(src ? src + offset - h * quarter_bytes : source.keys), "r"(src ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+  }
+
+  // Waits until stage s (its `use`-th filling, counted from 0) has landed.
+  __device__ __forceinline__ void wait(int s, int use, int pending) const {
+#if __CUDA_ARCH__ >= 900
+    (void)pending;
+    cutlass::arch::ClusterTransactionBarrier::wait(&barriers[s], use & 1);
+#else
+    (void)s, (void)use;
+    // cp.async groups complete in order: at most `pending` younger groups may still fly.
+    switch (pending) {
+      case 0: asm volatile("cp.async.wait_group 0;\n" ::); break;
+      case 1: asm volatile("cp.async.wait_group 1;\n" ::); break;
+      case 2: asm volatile("cp.async.wait_group 2;\n" ::); break;
+      default: asm volatile("cp.async.wait_group 3;\n" ::); break;
+    }
+#endif
+    __syncwarp();
+  }
+};
+
+// ---- tables and queries -------------------------------------------------------------------------
+
+// The grids of the key and value codebooks in one pass (one round trip to memory): min and max over
+// the entries at each element position, reduced over the block. out[0..23] keys: lo[8], step[8]
+// = (max - min) / 255, 1 / step[8] (0 if step is 0); out[24..47] values. `reduce` is
+// [warps][2][16] scratch.
+template <int KS, int VS>
+__device__ void codebook_grids(const float* keys, int key_entries, const float* values, int value_entries,
+                               float* reduce, float* out) {
+  constexpr int S = KS + VS;  // key positions, then value positions
+  float lo[S], hi[S];
+#pragma unroll
+  for (int e = 0; e < S; ++e) lo[e] = INFINITY, hi[e] = -INFINITY;
+  const int entries = key_entries > value_entries ? key_entries : value_entries;
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+#pragma unroll
+    for (int e = 0; e < S; ++e) {
+      const bool key = e < KS;
+      if (i < (key ? key_entries : value_entries)) {
+        const float v = key ? keys[i * KS + e] : values[i * VS + e - KS];
+        lo[e] = fminf(lo[e], v), hi[e] = fmaxf(hi[e], v);
+      }
+    }
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int e = 0; e < S; ++e) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      lo[e] = fminf(lo[e], __shfl_xor_sync(0xffffffffu, lo[e], o));
+      hi[e] = fmaxf(hi[e], __shfl_xor_sync(0xffffffffu, hi[e], o));
+    }
+    if (lane == 0) reduce[(warp * 2) * 16 + e] = lo[e], reduce[(warp * 2 + 1) * 16 + e] = hi[e];
+  }
+  __syncthreads();
+  if (threadIdx.x < S) {
+    const int e = threadIdx.x;
+    float l = INFINITY, h = -INFINITY;
+    for (int w = 0; w < warps; ++w) l = fminf(l, reduce[(w * 2) * 16 + e]), h = fmaxf(h, reduce[(w * 2 + 1) * 16 + e]);
+    const float step = (h - l) / 255.f;
+    float* grid = e < KS ? out : out + kGridFloats;
+    const int position = e < KS ? e : e - KS;
+    grid[position] = l;
+    grid[8 + position] = step;
+    grid[16 + position] = step > 0.f ? 1.f / step : 0.f;
+  }
+  __syncthreads();
+}
+
+// The 8-bit grid value of a centroid element: round((v - lo) / step), 0 where the position is
+// constant. grid = {lo[8], step[8], 1 / step[8]}.
+__device__ __forceinline__ uint32_t grid_byte(float v, const float* grid, int e) {
+  if (!(grid[8 + e] > 0.f)) return 0;
+  const float u = rintf((v - grid[e]) * grid[16 + e]);
+  return static_cast<uint32_t>(fminf(fmaxf(u, 0.f), 255.f));
+}
+
+// Fills the block's centroid tables for `kv_head` and the grid of each: affine[0..23] keys (lo,
+// step, 1 / step), [24..47] values.
+template <class L, class KC, class VC>
 __device__ void load_tables(uint8_t* smem, const Params& p, int64_t kv_head) {
-  using L = Layout<D, KC, VC>;
-  auto fill = [&](uint8_t* table, const Codebook& cb, auto codec) {
-    using C = decltype(codec);
-    const float* src = cb.centroids +
-                       detail::table_row(kv_head, p.num_kv_heads, cb.num_codebooks) * C::kEntries * C::kSub;
-    for (int i = threadIdx.x; i < C::kEntries * C::kSub / 2; i += L::kThreads) {
-      const float2 v = reinterpret_cast<const float2*>(src)[i];
-      const uint32_t packed = Mma<T>::pack(v.x, v.y);
-      const int e = 2 * i / C::kSub, within = (2 * i % C::kSub) * 2;  // byte offset in the entry
-#pragma unroll 4
-      for (int copy = 0; copy < C::kCopies; ++copy)
-        *reinterpret_cast<uint32_t*>(table + (e * C::kCopies + copy) * C::kEntryBytes + within) = packed;
+  float* affine = reinterpret_cast<float*>(smem + L::kAffine);
+  float* reduce = reinterpret_cast<float*>(smem + L::kReduce);
+  const float* key_src = p.kv.key_codebook.centroids +
+                         detail::table_row(kv_head, p.num_kv_heads, p.kv.key_codebook.num_codebooks) * KC::kEntries * KC::kSub;
+  const float* value_src = p.kv.value_codebook.centroids + detail::table_row(kv_head, p.num_kv_heads,
+                                                                             p.kv.value_codebook.num_codebooks) *
+                                                               VC::kEntries * VC::kSub;
+  codebook_grids<KC::kSub, VC::kSub>(key_src, KC::kEntries, value_src, VC::kEntries, reduce, affine);
+  auto fill = [&](auto table, const float* src, const float* grid, int wide_offset, int slot_base) {
+    using Tb = decltype(table);
+    using C = typename Tb::Codec;
+    for (int i = threadIdx.x; i < C::kEntries; i += blockDim.x) {
+      uint32_t u[C::kSub];
+#pragma unroll
+      for (int e = 0; e < C::kSub; ++e) u[e] = grid_byte(src[i * C::kSub + e], grid, e);
+      if constexpr (C::kByteCodes) {  // replicated over the 128 bytes of the code's half
+        uint32_t w[4] = {0, 0, 0, 0};  // the slot's words: fp16 pairs (expanded) or bytes (compact)
+#pragma unroll
+        for (int e = 0; e < C::kSub; ++e)
+          w[Tb::kExpandedEntries ? e >> 1 : e >> 2] |= u[e] << (Tb::kExpandedEntries ? 16 * (e & 1) : 8 * (e & 3));
+        const uint4 chunk = Tb::kSlot == 4   ? make_uint4(w[0], w[0], w[0], w[0])
+                            : Tb::kSlot == 8 ? make_uint4(w[0], w[1], w[0], w[1])
+                                             : make_uint4(w[0], w[1], w[2], w[3]);
+        uint4* dst = reinterpret_cast<uint4*>(smem + L::kByteTableOffset + i * 256 + slot_base);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dst[j] = chunk;
+      } else {  // one byte per element
+        uint32_t w[2] = {0, 0};
+#pragma unroll
+        for (int e = 0; e < C::kSub; ++e) w[e >> 2] |= u[e] << (8 * (e & 3));
+        uint8_t* dst = smem + wide_offset + i * C::kSub;
+        if constexpr (C::kSub == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+        else if constexpr (C::kSub == 4) *reinterpret_cast<uint32_t*>(dst) = w[0];
+        else *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(w[0]);
+      }
     }
   };
-  fill(smem + L::kKeyTable, p.kv.key_codebook, KC{});
-  fill(smem + L::kValueTable, p.kv.value_codebook, VC{});
+  fill(typename L::KeyTable{}, key_src, affine, L::kKeyWide, 0);
+  fill(typename L::ValueTable{}, value_src, affine + kGridFloats, L::kValueWide, 128);
 }
 
 // Writes the query rows of this block into shared memory as Q' = H(q * lambda) * hadamard_norm *
-// scale_log2 (float), and each row's shift q . mu * scale_log2. Rows past `rows` are zero.
-template <typename T, int D, int kWarps>
-__device__ void prepare_queries(float* qs, float* shift, const Params& p, int64_t b, int64_t kv_head,
+// scale_log2 (float), and each row's shift q . mu * scale_log2. Rows past `rows` are zero. q, lambda
+// and mu are read in one pass (q * mu parked in `products`, [kRows][D]). Without `transformed`: q
+// alone, as it is.
+template <typename T, int D>
+__device__ void prepare_queries(float* qs, float* shift, float* products, const Params& p, int64_t b, int64_t kv_head,
                                 int first_row, int rows, bool transformed) {
-  constexpr int kThreads = 32 * kWarps;
+  const int threads = blockDim.x, warps = threads >> 5;
   const Transform& t = p.kv.key_transform;
   const int64_t table = detail::table_row(kv_head, p.num_kv_heads, t.table_rows);
-  for (int i = threadIdx.x; i < kRows * D; i += kThreads) {
+  const bool scale = transformed && t.scale, mean = transformed && t.mean;
+  for (int i = threadIdx.x; i < kRows * D; i += threads) {
     const int row = i / D, d = i % D;
     float v = 0.f;
     if (row < rows) {
       const int global_row = first_row + row;
       const int64_t head = kv_head * p.group + global_row / p.num_queries;
       const int64_t tq = global_row % p.num_queries;
-      v = Mma<T>::to_float(static_cast<const T*>(p.q)[((b * p.num_q_heads + head) * p.num_queries + tq) * D + d]);
+      v = Elem<T>::to_float(static_cast<const T*>(p.q)[((b * p.num_q_heads + head) * p.num_queries + tq) * D + d]);
     }
-    qs[i] = v;
+    if (mean) products[i] = v * t.mean[table * D + d];
+    qs[i] = scale ? v * t.scale[table * D + d] : v;
   }
   __syncthreads();
   if (!transformed) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int row = warp; row < kRows; row += kWarps) {
+  for (int row = warp; row < kRows; row += warps) {  // no barrier after: the Hadamard reads qs only
     float dot = 0.f;
-    if (t.mean)
-      for (int d = lane; d < D; d += 32) dot += qs[row * D + d] * t.mean[table * D + d];
+    if (mean)
+      for (int d = lane; d < D; d += 32) dot += products[row * D + d];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if (lane == 0) shift[row] = dot * p.scale_log2;
   }
-  __syncthreads();  // the shifts read qs before it is scaled in place
-  if (t.scale)
-    for (int i = threadIdx.x; i < kRows * D; i += kThreads) qs[i] *= t.scale[table * D + i % D];
-  __syncthreads();
   if (t.hadamard) {
     for (int h = 1; h < D; h <<= 1) {
-      for (int i = threadIdx.x; i < kRows * D / 2; i += kThreads) {
+      for (int i = threadIdx.x; i < kRows * D / 2; i += threads) {
         const int row = i / (D / 2), k = i % (D / 2);
         const int j = row * D + (k / h) * 2 * h + k % h;
         const float a = qs[j], c = qs[j + h];
@@ -292,56 +577,44 @@ __device__ void prepare_queries(float* qs, float* shift, const Params& p, int64_
     }
   }
   const float norm = (t.hadamard ? detail::hadamard_norm(D) : 1.f) * p.scale_log2;
-  for (int i = threadIdx.x; i < kRows * D; i += kThreads) qs[i] *= norm;
+  for (int i = threadIdx.x; i < kRows * D; i += threads) qs[i] *= norm;
   __syncthreads();
 }
 
-// Per warp, the cp.async staging of its steps' code bytes: the key and value bytes of kStep
-// tokens, lane-strided 16-byte chunks, kStages buffers in rotation. Bytes past the split's last
-// token are zero-filled (those tokens are masked out of the softmax).
-template <int D, class KC, class VC>
-struct Stager {
-  using L = Layout<D, KC, VC>;
-  static constexpr int kKeyChunks = kStep * L::kKeyRowBytes / 16;
-  static constexpr int kChunks = kKeyChunks + kStep * L::kValueRowBytes / 16;
-  static constexpr int kPerLane = (kChunks + 31) / 32;
-  static constexpr int64_t kStride = int64_t{L::kWarps} * kStep;  // tokens between a warp's steps
-
-  uint8_t* buffers;       // this warp's kStages buffers
-  const uint8_t* keys;    // code bytes of the next step to issue
-  const uint8_t* values;
-  int64_t first, end;     // next step's first token; the split's end
-  int stage = 0;
-  int lane;
-
-  // Issues the next step (or an empty group past the end, so group counting stays uniform).
-  __device__ __forceinline__ void issue() {
-    if (first < end) {
-      uint8_t* dst = buffers + stage * L::kStageBytes;
-      const bool full = end - first >= kStep;  // all but a split's last step
-      const int valid = full ? kStep : static_cast<int>(end - first);
-#pragma unroll
-      for (int q = 0; q < kPerLane; ++q) {
-        const int i = lane + 32 * q;
-        if (kChunks % 32 != 0 && i >= kChunks) break;
-        const bool is_key = kKeyChunks % 32 == 0 ? q < kKeyChunks / 32 : i < kKeyChunks;
-        const int offset = 16 * (is_key ? i : i - kKeyChunks);
-        int bytes = 16;
-        if (!full) {
-          const int have = valid * (is_key ? L::kKeyRowBytes : L::kValueRowBytes) - offset;
-          bytes = have < 0 ? 0 : have > 16 ? 16 : have;
-        }
-        const uint8_t* src = (is_key ? keys : values) + offset;
-        cp_async16(dst + (is_key ? 0 : kStep * L::kKeyRowBytes) + offset, bytes ? src : keys, bytes);
-      }
+// Q'' for the score product on the key grid: row i's score (log2 units) is
+//   sum_d Q'[i][d] (lo[e] + step[e] u[d]) + shift[i] = row_scale[i] * (Q''[i] . u 2^-24) + row_shift[i]
+// with Q''[i][d] = Q'[i][d] step[e] 2^24 / row_scale[i], row_scale a power of two putting the row's
+// largest |Q''| in [2^14, 2^15) (fp16 keeps 11 bits of every element). Rewrites qs in place.
+template <int D, int S>
+__device__ void prepare_key_grid(float* qs, const float* shift, const float* affine, float* row_const) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int row = warp; row < kRows; row += warps) {
+    float* q = qs + row * D;
+    float big = 0.f, offset = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      big = fmaxf(big, fabsf(q[d] * affine[8 + d % S]));
+      offset += q[d] * affine[d % S];
     }
-    cp_async_commit();
-    first += kStride;
-    keys += kStride * L::kKeyRowBytes;
-    values += kStride * L::kValueRowBytes;
-    stage = stage + 1 == kStages ? 0 : stage + 1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, o));
+      offset += __shfl_xor_sync(0xffffffffu, offset, o);
+    }
+    // big = f 2^E, f in [0.5, 1): Q'' = Q' step 2^(15 - E) has |Q''| < 2^15, and the product
+    // Q'' . (u 2^-24) = 2^(-9 - E) Q' . (step u), so row_scale = 2^(E + 9).
+    int exponent = 0;
+    frexpf(big, &exponent);
+    const float to_half = big > 0.f ? ldexpf(1.f, 15 - exponent) : 0.f;
+    for (int d = lane; d < D; d += 32) q[d] *= affine[8 + d % S] * to_half;
+    if (lane == 0) {
+      row_const[2 * row] = big > 0.f ? ldexpf(1.f, exponent + 9) : 0.f;
+      row_const[2 * row + 1] = shift[row] + offset;
+    }
   }
-};
+  __syncthreads();
+}
+
+// ---- the coded-token blocks --------------------------------------------------------------------
 
 // 8x8 b16 transpose of an mma fragment (lane 4r + c: row r, columns 2c, 2c+1).
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
@@ -350,27 +623,171 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
+// Scale the accumulators of this lane's rows (rho0: a0, rho0 + 1: a1).
+template <int kMB>
+__device__ __forceinline__ void rescale(float (&o)[kMB][4], float (&l)[4], float a0, float a1) {
+#pragma unroll
+  for (int i = 0; i < kMB; ++i) o[i][0] *= a0, o[i][2] *= a0, o[i][1] *= a1, o[i][3] *= a1;
+  l[0] *= a0, l[2] *= a0, l[1] *= a1, l[3] *= a1;
 }
 
-// One block over the coded tokens [begin, end) of its split. Tokens sit on the M dimension of
-// mma.sync m16n8k16 and the block's (up to 8) query rows on N:
-//   S^T[16 tokens x 8 rows]  = K'[16 x D] Q'^T      (K' gathered from the codebook into A fragments)
-//   O^T[D x 8 rows]         += V'^T[D x 16] P^T     (P^T from S^T by an 8x8 register transpose)
-template <typename T, int D, class KC, class VC>
-__device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t kv_head, int first_row, int rows,
-                            int split) {
-  using L = Layout<D, KC, VC>;
-  constexpr int kKB = D / 16;                                // k-blocks of the score product
-  constexpr int kMB = D / 16;                                // m-blocks (16 dims) of the output
-  constexpr int kTiles = kStep / 16;                         // m16 token tiles per step
-  constexpr int kKeyBits = D / KC::kSub / 4 * KC::kBits;     // codes of one lane in a key row
-  constexpr int kValueBits = D / VC::kSub / 8 * VC::kBits;   // codes of one lane in a value row
-  const Lane ln;
-  const int warp = threadIdx.x >> 5;
+// The online-softmax state of one set of four query rows: this lane's rows rho0 and rho0 + 1.
+struct RowPair {
+  float scale[2], shift[2];  // scores (log2 units) = mma result * scale + shift
+  int64_t bound[2];          // coded tokens visible to the row: [0, bound)
+  float m[2];                // running maxima
+};
+
+// Scores of one step's two token tiles turned into P^T for the value products: S^T fragments in,
+// per 8-token group the B fragments (pb0, pb1) of this lane's column r (row r & 3, element r >> 2)
+// out, rescaling the accumulators first when a row's maximum grew.
+template <int kMB>
+__device__ __forceinline__ void softmax_step(float (&st)[2][4], RowPair& rp, int64_t first, bool masked, int r,
+                                             uint32_t sel_lo, uint32_t sel_hi, float (&o)[kMB][4], float (&l)[4],
+                                             uint32_t (&pb)[4][2]) {
+  // [0], [1]: token 16t + r; [2], [3]: token 16t + r + 8; rows rho0, rho0 + 1
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) st[t][i] = fmaf(st[t][i], rp.scale[i & 1], rp.shift[i & 1]);
+  if (masked) {  // a step reaching a row's bound (the split's end or the causal limit): warp-uniform
+    const int limit[2] = {static_cast<int>(max(int64_t{-1}, min(int64_t{kStep}, rp.bound[0] - first))),
+                          static_cast<int>(max(int64_t{-1}, min(int64_t{kStep}, rp.bound[1] - first)))};
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (16 * t + r + 8 * (i >> 1) >= limit[i & 1]) st[t][i] = -INFINITY;
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mx[i & 1] = fmaxf(mx[i & 1], st[t][i]);
+#pragma unroll
+  for (int off = 4; off <= 16; off <<= 1)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], off));
+  if (__any_sync(0xffffffffu, mx[0] > rp.m[0] || mx[1] > rp.m[1])) {
+    const float new0 = fmaxf(rp.m[0], mx[0]), new1 = fmaxf(rp.m[1], mx[1]);
+    rescale(o, l, fast_exp2(rp.m[0] - softmax_ref(new0)), fast_exp2(rp.m[1] - softmax_ref(new1)));
+    rp.m[0] = new0, rp.m[1] = new1;
+  }
+  const float ref0 = softmax_ref(rp.m[0]), ref1 = softmax_ref(rp.m[1]);
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {  // group g: tile g / 2, tokens r (even g) or r + 8 (odd g)
+    const float* s = st[g >> 1] + 2 * (g & 1);
+    // P[token][column] with lane (r, c) at token r, columns 2c, 2c + 1; transposed: column r, tokens 2c, 2c + 1.
+    const uint32_t h = transpose8x8(pack_half2(fast_exp2(s[0] - ref0), fast_exp2(s[1] - ref1)));
+    pb[g][0] = __byte_perm(h, 0, sel_lo), pb[g][1] = __byte_perm(h, 0, sel_hi);
+  }
+}
+
+// Calls f(block, pa, pb) for each 4-dim block of a lane's dims, with the fp16 pairs (dims +{0,1}
+// in x, +{2,3} in y) of the centroids that code rows a and b hold there.
+template <class Table, int kBlocks, int BITS, class F>
+__device__ __forceinline__ void for_each_block(const Table& table, const Bits<BITS>& a, const Bits<BITS>& b, F&& f) {
+  constexpr int kSub = Table::Codec::kSub;
+  if constexpr (kSub == 2) {  // two centroids per block
+#pragma unroll
+    for (int k = 0; k < kBlocks; ++k)
+      f(k, Pairs{table.entry(a, 2 * k).x, table.entry(a, 2 * k + 1).x, 0, 0},
+        Pairs{table.entry(b, 2 * k).x, table.entry(b, 2 * k + 1).x, 0, 0});
+  } else if constexpr (kSub == 4) {  // one
+#pragma unroll
+    for (int k = 0; k < kBlocks; ++k) f(k, table.entry(a, k), table.entry(b, k));
+  } else {  // half of one
+#pragma unroll
+    for (int k = 0; k < kBlocks; k += 2) {
+      const Pairs ea = table.entry(a, k / 2), eb = table.entry(b, k / 2);
+      f(k, ea, eb);
+      f(k + 1, Pairs{ea.z, ea.w, 0, 0}, Pairs{eb.z, eb.w, 0, 0});
+    }
+  }
+}
+
+// The score tiles of one step: S^T of tile t (tokens 16t + m on M) for each set of query rows.
+// Lane (r, c) gathers tokens 16t + r and 16t + r + 8 at its dims of each k-block kb: +{0,1} into a0
+// (token r) / a1 (token r + 8), +{2,3} into a2 / a3. With one set of rows, even and odd k-blocks
+// accumulate apart (two shorter mma chains) and are added at the end.
+template <class KeyTable, int D, int kSets>
+__device__ __forceinline__ void score_tiles(float (&st)[kSets][2][4], const uint8_t* keys, const KeyTable& table,
+                                            const uint32_t (&qb)[kSets][D / 16][2], int r, int c) {
+  using C = typename KeyTable::Codec;
+  constexpr int kKB = D / 16, kRowBytes = C::template row_bytes<D>(), kBits = D / 4 / C::kSub * C::kBits;
+  constexpr bool kChains = kSets == 1;
+  float odd[2][4];
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      odd[t][j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kSets; ++i) st[i][t][j] = 0.f;
+    }
+    Bits<kBits> lo, hi;
+    lo.load(keys + (16 * t + r) * kRowBytes, c * kBits);
+    hi.load(keys + (16 * t + r + 8) * kRowBytes, c * kBits);
+    for_each_block<KeyTable, kKB>(table, lo, hi, [&](int kb, const Pairs& pa, const Pairs& pb) {
+      if constexpr (kChains) {
+        mma(kb & 1 ? odd[t] : st[0][t], pa.x, pb.x, pa.y, pb.y, qb[0][kb][0], qb[0][kb][1]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kSets; ++i) mma(st[i][t], pa.x, pb.x, pa.y, pb.y, qb[i][kb][0], qb[i][kb][1]);
+      }
+    });
+  }
+  if constexpr (kChains)
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) st[0][t][j] += odd[t][j];
+}
+
+// The value products of one step: per 8-token group g, the value rows of tokens 8g + 2c (a0, a1)
+// and 8g + 2c + 1 (a2, a3) at this lane's dims of each m-block (+{0,1}: a0, a2; +{2,3}: a1, a3),
+// times the B fragments of P; and the sums of P (A = ones).
+template <class ValueTable, int D, int kSets>
+__device__ __forceinline__ void value_products(float (&o)[kSets][D / 32][4], float (&l)[kSets][4], const uint8_t* values,
+                                               const ValueTable& table, const uint32_t (&pb)[kSets][4][2], int r,
+                                               int c) {
+  using C = typename ValueTable::Codec;
+  constexpr int kMB = D / 32, kRowBytes = C::template row_bytes<D>(), kBits = D / 8 / C::kSub * C::kBits;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    // Rows 8g + 2c and 8g + 2c + 1, read in the other order by lanes c >= 2: the four lane
+    // columns then read four rows whose offsets differ by an odd number of rows (fewer shared
+    // bank conflicts); the words are swapped back after.
+    Bits<kBits> v0, v1;
+    const int swap = c >> 1;
+    v0.load(values + (8 * g + 2 * c + swap) * kRowBytes, r * kBits);
+    v1.load(values + (8 * g + 2 * c + 1 - swap) * kRowBytes, r * kBits);
+#pragma unroll
+    for (int w = 0; w < Bits<kBits>::kWords; ++w) {
+      const uint32_t a = v0.w[w], b = v1.w[w];
+      v0.w[w] = swap ? b : a, v1.w[w] = swap ? a : b;
+    }
+    for_each_block<ValueTable, kMB>(table, v0, v1, [&](int mb, const Pairs& p0, const Pairs& p1) {
+#pragma unroll
+      for (int i = 0; i < kSets; ++i) mma(o[i][mb], p0.x, p0.y, p1.x, p1.y, pb[i][g][0], pb[i][g][1]);
+    });
+#pragma unroll
+    for (int i = 0; i < kSets; ++i) mma(l[i], kOnes, kOnes, kOnes, kOnes, pb[i][g][0], pb[i][g][1]);
+  }
+}
+
+// One block over the coded tokens [begin, end) of its split (see the file comment for the products).
+// kEight: the block has more than 4 query rows (rows 4-7 get their own score and value products).
+template <typename T, int D, class KC, class VC, bool kEight>
+__device__ void coded_block(const Params& p, int64_t b, int64_t kv_head, int first_row, int rows, int split) {
+  using L = Layout<D, KC, VC, kEight>;
+  constexpr int KRB = L::kKeyRowBytes, VRB = L::kValueRowBytes;
+  constexpr int kKB = D / 16;            // k-blocks of the score product
+  constexpr int kMB = D / 32;            // m-blocks (16 dim pairs) of the value product
+  constexpr int kSets = kEight ? 2 : 1;  // sets of four query rows
+  uint8_t* smem = vecinfer_attention_smem;
+  const int lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
+  const int warps = p.warps, stages = p.stages;
 
   const int32_t* len = p.kv.lengths + 3 * b;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
@@ -379,231 +796,163 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
   const int64_t n = sinks + coded + recent;
   const int64_t begin = split * p.split_tokens;
   const int64_t end = min(coded, begin + p.split_tokens);
-
-  float* qs = reinterpret_cast<float*>(smem + L::kQuery);
-  float* shift = reinterpret_cast<float*>(smem + L::kQueryShift);
-  uint8_t* staging = smem + L::kStaging + warp * kStages * L::kStageBytes;
-  const int64_t head_index = b * p.num_kv_heads + kv_head;
-  const uint8_t* key_src = p.kv.key_codes + head_index * p.kv.code_capacity * L::kKeyRowBytes;
-  const uint8_t* value_src = p.kv.value_codes + head_index * p.kv.code_capacity * L::kValueRowBytes;
+  // The split's stages go to the warps in turn: this warp's k-th stage starts at stage_first(k).
+  constexpr int kStageTokens = L::kStageTokens;
+  const int64_t all_stages = begin < end ? (end - begin + kStageTokens - 1) / kStageTokens : 0;
+  const int my_stages = all_stages > warp ? static_cast<int>((all_stages - warp + warps - 1) / warps) : 0;
+  auto stage_first = [&](int k) { return begin + (int64_t{k} * warps + warp) * kStageTokens; };
+  const int64_t part = ((b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows) * (p.splits + 1) + 1 + split;
+  if (L::kByteTable && (shared_address(smem + L::kByteTableOffset) & 0xFFFF) != 0) {
+    // The driver placed this block's memory elsewhere than the host planned (kReservedSmem): the
+    // table addresses would be wrong, so the result is NaN rather than a silent wrong answer.
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) p.partial_acc[part * kRows * D + i] = NAN;
+    if (threadIdx.x < 2 * rows) p.partial_ml[part * kRows * 2 + threadIdx.x] = NAN;
+    return;
+  }
 
   // Start the first stages' copies, then build the tables and queries while they fly.
-  const int64_t steps = begin < end ? (end - begin + kStep - 1) / kStep : 0;
-  const int64_t warp_first = begin + int64_t{warp} * kStep;
-  Stager<D, KC, VC> stager{staging, key_src + warp_first * L::kKeyRowBytes,
-                           value_src + warp_first * L::kValueRowBytes, warp_first, end, 0, ln.lane};
-#pragma unroll
-  for (int k = 0; k < kStages - 1; ++k) stager.issue();
-  load_tables<T, D, KC, VC>(smem, p, kv_head);
-  prepare_queries<T, D, L::kWarps>(qs, shift, p, b, kv_head, first_row, rows, true);
-
-  // Q'^T as B fragments: lane (r, c) holds row r's dims key_dim(c, 4kb + {0,1}) and {2,3}.
-  uint32_t qb[kKB][2];
-#pragma unroll
-  for (int kb = 0; kb < kKB; ++kb) {
-    const float* q = qs + ln.r * D + key_dim<D>(ln.c, kb * 4);
-    qb[kb][0] = Mma<T>::pack(q[0], q[1]);
-    qb[kb][1] = Mma<T>::pack(q[2], q[3]);
+  uint8_t* stage_memory = warp < p.low_warps ? smem + L::kLowEnd + warp * stages * L::kStageBytes
+                                             : smem + L::kHigh + (warp - p.low_warps) * stages * L::kStageBytes;
+  const Stager<L> stager{stage_memory, reinterpret_cast<uint64_t*>(smem + L::kBarriers) + warp * stages,
+                         {p, b, kv_head}};
+#if __CUDA_ARCH__ >= 900
+  if (lane == 0) {
+    for (int s = 0; s < stages; ++s) cutlass::arch::ClusterTransactionBarrier::init(&stager.barriers[s], 1);
+    cutlass::arch::fence_barrier_init();
   }
-  // This lane's score columns are rows 2c and 2c + 1.
-  const float shift0 = shift[2 * ln.c], shift1 = shift[2 * ln.c + 1];
-  // Causal limits: row i (query t = i % Tq) sees positions <= n - Tq + t, i.e. coded tokens < bound.
-  auto bound_of = [&](int row) {
-    const int64_t t = (first_row + row) % p.num_queries;
-    return min(end, n - p.num_queries + t + 1 - sinks);
-  };
-  const int64_t bound0 = bound_of(2 * ln.c), bound1 = bound_of(2 * ln.c + 1);
+  __syncwarp();
+#endif
+  for (int k = 0; k < stages - 1; ++k)
+    if (k < my_stages) stager.issue(k, stage_first(k), lane);
+#if __CUDA_ARCH__ < 900
+    else asm volatile("cp.async.commit_group;\n" ::);  // empty groups keep the count uniform
+#endif
 
-  float acc[kMB][4];  // O^T fragments: dims (r, r+8) x rows (2c, 2c+1) of each m-block
-#pragma unroll
-  for (int i = 0; i < kMB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float* qs = reinterpret_cast<float*>(smem + L::kQuery);
+  float* shift = reinterpret_cast<float*>(smem + L::kShift);
+  float* row_const = reinterpret_cast<float*>(smem + L::kRowConst);
+  const float* affine = reinterpret_cast<const float*>(smem + L::kAffine);
+  load_tables<L, KC, VC>(smem, p, kv_head);
+  prepare_queries<T, D>(qs, shift, reinterpret_cast<float*>(smem + L::kQueryMean), p, b, kv_head, first_row, rows,
+                        true);
+  prepare_key_grid<D, KC::kSub>(qs, shift, affine, row_const);
 
-  const uint8_t* key_table = smem + L::kKeyTable + (ln.lane % KC::kCopies) * KC::kEntryBytes;
-  const uint8_t* value_table = smem + L::kValueTable + (ln.lane % VC::kCopies) * VC::kEntryBytes;
-  const int my_steps = steps > warp ? static_cast<int>((steps - warp + L::kWarps - 1) / L::kWarps) : 0;
-
-  int stage = 0;
-  int64_t first = warp_first;
-  for (int k = 0; k < my_steps; ++k, first += Stager<D, KC, VC>::kStride) {
-    stager.issue();
-    cp_async_wait<kStages - 1>();
-    __syncwarp();
-    const uint8_t* keys = staging + stage * L::kStageBytes;
-    const uint8_t* values = keys + kStep * L::kKeyRowBytes;
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-
-    // Scores S^T: per token tile, lane (r, c) gathers tokens r and r + 8 for its dims.
-    float s[kTiles][4];
+  // Q''^T as B fragments, set i holding rows 4i..4i+3 in columns n (row 4i + (n & 3)): lane (r, c)
+  // holds row 4i + (r & 3) at dims c D/4 + 4 kb + {0, 1} and + {2, 3}.
+  uint32_t qb[kSets][kKB][2];
+  // This lane's rows in the score fragments (columns 2c, 2c + 1) and the output: rho0, rho0 + 1.
+  const int rho0 = (2 * c) & 3;
+  RowPair rp[kSets];
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-      Bits<kKeyBits> lo, hi;
-      lo.load(keys + (16 * t + ln.r) * L::kKeyRowBytes, ln.c * kKeyBits);
-      hi.load(keys + (16 * t + ln.r + 8) * L::kKeyRowBytes, ln.c * kKeyBits);
-      if constexpr (KC::kSub == 2) {
+  for (int i = 0; i < kSets; ++i) {
 #pragma unroll
-        for (int kb = 0; kb < kKB; ++kb) {
-          auto at = [&](const Bits<kKeyBits>& c, int u) {
-            return *reinterpret_cast<const uint32_t*>(entry_ptr<KC>(key_table, c.template code<KC::kBits>(u)));
-          };
-          const uint32_t a[4] = {at(lo, 2 * kb), at(hi, 2 * kb), at(lo, 2 * kb + 1), at(hi, 2 * kb + 1)};
-          Mma<T>::run(s[t], a, qb[kb][0], qb[kb][1]);
-        }
-      } else if constexpr (KC::kSub == 4) {
-#pragma unroll
-        for (int kb = 0; kb < kKB; ++kb) {
-          const uint2 e = *reinterpret_cast<const uint2*>(
-              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb)));
-          const uint2 f = *reinterpret_cast<const uint2*>(
-              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb)));
-          const uint32_t a[4] = {e.x, f.x, e.y, f.y};
-          Mma<T>::run(s[t], a, qb[kb][0], qb[kb][1]);
-        }
-      } else {
-#pragma unroll
-        for (int kb = 0; kb < kKB; kb += 2) {
-          const uint4 e = *reinterpret_cast<const uint4*>(
-              entry_ptr<KC>(key_table, lo.template code<KC::kBits>(kb / 2)));
-          const uint4 f = *reinterpret_cast<const uint4*>(
-              entry_ptr<KC>(key_table, hi.template code<KC::kBits>(kb / 2)));
-          const uint32_t a0[4] = {e.x, f.x, e.y, f.y};
-          const uint32_t a1[4] = {e.z, f.z, e.w, f.w};
-          Mma<T>::run(s[t], a0, qb[kb][0], qb[kb][1]);
-          Mma<T>::run(s[t], a1, qb[kb + 1][0], qb[kb + 1][1]);
-        }
-      }
-    }
-
-    // Online softmax. Lane (r, c) holds tokens 16t + r (s[t][0..1]) and 16t + r + 8 (s[t][2..3]) for
-    // rows 2c (s[t][0], s[t][2]) and 2c + 1 (s[t][1], s[t][3]); a row spans the 8 lanes of one c.
-    const int limit0 = static_cast<int>(max(int64_t{-1}, min(int64_t{kStep}, bound0 - first)));
-    const int limit1 = static_cast<int>(max(int64_t{-1}, min(int64_t{kStep}, bound1 - first)));
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int tok = 16 * t + ln.r + 8 * h;
-        s[t][2 * h] = tok < limit0 ? s[t][2 * h] + shift0 : -INFINITY;
-        s[t][2 * h + 1] = tok < limit1 ? s[t][2 * h + 1] + shift1 : -INFINITY;
-        mx0 = fmaxf(mx0, s[t][2 * h]);
-        mx1 = fmaxf(mx1, s[t][2 * h + 1]);
-      }
+    for (int kb = 0; kb < kKB; ++kb) {
+      const float* q = qs + (4 * i + (r & 3)) * D + c * (D / 4) + 4 * kb;
+      qb[i][kb][0] = pack_half2(q[0], q[1]);
+      qb[i][kb][1] = pack_half2(q[2], q[3]);
     }
 #pragma unroll
-    for (int o = 4; o <= 16; o <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+    for (int j = 0; j < 2; ++j) {
+      const int row = 4 * i + rho0 + j;
+      rp[i].scale[j] = row_const[2 * row], rp[i].shift[j] = row_const[2 * row + 1];
+      // Causal limits: row (query t = row % Tq) sees positions <= n - Tq + t, i.e. coded tokens < bound.
+      rp[i].bound[j] = min(end, n - p.num_queries + (first_row + row) % p.num_queries + 1 - sinks);
+      rp[i].m[j] = -INFINITY;
     }
-    const float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
-    const float ref0 = new0 == -INFINITY ? 0.f : new0, ref1 = new1 == -INFINITY ? 0.f : new1;
-    const float alpha0 = fast_exp2(m0 - ref0), alpha1 = fast_exp2(m1 - ref1);
-    m0 = new0, m1 = new1;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        s[t][2 * h] = fast_exp2(s[t][2 * h] - ref0);
-        s[t][2 * h + 1] = fast_exp2(s[t][2 * h + 1] - ref1);
-        sum0 += s[t][2 * h];
-        sum1 += s[t][2 * h + 1];
-      }
-    }
-    l0 = l0 * alpha0 + sum0;
-    l1 = l1 * alpha1 + sum1;
-    if (__any_sync(0xffffffffu, alpha0 != 1.f || alpha1 != 1.f)) {
-#pragma unroll
-      for (int i = 0; i < kMB; ++i) {
-        acc[i][0] *= alpha0, acc[i][2] *= alpha0;
-        acc[i][1] *= alpha1, acc[i][3] *= alpha1;
-      }
-    }
-
-#pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      // P^T as the B fragment of the value product: tokens (2c, 2c+1) and (2c+8, 2c+9) of row r.
-      const uint32_t pb0 = transpose8x8(Mma<T>::pack(s[t][0], s[t][1]));
-      const uint32_t pb1 = transpose8x8(Mma<T>::pack(s[t][2], s[t][3]));
-      // V'^T as A fragments: lane (r, c) gathers tokens 2c, 2c+1, 2c+8, 2c+9 for its dims.
-      Bits<kValueBits> vcodes[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int tok = 16 * t + 2 * ln.c + (j & 1) + 8 * (j >> 1);
-        vcodes[j].load(values + tok * L::kValueRowBytes, ln.r * kValueBits);
-      }
-#pragma unroll
-      for (int u = 0; u < D / VC::kSub / 8; ++u) {
-        uint32_t e[4][VC::kSub / 2];  // centroid of sub-vector u for the 4 tokens, as element pairs
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint8_t* ptr = entry_ptr<VC>(value_table, vcodes[j].template code<VC::kBits>(u));
-          if constexpr (VC::kSub == 2) {
-            e[j][0] = *reinterpret_cast<const uint32_t*>(ptr);
-          } else if constexpr (VC::kSub == 4) {
-            const uint2 v = *reinterpret_cast<const uint2*>(ptr);
-            e[j][0] = v.x, e[j][1] = v.y;
-          } else {
-            const uint4 v = *reinterpret_cast<const uint4*>(ptr);
-            e[j][0] = v.x, e[j][1] = v.y, e[j][2] = v.z, e[j][3] = v.w;
-          }
-        }
-#pragma unroll
-        for (int w = 0; w < VC::kSub / 2; ++w) {
-          // Elements 2w (low halves: dim row r) and 2w + 1 (high halves: dim row r + 8) of
-          // m-block u * S/2 + w; tokens (2c, 2c+1) in a0/a1, (2c+8, 2c+9) in a2/a3.
-          const uint32_t a[4] = {__byte_perm(e[0][w], e[1][w], 0x5410), __byte_perm(e[0][w], e[1][w], 0x7632),
-                                 __byte_perm(e[2][w], e[3][w], 0x5410), __byte_perm(e[2][w], e[3][w], 0x7632)};
-          Mma<T>::run(acc[u * VC::kSub / 2 + w], a, pb0, pb1);
-        }
-      }
-    }
-    __syncwarp();  // the next issue() overwrites this stage
   }
-  cp_async_wait<0>();
+  int64_t mask_from = end;  // steps reaching past this token need the mask
+#pragma unroll
+  for (int i = 0; i < kSets; ++i) mask_from = min(mask_from, min(rp[i].bound[0], rp[i].bound[1]));
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) mask_from = min(mask_from, __shfl_xor_sync(0xffffffffu, mask_from, o));
 
-  // Row sums over the 8 lanes of a row, then merge the warps' states through shared memory.
+  // Value B fragments from P: lane (r, c) is column n = r = (row r & 3, element r >> 2).
+  const uint32_t sel_lo = r < 4 ? 0x4410u : 0x1044u, sel_hi = r < 4 ? 0x4432u : 0x3244u;
+
+  float o[kSets][kMB][4], l[kSets][4];
 #pragma unroll
-  for (int o = 4; o <= 16; o <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+  for (int i = 0; i < kSets; ++i) {
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) o[i][mb][0] = o[i][mb][1] = o[i][mb][2] = o[i][mb][3] = 0.f;
+    l[i][0] = l[i][1] = l[i][2] = l[i][3] = 0.f;
   }
-  __syncthreads();  // every warp is done with its staged codes
-  constexpr int kWarps = L::kWarps, kThreads = L::kThreads;
-  float* cm = reinterpret_cast<float*>(smem + L::kStaging);  // [kWarps][kRows][2]
-  float* cacc = cm + kWarps * kRows * 2;               // [kWarps][kRows][D] natural dim order
-  if (ln.r == 0) {
-    cm[(warp * kRows + 2 * ln.c) * 2] = m0, cm[(warp * kRows + 2 * ln.c) * 2 + 1] = l0;
-    cm[(warp * kRows + 2 * ln.c + 1) * 2] = m1, cm[(warp * kRows + 2 * ln.c + 1) * 2 + 1] = l1;
+  using KeyTable = typename L::KeyTable;
+  using ValueTable = typename L::ValueTable;
+  const uint32_t tables = shared_address(smem + L::kByteTableOffset);
+  const KeyTable key_table{tables + (lane % KeyTable::kCopies) * KeyTable::kSlot};
+  const ValueTable value_table{tables + 128 + (lane % ValueTable::kCopies) * ValueTable::kSlot};
+  __syncthreads();  // tables and query constants are ready
+
+  int s = 0, next = stages - 1, phase = 0;  // this stage, the stage to fill next, s's fill parity
+  for (int k = 0; k < my_stages; ++k) {
+    if (k + stages - 1 < my_stages) stager.issue(next, stage_first(k + stages - 1), lane);
+#if __CUDA_ARCH__ < 900
+    else asm volatile("cp.async.commit_group;\n" ::);
+#endif
+    stager.wait(s, phase, stages - 1);
+#pragma unroll 1
+    for (int step = 0; step < kStageTokens / kStep; ++step) {
+      const int64_t first = stage_first(k) + step * kStep;
+      float st[kSets][2][4];
+      score_tiles<KeyTable, D, kSets>(st, stager.stage(s) + step * kStep * KRB, key_table, qb, r, c);
+      uint32_t pb[kSets][4][2];
+#pragma unroll
+      for (int i = 0; i < kSets; ++i)
+        softmax_step(st[i], rp[i], first, first + kStep > mask_from, r, sel_lo, sel_hi, o[i], l[i], pb[i]);
+      value_products<ValueTable, D, kSets>(o, l, stager.stage(s) + kStageTokens * KRB + step * kStep * VRB,
+                                           value_table, pb, r, c);
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+    next = s;
+    if (++s == stages) s = 0, phase ^= 1;
   }
+#if __CUDA_ARCH__ >= 900
+  if (lane == 0)  // every copy has landed; the barriers' memory is reused below
+    for (int s = 0; s < stages; ++s) cutlass::arch::ClusterBarrier::invalidate(&stager.barriers[s]);
+#else
+  asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+
+  // The value grid of this thread's element position (blockDim.x is a multiple of the sub-vector
+  // length, so every output dim this thread writes below has the same one): the merge below
+  // overwrites the grids.
+  const float* value_grid = affine + kGridFloats;
+  const int e = threadIdx.x % VC::kSub;
+  const float value_lo = value_grid[e], value_step = value_grid[8 + e] * 16777216.f;  // step * 2^24
+
+  // Merge the warps' states through shared memory (the tables and stages are dead now).
+  __syncthreads();
+  float* cm = reinterpret_cast<float*>(smem);  // [warps][kRows][2]: max, sum
+  float* cacc = cm + warps * kRows * 2;        // [warps][kRows][D] natural dim order
 #pragma unroll
-  for (int mb = 0; mb < kMB; ++mb) {
+  for (int i = 0; i < kSets; ++i) {
+    float* ml = cm + (warp * kRows + 4 * i + rho0) * 2;
+    if (r == 0 && c < 2)  // lanes (0, 0) and (0, 1) hold rows 0, 1 and 2, 3
+      ml[0] = rp[i].m[0], ml[1] = l[i][0], ml[2] = rp[i].m[1], ml[3] = l[i][1];
+    // Output fragment: o[mb][0] = row rho0, dim r D/8 + 4 mb + (c >> 1); [1] row rho0 + 1; [2], [3] dim + 2.
+    float* acc = cacc + (warp * kRows + 4 * i + rho0) * D;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int d = value_dim<D>(ln.r, mb, h);
-      cacc[(warp * kRows + 2 * ln.c) * D + d] = acc[mb][2 * h];
-      cacc[(warp * kRows + 2 * ln.c + 1) * D + d] = acc[mb][2 * h + 1];
+    for (int mb = 0; mb < kMB; ++mb) {
+      const int d = r * (D / 8) + 4 * mb + (c >> 1);
+      acc[d] = o[i][mb][0], acc[D + d] = o[i][mb][1];
+      acc[d + 2] = o[i][mb][2], acc[D + d + 2] = o[i][mb][3];
     }
   }
   __syncthreads();
-  const int64_t group_index = (b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows;
-  const int64_t part = group_index * (p.splits + 1) + 1 + split;  // part 0: full precision
-  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+  // On the value grid: sum_t p v = step 2^24 (sum_t p u 2^-24) + lo sum_t p.
+  for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
     const int row = i / D, d = i % D;
     float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, cm[(w * kRows + row) * 2]);
-    const float ref = m == -INFINITY ? 0.f : m;
-    float l = 0.f, a = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, cm[(w * kRows + row) * 2]);
+    const float ref = softmax_ref(m);
+    float sum = 0.f, a = 0.f;
+    for (int w = 0; w < warps; ++w) {
       const float f = exp2f(cm[(w * kRows + row) * 2] - ref);
-      l += cm[(w * kRows + row) * 2 + 1] * f;
+      sum += cm[(w * kRows + row) * 2 + 1] * f;
       a += cacc[(w * kRows + row) * D + d] * f;
     }
-    p.partial_acc[(part * kRows + row) * D + d] = a;
-    if (d == 0) p.partial_ml[(part * kRows + row) * 2] = m, p.partial_ml[(part * kRows + row) * 2 + 1] = l;
+    p.partial_acc[(part * kRows + row) * D + d] = value_step * a + value_lo * sum;
+    if (d == 0) p.partial_ml[(part * kRows + row) * 2] = m, p.partial_ml[(part * kRows + row) * 2 + 1] = sum;
   }
 }
 
@@ -612,12 +961,12 @@ __device__ void coded_block(uint8_t* smem, const Params& p, int64_t b, int64_t k
 // Chunks of kChunk full-precision tokens are copied into shared memory with 16-byte loads (rows
 // padded by 4 bytes so that lanes reading different rows hit different banks); then each warp
 // scores its rows lane-per-token and accumulates values lane-per-dimension.
-template <typename T, int D, int kThreads>
+template <typename T, int D>
 __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* recent, int64_t sinks, int64_t first,
                                               int count) {
   constexpr int kVec = 8;  // elements per 16-byte load
   constexpr int kStride = D + 2;
-  for (int i = threadIdx.x; i < count * D / kVec; i += kThreads) {
+  for (int i = threadIdx.x; i < count * D / kVec; i += blockDim.x) {
     const int t = i / (D / kVec), d = (i % (D / kVec)) * kVec;
     const int64_t j = first + t;
     const T* src = j < sinks ? sink + j * D + d : recent + (j - sinks) * D + d;
@@ -629,18 +978,18 @@ __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* re
   }
 }
 
-template <typename T, int D, class KC, class VC>
+template <typename T, int D, class L>
 __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, int64_t kv_head, int first_row,
                                      int rows) {
-  using L = Layout<D, KC, VC>;
   constexpr int kPerLane = D / 32;
   constexpr int kStride = D + 2;
   constexpr int kChunk = chunk_tokens<D>();
+  constexpr int kRowsPerWarp = 2;  // blocks have at least 4 warps
   float* qs = reinterpret_cast<float*>(smem + L::kQuery);
-  T* chunk_k = reinterpret_cast<T*>(smem + L::kStaging);
+  T* chunk_k = reinterpret_cast<T*>(smem + L::kChunks);
   T* chunk_v = chunk_k + kChunk * kStride;
-  prepare_queries<T, D, L::kWarps>(qs, nullptr, p, b, kv_head, first_row, rows, false);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  prepare_queries<T, D>(qs, nullptr, nullptr, p, b, kv_head, first_row, rows, false);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const int32_t* len = p.kv.lengths + 3 * b;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
   const int64_t coded = clamp_length(len[1], p.kv.code_capacity);
@@ -652,26 +1001,24 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   const T* rk = static_cast<const T*>(p.kv.recent_keys) + head_index * p.kv.recent_capacity * D;
   const T* rv = static_cast<const T*>(p.kv.recent_values) + head_index * p.kv.recent_capacity * D;
 
-  // Per warp, up to kRows / kWarps rows: m, l and the accumulators live in registers.
-  constexpr int kWarps = L::kWarps;
-  constexpr int kRowsPerWarp = (kRows + kWarps - 1) / kWarps;
+  // Per warp, rows warp and warp + warps: m, l and the accumulators live in registers.
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    m[r] = -INFINITY, l[r] = 0.f;
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY, l[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[r][i] = 0.f;
+    for (int j = 0; j < kPerLane; ++j) acc[i][j] = 0.f;
   }
   const int64_t total = sinks + recent;
   for (int64_t first = 0; first < total; first += kChunk) {
     const int count = static_cast<int>(min(int64_t{kChunk}, total - first));
     __syncthreads();  // the previous chunk is consumed
-    load_fp_chunk<T, D, L::kThreads>(chunk_k, sk, rk, sinks, first, count);
-    load_fp_chunk<T, D, L::kThreads>(chunk_v, sv, rv, sinks, first, count);
+    load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count);
+    load_fp_chunk<T, D>(chunk_v, sv, rv, sinks, first, count);
     __syncthreads();
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int row = warp + r * kWarps;
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int row = warp + i * warps;
       if (row >= rows) break;
       const float* qrow = qs + row * D;
       const int64_t visible = n - p.num_queries + (first_row + row) % p.num_queries + 1;  // positions < visible
@@ -688,7 +1035,7 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
           float dot = 0.f;
 #pragma unroll 16
           for (int d = 0; d < D; d += 2) {
-            const float2 kv2 = pair_to_float2(k + d);
+            const float2 kv2 = Elem<T>::pair(k + d);
             dot += qrow[d] * kv2.x + qrow[d + 1] * kv2.y;
           }
           score[h] = dot * p.scale_log2;
@@ -697,9 +1044,9 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float new_m = fmaxf(m[r], mx);
-      const float ref = new_m == -INFINITY ? 0.f : new_m;
-      const float alpha = exp2f(m[r] - ref);
+      const float new_m = fmaxf(m[i], mx);
+      const float ref = softmax_ref(new_m);
+      const float alpha = exp2f(m[i] - ref);
       float sum = 0.f;
 #pragma unroll
       for (int h = 0; h < kChunk / 32; ++h) {
@@ -708,10 +1055,10 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      l[r] = l[r] * alpha + sum;
-      m[r] = new_m;
+      l[i] = l[i] * alpha + sum;
+      m[i] = new_m;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[r][i] *= alpha;
+      for (int j = 0; j < kPerLane; ++j) acc[i][j] *= alpha;
 #pragma unroll
       for (int h = 0; h < kChunk / 32; ++h) {
         const int valid = min(32, count - h * 32);  // rows past it hold stale shared memory
@@ -720,10 +1067,10 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
           const float pt = __shfl_sync(0xffffffffu, score[h], t);
           const T* v = chunk_v + (h * 32 + t) * kStride + lane * kPerLane;
 #pragma unroll
-          for (int i = 0; i < kPerLane; i += 2) {
-            const float2 vv = pair_to_float2(v + i);
-            acc[r][i] += pt * vv.x;
-            acc[r][i + 1] += pt * vv.y;
+          for (int j = 0; j < kPerLane; j += 2) {
+            const float2 vv = Elem<T>::pair(v + j);
+            acc[i][j] += pt * vv.x;
+            acc[i][j + 1] += pt * vv.y;
           }
         }
       }
@@ -732,27 +1079,26 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   const int64_t group_index = (b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows;
   const int64_t part = group_index * (p.splits + 1);  // part 0: the full-precision tokens
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int row = warp + r * kWarps;
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int row = warp + i * warps;
     if (row >= rows) break;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) p.partial_acc[(part * kRows + row) * D + lane * kPerLane + i] = acc[r][i];
-    if (lane == 0) p.partial_ml[(part * kRows + row) * 2] = m[r], p.partial_ml[(part * kRows + row) * 2 + 1] = l[r];
+    for (int j = 0; j < kPerLane; ++j) p.partial_acc[(part * kRows + row) * D + lane * kPerLane + j] = acc[i][j];
+    if (lane == 0) p.partial_ml[(part * kRows + row) * 2] = m[i], p.partial_ml[(part * kRows + row) * 2 + 1] = l[i];
   }
 }
 
-template <typename T, int D, class KC, class VC>
-__global__ void __launch_bounds__(Layout<D, KC, VC>::kThreads, 1) attention_kernel(Params p) {
-  extern __shared__ __align__(16) uint8_t smem[];
+template <typename T, int D, class KC, class VC, bool kEight>
+__global__ void __launch_bounds__(32 * max_warps<D, kEight>(), 1) attention_kernel(Params p) {
   const int64_t b = blockIdx.z;
   const int64_t kv_head = blockIdx.y / p.row_tiles;
   const int first_row = (blockIdx.y % p.row_tiles) * kRows;
   const int rows = min(kRows, p.group * static_cast<int>(p.num_queries) - first_row);
   // Block 0 (scheduled first) takes the few full-precision tokens; blocks 1.. the coded splits.
   if (blockIdx.x == 0)
-    full_precision_block<T, D, KC, VC>(smem, p, b, kv_head, first_row, rows);
+    full_precision_block<T, D, Layout<D, KC, VC, kEight>>(vecinfer_attention_smem, p, b, kv_head, first_row, rows);
   else
-    coded_block<T, D, KC, VC>(smem, p, b, kv_head, first_row, rows, static_cast<int>(blockIdx.x) - 1);
+    coded_block<T, D, KC, VC, kEight>(p, b, kv_head, first_row, rows, static_cast<int>(blockIdx.x) - 1);
 }
 
 // Merges the parts of one (sequence, KV head, row tile): part 0 the full-precision tokens, parts
@@ -779,7 +1125,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(Params p) {
     for (int s = lane; s < parts; s += 32) m = fmaxf(m, ml[(s * kRows + row) * 2]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    const float ref = m == -INFINITY ? 0.f : m;
+    const float ref = softmax_ref(m);
     float l = 0.f, coded = 0.f;
     for (int s = lane; s < parts; s += 32) {
       const float f = exp2f(ml[(s * kRows + row) * 2] - ref);
@@ -812,7 +1158,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(Params p) {
     const int64_t head = kv_head * p.group + global_row / p.num_queries;
     const int64_t tq = global_row % p.num_queries;
     const int64_t out_row = (b * p.num_q_heads + head) * p.num_queries + tq;
-    static_cast<T*>(p.out)[out_row * D + d] = Mma<T>::from_float(a * row_scale[row]);
+    static_cast<T*>(p.out)[out_row * D + d] = Elem<T>::from_float(a * row_scale[row]);
     if (p.lse && d == 0) p.lse[out_row] = row_lse[row];
   }
 }

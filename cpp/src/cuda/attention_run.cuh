@@ -1,6 +1,6 @@
-// Planning (split-KV) and launching of the attention kernels for one template instance. Included
-// by the generated per-(dtype, head_dim) translation units (see CMakeLists.txt), so the 25 codec
-// pairs of each (dtype, head_dim) compile in parallel with the other five.
+// Planning (shared memory, split-KV) and launching of the attention kernel for one template
+// instance. Included by the generated per-(dtype, head_dim) translation units (see CMakeLists.txt),
+// so the 25 codec pairs of each (dtype, head_dim) compile in parallel with the other five.
 #pragma once
 
 #include "attention_kernel.cuh"
@@ -9,6 +9,7 @@
 namespace vecinfer::cuda_detail::attn {
 
 constexpr int kMaxDevices = 64;
+constexpr int kMinWarps = 4;
 
 struct Request {
   Params params;
@@ -16,7 +17,7 @@ struct Request {
   void* workspace;
   size_t workspace_bytes;
   cudaStream_t stream;
-  bool plan_only;         // only compute `needed` (workspace bytes)
+  bool plan_only;  // only compute `needed` (workspace bytes)
   size_t needed;
 };
 
@@ -32,56 +33,86 @@ Status with_codec(int sub, int bits, F&& f) {
                      "2/8, 4/8, 4/12, 8/8, 8/12); other shapes run on the reference path");
 }
 
-template <typename T, int D, class KC, class VC>
+// A block's shared-memory plan on one device: the most warps (up to max_warps) whose stages fit
+// with 2 stages each, then as many stages (up to 4) as still fit. 0 warps: nothing fits.
+struct SmemPlan {
+  int warps = 0, stages = 0, low_warps = 0, bytes = 0, blocks_per_sm = 0;
+};
+
+template <int D, class KC, class VC, bool kEight>
+SmemPlan plan_shared(int budget) {
+  using L = Layout<D, KC, VC, kEight>;
+  SmemPlan plan;
+  for (int w = max_warps<D, kEight>(); w >= kMinWarps && plan.warps == 0; --w)
+    if (L::shared_bytes(w, 2) <= budget) plan.warps = w;
+  if (plan.warps == 0) return plan;
+  plan.stages = 2;
+  while (plan.stages < kMaxStages && L::shared_bytes(plan.warps, plan.stages + 1) <= budget) ++plan.stages;
+  plan.bytes = L::shared_bytes(plan.warps, plan.stages);
+  plan.low_warps = L::low_warps(plan.stages);
+  return plan;
+}
+
+template <typename T, int D, class KC, class VC, bool kEight>
 Status run(Request& r) {
-  using L = Layout<D, KC, VC>;
   Params& p = r.params;
-  auto kernel = attention_kernel<T, D, KC, VC>;
-  int sm_count = 0, max_shared = 0;
+  auto kernel = attention_kernel<T, D, KC, VC, kEight>;
+  int sm_count = 0, max_shared = 0, device = 0;
   Status s = current_device(sm_count, max_shared);
-  if (!s.ok()) return s;
-  if (L::kSharedBytes > max_shared)
-    return unsupported("codebooks too large for this GPU's shared memory (use fewer code bits)");
-  // The shared-memory opt-in and the occupancy query are per kernel and device: done once each.
-  static int cached_blocks_per_sm[kMaxDevices] = {};
-  int device = 0;
-  s = cuda_status(cudaGetDevice(&device));
+  if (s.ok()) s = cuda_status(cudaGetDevice(&device));
   if (!s.ok()) return s;
   if (device >= kMaxDevices) return unsupported("more than 64 CUDA devices");
-  int& blocks_per_sm = cached_blocks_per_sm[device];
-  if (blocks_per_sm == 0) {
-    s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSharedBytes));
+  // The plan, the shared-memory opt-in and the occupancy query are per kernel and device: once each.
+  static SmemPlan plans[kMaxDevices];
+  SmemPlan& plan = plans[device];
+  if (plan.blocks_per_sm == 0) {
+    // The layout puts the byte-code tables at a 64 KiB boundary of the shared window, counting on
+    // the block's dynamic memory to start right after the driver's reserved block.
+    int reserved = 0;
+    cudaFuncAttributes attributes{};
+    s = cuda_status(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    if (s.ok()) s = cuda_status(cudaFuncGetAttributes(&attributes, kernel));
+    if (!s.ok()) return s;
+    if (reserved != kReservedSmem || attributes.sharedSizeBytes != 0)
+      return unsupported("this GPU reserves an unexpected amount of shared memory per block; the attention "
+                         "kernel's table layout needs 1024 bytes (Ampere and Hopper)");
+    SmemPlan fresh = plan_shared<D, KC, VC, kEight>(max_shared);
+    if (fresh.warps == 0)
+      return unsupported("codebooks too large for this GPU's shared memory (use fewer code bits)");
+    s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, fresh.bytes));
     int blocks = 0;
     if (s.ok())
-      s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, L::kThreads, L::kSharedBytes));
+      s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * fresh.warps, fresh.bytes));
     if (!s.ok()) return s;
-    blocks_per_sm = blocks > 0 ? blocks : 1;
+    fresh.blocks_per_sm = blocks > 0 ? blocks : 1;
+    plan = fresh;
   }
+  p.warps = plan.warps;
+  p.stages = plan.stages;
+  p.low_warps = plan.low_warps;
 
-  // Split the coded tokens so that the coded blocks fill the GPU's block slots in whole waves:
-  // the split count minimising waves / splits (the time in units of one unsplit block); on ties
-  // the larger while splits keep >= 4096 tokens (finer pieces balance better, but each block
-  // pays for loading its tables); each split holds at least 4 steps per warp.
+  // Split the coded tokens over blocks. The estimated time of c splits is the waves of blocks
+  // times a block's time: its fixed cost (tables, queries, merging its warps), counted as
+  // kSetupStages stages, plus its stages per warp. The cheapest c wins; on ties the fewer splits.
+  constexpr int64_t kSetupStages = 2;
+  using L = Layout<D, KC, VC, kEight>;
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
   const int64_t max_coded = p.kv.max_coded;
-  constexpr int64_t kQuantum = kStep * L::kWarps;
-  const int64_t slots = int64_t{sm_count} * blocks_per_sm;
+  const int64_t quantum = int64_t{L::kStageTokens} * plan.warps;  // one stage for each warp
+  const int64_t slots = int64_t{sm_count} * plan.blocks_per_sm;
   int64_t splits = 0;
   if (max_coded > 0) {
-    const int64_t most = (max_coded + 4 * kQuantum - 1) / (4 * kQuantum);
+    const int64_t most = (max_coded + quantum - 1) / quantum;
     const int64_t limit = 2 * ((slots + groups - 1) / groups);
-    splits = 1;
-    for (int64_t c = 2; c <= limit && c <= most; ++c) {
-      const int64_t waves = (groups * c + slots - 1) / slots, best = (groups * splits + slots - 1) / slots;
-      const bool better = waves * splits < best * c, tie = waves * splits == best * c;
-      if (better || (tie && max_coded / c >= 4096)) splits = c;
+    int64_t best_cost = -1;
+    for (int64_t c = 1; c <= limit && c <= most; ++c) {
+      const int64_t per_split = ((max_coded + c - 1) / c + quantum - 1) / quantum * quantum;
+      const int64_t used = (max_coded + per_split - 1) / per_split;
+      const int64_t cost = (groups * used + slots - 1) / slots * (kSetupStages + per_split / quantum);
+      if (best_cost < 0 || cost < best_cost) best_cost = cost, splits = used, p.split_tokens = per_split;
     }
-    int64_t per_split = (max_coded + splits - 1) / splits;
-    per_split = (per_split + kQuantum - 1) / kQuantum * kQuantum;
-    p.split_tokens = per_split;
-    splits = (max_coded + per_split - 1) / per_split;
   } else {  // only the full-precision block
-    p.split_tokens = kQuantum;
+    p.split_tokens = quantum;
   }
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
   p.splits = static_cast<int>(splits);
@@ -96,7 +127,7 @@ Status run(Request& r) {
 
   const dim3 grid(static_cast<unsigned>(splits + 1), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, L::kThreads, L::kSharedBytes, r.stream>>>(p);
+  kernel<<<grid, 32 * plan.warps, plan.bytes, r.stream>>>(p);
   s = cuda_status(cudaGetLastError());
   if (!s.ok()) return s;
   const size_t merge_shared = static_cast<size_t>(splits + 1) * kRows * sizeof(float);

@@ -1,3 +1,5 @@
+#include <cstdlib>
+
 #include "launch.cuh"
 #include "vecinfer/ops.h"
 
@@ -15,6 +17,13 @@ Status current_device(int& sm_count, int& max_shared_bytes) {
   s = cuda_status(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   if (s.ok())
     s = cuda_status(cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // VECINFER_MAX_SHARED_BYTES lowers the budget, to run a smaller GPU's plan on a larger one (the
+  // tests run the A100's 166,912 bytes on an H200).
+  static const long cap = [] {
+    const char* v = std::getenv("VECINFER_MAX_SHARED_BYTES");
+    return v ? std::strtol(v, nullptr, 10) : 0L;
+  }();
+  if (cap > 0 && cap < max_shared_bytes) max_shared_bytes = static_cast<int>(cap);
   return s;
 }
 
