@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -178,12 +179,12 @@ RowLayout key_layout(int64_t bytes_of_bf16, int32_t head_dim) {
 }
 
 // Scale + mean tables [kKvHeads, head_dim] and the Hadamard rotation.
-bool key_transform(benchmark::State& state, int32_t head_dim, Transform& t) {
-  const int64_t table_bytes = kKvHeads * head_dim * int64_t{sizeof(float)};
+bool key_transform(benchmark::State& state, int32_t head_dim, Transform& t, int64_t rows = kKvHeads) {
+  const int64_t table_bytes = rows * head_dim * int64_t{sizeof(float)};
   t = Transform{};
   t.scale = static_cast<const float*>(get_buffer(state, "scale", table_bytes, Fill::kScale, 11));
   t.mean = static_cast<const float*>(get_buffer(state, "mean", table_bytes, Fill::kMean, 12));
-  t.table_rows = kKvHeads;
+  t.table_rows = rows;
   t.hadamard = true;
   return t.scale != nullptr && t.mean != nullptr;
 }
@@ -339,59 +340,82 @@ void BM_Decode(benchmark::State& state, int32_t head_dim, int sub_dim, int code_
   });
 }
 
-// (f) Fused attention on the compressed cache: Llama-3.1-8B attention shapes (32 query heads,
-// 8 KV heads, D = 128), bf16, 2-bit keys and values (S = 4, 8-bit codes), 4 sinks + 128 recent
-// tokens in bf16, one query per sequence. Bytes: codes + full-precision tokens + q + out.
-void BM_Attention(benchmark::State& state, int64_t batch, int64_t tokens) {
-  constexpr int32_t kD = 128;
-  constexpr int64_t kQHeads = 32, kSinks = 4, kRecent = 128;
-  const int64_t coded = tokens - kSinks - kRecent, capacity = (coded + 15) / 16 * 16;
-  const int64_t row_bytes = vecinfer::code_row_bytes(kD, 4, 8);
-  const int64_t code_bytes = batch * kKvHeads * capacity * row_bytes;
-  const int64_t fp_bytes = batch * kKvHeads * kD * 2;  // one token of one part, bf16
+// (f) Fused attention on the compressed cache, on the shapes of `vecinfer bench`: bf16, 4 sinks +
+// 128 recent tokens in bf16, key and value bit presets (sub_dim, code_bits). Inputs rotate over
+// enough code buffers to read 256 MiB per round (more than 4x the L2). Bytes: codes + fp tokens +
+// q + out.
+struct AttentionCase {
+  const char* label;
+  int64_t batch, tokens, q_heads, kv_heads;
+  int32_t head_dim;
+  int64_t queries;
+  int key_sub, key_bits, value_sub, value_bits;
+};
+
+void BM_Attention(benchmark::State& state, const AttentionCase& c) {
+  constexpr int64_t kSinks = 4, kRecent = 128;
+  const int32_t d = c.head_dim;
+  const int64_t coded = c.tokens - kSinks - kRecent, capacity = (coded + 15) / 16 * 16;
+  const int64_t key_row = vecinfer::code_row_bytes(d, c.key_sub, c.key_bits);
+  const int64_t value_row = vecinfer::code_row_bytes(d, c.value_sub, c.value_bits);
+  const int64_t key_bytes = c.batch * c.kv_heads * capacity * key_row;
+  const int64_t value_bytes = c.batch * c.kv_heads * capacity * value_row;
+  const int64_t fp_bytes = c.batch * c.kv_heads * d * 2;  // one token of one part, bf16
   std::vector<int32_t> lengths_host;
-  for (int64_t b = 0; b < batch; ++b) lengths_host.insert(lengths_host.end(), {int32_t(kSinks), int32_t(coded), int32_t(kRecent)});
-  auto* lengths = static_cast<int32_t*>(get_buffer(state, "lengths/" + std::to_string(batch), batch * 12, Fill::kNone, 0));
-  if (!lengths || !cuda_ok(state, cudaMemcpy(lengths, lengths_host.data(), batch * 12, cudaMemcpyHostToDevice), "lengths"))
+  for (int64_t b = 0; b < c.batch; ++b)
+    lengths_host.insert(lengths_host.end(), {int32_t(kSinks), int32_t(coded), int32_t(kRecent)});
+  auto* lengths =
+      static_cast<int32_t*>(get_buffer(state, "lengths/" + std::to_string(c.batch), c.batch * 12, Fill::kNone, 0));
+  if (!lengths ||
+      !cuda_ok(state, cudaMemcpy(lengths, lengths_host.data(), c.batch * 12, cudaMemcpyHostToDevice), "lengths"))
     return;
-  vecinfer::CompressedKV kv;
-  kv.lengths = lengths;
-  kv.key_codes = static_cast<const uint8_t*>(get_buffer(state, "attn_key_codes", code_bytes, Fill::kBytes, 21));
-  kv.value_codes = static_cast<const uint8_t*>(get_buffer(state, "attn_value_codes", code_bytes, Fill::kBytes, 22));
-  kv.code_capacity = capacity;
-  kv.sink_keys = get_buffer(state, "sink_k", kSinks * fp_bytes, Fill::kBf16, 23);
-  kv.sink_values = get_buffer(state, "sink_v", kSinks * fp_bytes, Fill::kBf16, 24);
-  kv.sink_capacity = kSinks;
-  kv.recent_keys = get_buffer(state, "recent_k", kRecent * fp_bytes, Fill::kBf16, 25);
-  kv.recent_values = get_buffer(state, "recent_v", kRecent * fp_bytes, Fill::kBf16, 26);
-  kv.recent_capacity = kRecent;
-  kv.max_coded = coded;
+  const int64_t sets = std::max<int64_t>(1, std::min<int64_t>(8, (256 * kMiB + key_bytes + value_bytes - 1) /
+                                                                     (key_bytes + value_bytes)));
+  std::vector<vecinfer::CompressedKV> kvs(sets);
+  for (int64_t i = 0; i < sets; ++i) {
+    vecinfer::CompressedKV& kv = kvs[i];
+    kv.lengths = lengths;
+    kv.key_codes = static_cast<const uint8_t*>(
+        get_buffer(state, "attn_key_codes/" + std::to_string(i), key_bytes, Fill::kBytes, 21 + 2 * i));
+    kv.value_codes = static_cast<const uint8_t*>(
+        get_buffer(state, "attn_value_codes/" + std::to_string(i), value_bytes, Fill::kBytes, 22 + 2 * i));
+    kv.code_capacity = capacity;
+    kv.sink_keys = get_buffer(state, "sink_k", kSinks * fp_bytes, Fill::kBf16, 3);
+    kv.sink_values = get_buffer(state, "sink_v", kSinks * fp_bytes, Fill::kBf16, 4);
+    kv.sink_capacity = kSinks;
+    kv.recent_keys = get_buffer(state, "recent_k", kRecent * fp_bytes, Fill::kBf16, 5);
+    kv.recent_values = get_buffer(state, "recent_v", kRecent * fp_bytes, Fill::kBf16, 6);
+    kv.recent_capacity = kRecent;
+    kv.max_coded = coded;
+    if (!kv.key_codes || !kv.value_codes || !kv.sink_keys || !kv.sink_values || !kv.recent_keys ||
+        !kv.recent_values || !codebook(state, c.key_sub, c.key_bits, kv.key_codebook) ||
+        !codebook(state, c.value_sub, c.value_bits, kv.value_codebook) ||
+        !key_transform(state, d, kv.key_transform, c.kv_heads))
+      return;
+  }
   vecinfer::AttentionShape shape;
-  shape.batch = batch;
-  shape.num_q_heads = kQHeads;
-  shape.num_kv_heads = kKvHeads;
-  shape.num_queries = 1;
-  shape.head_dim = kD;
-  const int64_t q_bytes = batch * kQHeads * kD * 2;
-  void* q = get_buffer(state, "attn_q/" + std::to_string(batch), q_bytes, Fill::kBf16, 27);
-  void* out = get_buffer(state, "attn_out/" + std::to_string(batch), q_bytes, Fill::kNone, 0);
-  if (!kv.key_codes || !kv.value_codes || !kv.sink_keys || !kv.sink_values || !kv.recent_keys ||
-      !kv.recent_values || !q || !out || !codebook(state, 4, 8, kv.key_codebook) ||
-      !codebook(state, 4, 8, kv.value_codebook) || !key_transform(state, kD, kv.key_transform))
-    return;
-  const size_t workspace_bytes = vecinfer::cuda::attention_workspace_bytes(shape, kv);
+  shape.batch = c.batch;
+  shape.num_q_heads = c.q_heads;
+  shape.num_kv_heads = c.kv_heads;
+  shape.num_queries = c.queries;
+  shape.head_dim = d;
+  const int64_t q_bytes = c.batch * c.q_heads * c.queries * d * 2;
+  void* q = get_buffer(state, "attn_q", q_bytes, Fill::kBf16, 27);
+  void* out = get_buffer(state, "attn_out", q_bytes, Fill::kNone, 0);
+  const size_t workspace_bytes = vecinfer::cuda::attention_workspace_bytes(shape, kvs[0]);
   void* workspace = get_buffer(state, "attn_workspace", static_cast<int64_t>(workspace_bytes), Fill::kNone, 0);
-  if (!workspace) return;
-  const int64_t bytes = 2 * batch * kKvHeads * coded * row_bytes + (kSinks + kRecent) * fp_bytes * 2 + 2 * q_bytes;
-  const double seconds = timed_loop(state, bytes, [&](int64_t) {
-    return vecinfer::cuda::attention(DType::kBFloat16, q, out, nullptr, shape, kv, 0.08838834764831845f,
-                                     workspace, workspace_bytes, g_stream);
+  if (!q || !out || !workspace) return;
+  const int64_t bytes = (key_bytes + value_bytes) / capacity * coded + (kSinks + kRecent) * fp_bytes * 2 + 2 * q_bytes;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const double seconds = timed_loop(state, bytes, [&](int64_t i) {
+    return vecinfer::cuda::attention(DType::kBFloat16, q, out, nullptr, shape, kvs[i % sets], scale, workspace,
+                                     workspace_bytes, g_stream);
   });
   if (seconds > 0.0 && g_copy_bytes_per_s > 0.0) {
-    const double fp16_seconds = 2.0 * batch * kKvHeads * tokens * kD * 2 / g_copy_bytes_per_s;
-    state.counters["x_vs_fp16_at_copy_bw"] = fp16_seconds / seconds;
+    const double fp16_bytes = 2.0 * c.batch * c.kv_heads * c.tokens * d * 2;
+    state.counters["x_vs_fp16_at_copy_bw"] = fp16_bytes / g_copy_bytes_per_s / seconds;
     state.counters["memory_x_vs_fp16"] =
-        2.0 * batch * kKvHeads * tokens * kD * 2 / static_cast<double>(2 * code_bytes + (kSinks + kRecent) * fp_bytes * 2);
+        fp16_bytes / static_cast<double>(key_bytes + value_bytes + (kSinks + kRecent) * fp_bytes * 2);
   }
 }
 
@@ -429,13 +453,20 @@ void register_all() {
   }
   configure(benchmark::RegisterBenchmark("decode_inverse/bf16/D128/S4/B8/1GiB",
                                          [](benchmark::State& s) { BM_Decode(s, 128, 4, 8, kGiB); }));
-  const std::pair<int64_t, int64_t> attention_shapes[] = {{1, 131072}, {8, 32768}, {32, 32768}, {64, 16384}};
-  for (const auto& [batch, tokens] : attention_shapes) {
-    const std::string name = "attention/bf16/Hq32/Hkv8/D128/2bit/B" + std::to_string(batch) + "/S" +
-                             std::to_string(tokens);
-    configure(benchmark::RegisterBenchmark(name.c_str(), [batch = batch, tokens = tokens](benchmark::State& s) {
-      BM_Attention(s, batch, tokens);
-    }));
+  static const AttentionCase attention_cases[] = {
+      {"B1/S128k", 1, 131072, 32, 8, 128, 1, 4, 8, 4, 8},      {"B8/S32k", 8, 32768, 32, 8, 128, 1, 4, 8, 4, 8},
+      {"B32/S32k", 32, 32768, 32, 8, 128, 1, 4, 8, 4, 8},      {"B64/S16k", 64, 16384, 32, 8, 128, 1, 4, 8, 4, 8},
+      {"B128/S8k", 128, 8192, 32, 8, 128, 1, 4, 8, 4, 8},      {"B1/S1M", 1, 1048576, 32, 8, 128, 1, 4, 8, 4, 8},
+      {"B32/S32k/1.5bit", 32, 32768, 32, 8, 128, 1, 8, 12, 8, 12},
+      {"B32/S32k/4bit", 32, 32768, 32, 8, 128, 1, 2, 8, 2, 8},
+      {"B32/S32k/Hq28/Hkv4", 32, 32768, 28, 4, 128, 1, 4, 8, 4, 8},
+      {"B64/S32k/D64/Hq9/Hkv3", 64, 32768, 9, 3, 64, 1, 4, 8, 4, 8},
+      {"B16/S32k/D256/Hq16/Hkv8", 16, 32768, 16, 8, 256, 1, 4, 8, 4, 8},
+      {"B32/S32k/Tq4", 32, 32768, 32, 8, 128, 4, 4, 8, 4, 8},
+  };
+  for (const AttentionCase& c : attention_cases) {
+    const std::string name = std::string("attention/bf16/") + c.label;
+    configure(benchmark::RegisterBenchmark(name.c_str(), [&c](benchmark::State& s) { BM_Attention(s, c); }));
   }
 }
 

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the package and the C++ benchmarks (one CMake build, for the
-# H100/H200's sm_90a: CI compiles every architecture), run the GPU tests and the benchmarks, then
-# compute-sanitizer (memcheck over the CUDA tests, racecheck over the kernels with shared memory).
-# The most important steps run first, so a run cut short still reports them. Writes summary.md
-# (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
+# One call on a GPU machine: build the package (sm_90a for the H100/H200; CI compiles every
+# architecture) and an Ampere build of the kernels (compute_80 PTX, which the driver compiles for
+# the GPU at load), run the GPU tests (the attention tests a second time on the Ampere build, with
+# an A100's shared-memory budget), the benchmarks, Nsight Compute on the attention kernel and
+# compute-sanitizer. The most important steps run first, so a run cut short still reports them.
+# Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention]
+#   bash scripts/gpu_check.sh [--quick|--attention|--e2e] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
-#     --attention: build + the attention tests + the attention benchmark (two shapes)
+#     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
+#     --prebuilt DIR: use packages built elsewhere instead of building here (DIR/sm90/vecinfer and
+#                  DIR/sm80/vecinfer, each with its _C module; see scripts/build_gpu_packages.sh)
 #
 # Needs: nvcc, cmake, ninja, python3 with torch, nanobind, scikit-build-core and pytest, Google
 # Benchmark; the nvidia-cutlass wheel installed or lying in .whl/ (carried to machines without a
-# package index).
+# package index); ncu and compute-sanitizer for those steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
-MODE=${1:-}
+MODE=""
+PREBUILT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prebuilt) PREBUILT=$2; shift 2 ;;
+    *) MODE=$1; shift ;;
+  esac
+done
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} VECINFER_CUDA_JOBS=8
 SUMMARY="$OUT/summary.md"
@@ -56,14 +66,49 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-BENCH_FLAG=ON
-[ "$MODE" == "" ] || BENCH_FLAG=OFF
-step "build package (pip, sm_90a; C++ benchmarks: $BENCH_FLAG)" build.log \
-  $PY -m pip install -v --no-build-isolation --no-deps --target /tmp/vecinfer_pkg --upgrade \
-  -C build-dir=$BUILD -C "cmake.define.VECINFER_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a" \
-  -C cmake.define.VECINFER_BUILD_BENCHMARKS=$BENCH_FLAG . || finish
-export PYTHONPATH=/tmp/vecinfer_pkg:$PYTHONPATH
-grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head -20 >"$LOGS/ptxas_warnings.txt"
+# The two builds: SM90 (the package as users get it on Hopper) and SM80 (the Ampere path: compute_80
+# PTX only, so that on a Hopper GPU the driver JIT-compiles it and the Ampere code runs).
+if [ -n "$PREBUILT" ]; then
+  SM90=$PWD/$PREBUILT/sm90 SM80=$PWD/$PREBUILT/sm80
+  [ -d "$PREBUILT/lib" ] && export LD_LIBRARY_PATH=$PWD/$PREBUILT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  echo "- prebuilt packages: $PREBUILT" | tee -a "$SUMMARY"
+else
+  SM90=/tmp/vecinfer_pkg SM80=/tmp/vecinfer_sm80
+  BENCH_FLAG=ON
+  [ "$MODE" == "" ] || BENCH_FLAG=OFF
+  step "build package (pip, sm_90a; C++ benchmarks: $BENCH_FLAG)" build.log \
+    $PY -m pip install -v --no-build-isolation --no-deps --target $SM90 --upgrade \
+    -C build-dir=$BUILD -C "cmake.define.VECINFER_CUDA_GENCODE=-gencode=arch=compute_90a,code=sm_90a" \
+    -C cmake.define.VECINFER_BUILD_BENCHMARKS=$BENCH_FLAG . || finish
+  grep -E "ptxas (warning|error)|spill" "$LOGS/build.log" | sort | uniq -c | head -20 >"$LOGS/ptxas_warnings.txt"
+  if [ "$MODE" != "--e2e" ]; then
+    step "build the Ampere path (compute_80 PTX)" build_sm80.log \
+      $PY -m pip install -v --no-build-isolation --no-deps --target $SM80 --upgrade -C build-dir=/tmp/vecinfer_build80 \
+      -C "cmake.define.VECINFER_CUDA_GENCODE=-gencode=arch=compute_80,code=compute_80" .
+  fi
+fi
+export PYTHONPATH=$SM90:${PYTHONPATH:-}
+$PY -c "import vecinfer; print('vecinfer', vecinfer.__file__, 'CUDA usable:', vecinfer.cuda_available())" | tee -a "$SUMMARY"
+
+ampere_tests() {  # the attention tests on the Ampere build with an A100's shared-memory budget
+  [ -d "$SM80/vecinfer" ] || { echo "- Ampere path: no SM80 build" | tee -a "$SUMMARY"; status=1; return; }
+  step "pytest (attention, Ampere path: compute_80 PTX, A100 shared memory 166912 B)" pytest_sm80.log \
+    env PYTHONPATH=$SM80:${PYTHONPATH#$SM90:} VECINFER_MAX_SHARED_BYTES=166912 \
+    $PY -m pytest tests/test_attention.py -q -rs -p no:cacheprovider -k cuda
+  tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
+}
+
+profile() {  # Nsight Compute on the coded attention kernel at the two shapes of bench/NOTES.md
+  for shape in "32 32768" "1 131072"; do
+    set -- $shape
+    step "ncu attention B=$1 S=$2" "ncu_B$1.log" \
+      ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section SchedulerStats --section LaunchStats -k regex:attention_kernel -c 1 \
+      $PY bench/profile_attention.py --batch "$1" --tokens "$2"
+    grep -E "DRAM Throughput|L1/TEX Cache Throughput|Memory Throughput|Compute \(SM\) Throughput|Duration|Issue Slots Busy|Eligible Warps|Achieved Occupancy|Registers Per|Shared Memory Config|No Eligible|Block Size" \
+      "$LOGS/ncu_B$1.log" | sed 's/^ */    /' >>"$SUMMARY"
+  done
+}
 
 if [ "$MODE" == "--e2e" ]; then
   step "pytest (all, GPU present)" pytest.log $PY -m pytest tests -q -rs -p no:cacheprovider
@@ -76,24 +121,28 @@ if [ "$MODE" == "--e2e" ]; then
 fi
 
 if [ "$MODE" == "--attention" ]; then
-  step "pytest (attention)" pytest.log $PY -m pytest tests/test_attention.py -q -rs -x -p no:cacheprovider
+  step "pytest (attention)" pytest.log $PY -m pytest tests/test_attention.py -q -rs -p no:cacheprovider
   tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
-  step "attention benchmark (quick)" bench_attn.log $PY -m vecinfer bench --quick
+  ampere_tests
+  step "attention benchmark" bench_attn.log $PY -m vecinfer bench --json "$OUT/bench_attention.json"
   cat "$LOGS/bench_attn.log" >>"$SUMMARY"
+  profile
   finish
 fi
 
 step "pytest (all, GPU present)" pytest.log $PY -m pytest tests -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest.log" | tee -a "$SUMMARY"
 [ "$MODE" == "--quick" ] && finish
+ampere_tests
 
 step "attention benchmark (Python, against torch SDPA)" bench_attn.log \
   $PY -m vecinfer bench --json "$OUT/bench_attention.json" --plot "$OUT/bench_attention.png"
 cat "$LOGS/bench_attn.log" >>"$SUMMARY"
+BENCH_BIN=$(find $BUILD "${PREBUILT:-/nonexistent}" -name vecinfer_bench -type f 2>/dev/null | head -1)
 step "C++ benchmarks (Google Benchmark: copy, attention)" bench_cpp.log \
-  $(find $BUILD -name vecinfer_bench -type f | head -1) --benchmark_filter='copy|attention' \
-  --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
+  "$BENCH_BIN" --benchmark_filter='copy|attention' --benchmark_out="$OUT/bench_cpp.json" --benchmark_out_format=json
 grep -E "^attention|^copy|^-|^Benchmark" "$LOGS/bench_cpp.log" >>"$SUMMARY"
+profile
 
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # so out-of-bounds accesses do not land in cached blocks
 step "compute-sanitizer memcheck (CUDA tests)" memcheck.log \
@@ -103,13 +152,10 @@ tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
 step "compute-sanitizer racecheck (attention, encode, decode kernels)" racecheck.log \
   timeout 200 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
   $PY -m pytest tests/test_attention.py tests/test_vq.py -q -x -p no:cacheprovider \
-  -k "cuda and (bit_presets or real_kv or empty_parts or agrees)"
+  -k "cuda and (bit_presets or real_kv or empty_parts or agrees or paged)"
 tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
-step "end-to-end generation benchmark" bench_e2e.log env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  $PY -m vecinfer bench --e2e --json "$OUT/bench_e2e.json"
-cat "$LOGS/bench_e2e.log" >>"$SUMMARY"
 step "vecinfer demo (GPU)" demo.log $PY -m vecinfer demo
 cat "$LOGS/demo.log" >>"$SUMMARY"
 step "calibration timing (30 layers, 256-entry codebooks)" bench_calib.log $PY bench/bench_calibration.py

@@ -201,7 +201,7 @@ def _gpu_kernel_speed(num_q_heads: int, num_kv_heads: int, head_dim: int) -> str
         base = sdpa_ms(batch, tokens, num_q_heads, num_kv_heads, head_dim, 1)
         best = min(v for v in base.values() if v == v)
         inputs = vecinfer_inputs(batch, tokens, num_q_heads, num_kv_heads, head_dim, 1, 2, 2)
-        ms = graph_time_ms(lambda: attention(**inputs))
+        ms = graph_time_ms([lambda: attention(**inputs)])
         del inputs
         torch.cuda.empty_cache()
         lines.append(f"      batch {batch:2d} x {tokens // 1024}k tokens: vecinfer {1e3 * ms:7.1f} us, fp16 SDPA "
