@@ -194,6 +194,10 @@ def test_paged_codes_rejects_bad_page_ids(gen):
     case.page_table = case.page_table[:, :2].contiguous().float()
     with pytest.raises(TypeError, match="page_table"):
         case.run()
+    case = Case(gen, d=64, lengths=[4, 40, 16, 2, 10, 3], capacity=64).page(gen, 16)
+    case.key_pool, case.value_pool = case.key_pool[:, :, :12].contiguous(), case.value_pool[:, :, :12].contiguous()
+    with pytest.raises(ValueError, match="power of two"):
+        case.run()
 
 
 @pytest.mark.parametrize("group,tq", [(1, 1), (4, 3), (16, 2)])
