@@ -375,9 +375,9 @@ void BM_Attention(benchmark::State& state, const AttentionCase& c) {
   for (int64_t i = 0; i < sets; ++i) {
     vecinfer::CompressedKV& kv = kvs[i];
     kv.lengths = lengths;
-    kv.key_codes = static_cast<const uint8_t*>(
+    kv.key_codes = static_cast<uint8_t*>(
         get_buffer(state, "attn_key_codes/" + std::to_string(i), key_bytes, Fill::kBytes, 21 + 2 * i));
-    kv.value_codes = static_cast<const uint8_t*>(
+    kv.value_codes = static_cast<uint8_t*>(
         get_buffer(state, "attn_value_codes/" + std::to_string(i), value_bytes, Fill::kBytes, 22 + 2 * i));
     kv.code_capacity = capacity;
     kv.sink_keys = get_buffer(state, "sink_k", kSinks * fp_bytes, Fill::kBf16, 3);

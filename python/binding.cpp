@@ -5,13 +5,16 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
+#include "vecinfer/paged.h"
 
 namespace nb = nanobind;
 using vecinfer::DType;
@@ -257,23 +260,18 @@ struct AttentionArgs {
   vecinfer::CompressedKV kv;
 };
 
-AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_codes, const nb::ndarray<>& value_codes,
-                             const nb::ndarray<>& lengths, const nb::ndarray<>& sink_keys,
-                             const nb::ndarray<>& sink_values, const nb::ndarray<>& recent_keys,
-                             const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
-                             const nb::ndarray<>& value_codebook, const OptArray& key_scale,
-                             const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded,
-                             const OptArray& page_table) {
-  AttentionArgs a;
-  a.dtype = element_dtype(q, "q");
-  a.placement = placement_of(q, "q");
-  const Placement& p = a.placement;
-  check_contiguous(q, "q");
-  if (q.ndim() != 4) fail_value("q: expected [batch, num_q_heads, num_queries, head_dim], got " + shape_string(q));
-  const int64_t batch = int64_t(q.shape(0)), hq = int64_t(q.shape(1)), tq = int64_t(q.shape(2)),
-                d = int64_t(q.shape(3));
-  if (d != 64 && d != 128 && d != 256) fail_value("q: head_dim (last dimension) must be 64, 128 or 256, got " + shape_string(q));
-  if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
+// The cache side of an attention or append call: a batch of `batch` sequences, head_dim d, the
+// element type and placement of the call.
+vecinfer::CompressedKV describe_cache(DType dtype, const Placement& p, int64_t batch, int64_t d,
+                                      const nb::ndarray<>& key_codes, const nb::ndarray<>& value_codes,
+                                      const nb::ndarray<>& lengths, const nb::ndarray<>& sink_keys,
+                                      const nb::ndarray<>& sink_values, const nb::ndarray<>& recent_keys,
+                                      const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
+                                      const nb::ndarray<>& value_codebook, const OptArray& key_scale,
+                                      const OptArray& key_mean, const OptArray& value_mean, bool hadamard,
+                                      int64_t max_coded, const OptArray& page_table, const OptArray& seq_slots,
+                                      bool recent_ring) {
+  vecinfer::CompressedKV kv;
   if (!is_uint8(key_codes.dtype()) || !is_uint8(value_codes.dtype()))
     fail_type("key_codes/value_codes: expected uint8 tensors");
   const bool paged = page_table.has_value();
@@ -281,25 +279,39 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
     fail_value(std::string("key_codes: expected ") +
                (paged ? "[num_pages, num_kv_heads, page_size, bytes]" : "[batch, num_kv_heads, capacity, bytes]") +
                ", got " + shape_string(key_codes));
-  if (!paged && int64_t(key_codes.shape(0)) != batch)
-    fail_value("key_codes: holds " + std::to_string(key_codes.shape(0)) + " sequences, q " + std::to_string(batch));
+  // The per-sequence buffers have a row per sequence of the batch, or per slot with seq_slots.
+  int64_t slots = batch;
+  if (seq_slots) {
+    const nb::ndarray<>& t = *seq_slots;
+    if (!is_int32(t.dtype())) fail_type("seq_slots: expected an int32 tensor, got " + dtype_name(t.dtype()));
+    check_same_placement(p, t, "seq_slots");
+    check_contiguous(t, "seq_slots");
+    if (t.ndim() != 1 || int64_t(t.shape(0)) != batch)
+      fail_value("seq_slots: expected [" + std::to_string(batch) + "] (q's batch), got " + shape_string(t));
+    if (lengths.ndim() != 2 || lengths.shape(0) < 1)
+      fail_value("lengths: expected [num_slots, 3] (sinks, coded, recent per slot), got " + shape_string(lengths));
+    slots = int64_t(lengths.shape(0));
+    kv.seq_slots = static_cast<const int32_t*>(t.data());
+    kv.num_slots = slots;
+  }
+  kv.recent_ring = recent_ring;
+  if (!paged && int64_t(key_codes.shape(0)) != slots)
+    fail_value("key_codes: holds " + std::to_string(key_codes.shape(0)) + " sequences, expected " +
+               std::to_string(slots) + (seq_slots ? " (the slots of lengths)" : " (q's batch)"));
   const int64_t hkv = int64_t(key_codes.shape(1));
-  if (hkv < 1 || hq % hkv != 0)
-    fail_value("q: " + std::to_string(hq) + " query heads are not a multiple of the " + std::to_string(hkv) +
-               " KV heads of key_codes");
+  if (hkv < 1) fail_value("key_codes: has no KV heads (second dimension), shape " + shape_string(key_codes));
   vecinfer::RowLayout heads;  // tables and codebooks are per KV head
   heads.head_dim = int32_t(d);
   heads.num_heads = hkv;
   heads.num_rows = hkv;
   heads.tokens_per_head = 1;
-  vecinfer::CompressedKV& kv = a.kv;
   kv.key_codebook = make_codebook(key_codebook, heads, p, "key_codebook");
   kv.value_codebook = make_codebook(value_codebook, heads, p, "value_codebook");
   const int64_t key_bytes = vecinfer::code_row_bytes(int32_t(d), kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
   const int64_t value_bytes =
       vecinfer::code_row_bytes(int32_t(d), kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
   // Contiguous: [batch, Hkv, capacity, bytes]. Paged: pools [num_pages, Hkv, page_size, bytes].
-  const int64_t outer = paged ? int64_t(key_codes.shape(0)) : batch;
+  const int64_t outer = paged ? int64_t(key_codes.shape(0)) : slots;
   const int64_t rows = check_4d(key_codes, "key_codes", p, outer, hkv, key_bytes, "bytes per row of the key codebook");
   if (check_4d(value_codes, "value_codes", p, outer, hkv, value_bytes, "bytes per row of the value codebook") != rows)
     fail_value("value_codes: must hold as many tokens (third dimension) as key_codes");
@@ -309,8 +321,8 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
     if (!is_int32(t.dtype())) fail_type("page_table: expected an int32 tensor, got " + dtype_name(t.dtype()));
     check_same_placement(p, t, "page_table");
     check_contiguous(t, "page_table");
-    if (t.ndim() != 2 || int64_t(t.shape(0)) != batch || t.shape(1) == 0)
-      fail_value("page_table: expected [" + std::to_string(batch) + ", max_pages] (page ids per sequence), got " +
+    if (t.ndim() != 2 || int64_t(t.shape(0)) != slots || t.shape(1) == 0)
+      fail_value("page_table: expected [" + std::to_string(slots) + ", max_pages] (page ids per sequence), got " +
                  shape_string(t));
     if (outer < 1) fail_value("key_codes: the page pools hold no pages");
     if (rows < 16 || (rows & (rows - 1)) != 0)
@@ -322,23 +334,23 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
     if (kv.max_pages > (int64_t{1} << 40) / rows) fail_value("page_table: too many pages per sequence");
     kv.code_capacity = kv.max_pages * rows;
   }
-  kv.key_codes = static_cast<const uint8_t*>(key_codes.data());
-  kv.value_codes = static_cast<const uint8_t*>(value_codes.data());
+  kv.key_codes = static_cast<uint8_t*>(key_codes.data());
+  kv.value_codes = static_cast<uint8_t*>(value_codes.data());
   if (!is_int32(lengths.dtype())) fail_type("lengths: expected an int32 tensor, got " + dtype_name(lengths.dtype()));
   check_same_placement(p, lengths, "lengths");
   check_contiguous(lengths, "lengths");
-  if (lengths.ndim() != 2 || int64_t(lengths.shape(0)) != batch || lengths.shape(1) != 3)
-    fail_value("lengths: expected [" + std::to_string(batch) + ", 3] (sinks, coded, recent per sequence), got " +
+  if (lengths.ndim() != 2 || int64_t(lengths.shape(0)) != slots || lengths.shape(1) != 3)
+    fail_value("lengths: expected [" + std::to_string(slots) + ", 3] (sinks, coded, recent per sequence), got " +
                shape_string(lengths));
-  kv.lengths = static_cast<const int32_t*>(lengths.data());
+  kv.lengths = static_cast<int32_t*>(lengths.data());
   for (auto [t, name] : {std::pair{&sink_keys, "sink_keys"}, {&sink_values, "sink_values"},
                          {&recent_keys, "recent_keys"}, {&recent_values, "recent_values"}})
-    if (element_dtype(*t, name) != a.dtype) fail_type(std::string(name) + ": must have q's dtype");
-  kv.sink_capacity = check_4d(sink_keys, "sink_keys", p, batch, hkv, d, "head_dim");
-  if (check_4d(sink_values, "sink_values", p, batch, hkv, d, "head_dim") != kv.sink_capacity)
+    if (element_dtype(*t, name) != dtype) fail_type(std::string(name) + ": must have q's dtype");
+  kv.sink_capacity = check_4d(sink_keys, "sink_keys", p, slots, hkv, d, "head_dim");
+  if (check_4d(sink_values, "sink_values", p, slots, hkv, d, "head_dim") != kv.sink_capacity)
     fail_value("sink_values: must hold as many tokens as sink_keys");
-  kv.recent_capacity = check_4d(recent_keys, "recent_keys", p, batch, hkv, d, "head_dim");
-  if (check_4d(recent_values, "recent_values", p, batch, hkv, d, "head_dim") != kv.recent_capacity)
+  kv.recent_capacity = check_4d(recent_keys, "recent_keys", p, slots, hkv, d, "head_dim");
+  if (check_4d(recent_values, "recent_values", p, slots, hkv, d, "head_dim") != kv.recent_capacity)
     fail_value("recent_values: must hold as many tokens as recent_keys");
   kv.sink_keys = sink_keys.data();
   kv.sink_values = sink_values.data();
@@ -352,6 +364,33 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
     fail_value("max_coded: must be in [0, " + std::to_string(kv.code_capacity) + "] (the code capacity), got " +
                std::to_string(max_coded));
   kv.max_coded = max_coded;
+  return kv;
+}
+
+AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_codes, const nb::ndarray<>& value_codes,
+                             const nb::ndarray<>& lengths, const nb::ndarray<>& sink_keys,
+                             const nb::ndarray<>& sink_values, const nb::ndarray<>& recent_keys,
+                             const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
+                             const nb::ndarray<>& value_codebook, const OptArray& key_scale,
+                             const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded,
+                             const OptArray& page_table, const OptArray& seq_slots, bool recent_ring) {
+  AttentionArgs a;
+  a.dtype = element_dtype(q, "q");
+  a.placement = placement_of(q, "q");
+  const Placement& p = a.placement;
+  check_contiguous(q, "q");
+  if (q.ndim() != 4) fail_value("q: expected [batch, num_q_heads, num_queries, head_dim], got " + shape_string(q));
+  const int64_t batch = int64_t(q.shape(0)), hq = int64_t(q.shape(1)), tq = int64_t(q.shape(2)),
+                d = int64_t(q.shape(3));
+  if (d != 64 && d != 128 && d != 256) fail_value("q: head_dim (last dimension) must be 64, 128 or 256, got " + shape_string(q));
+  if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
+  a.kv = describe_cache(a.dtype, p, batch, d, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
+                        recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean, hadamard,
+                        max_coded, page_table, seq_slots, recent_ring);
+  const int64_t hkv = int64_t(key_codes.shape(1));
+  if (hq % hkv != 0)
+    fail_value("q: " + std::to_string(hq) + " query heads are not a multiple of the " + std::to_string(hkv) +
+               " KV heads of key_codes");
   a.shape.batch = batch;
   a.shape.num_q_heads = hq;
   a.shape.num_kv_heads = hkv;
@@ -384,10 +423,11 @@ void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> k
                   nb::ndarray<> lengths, nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
                   nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
                   OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, double scale,
-                  int64_t max_coded, OptArray page_table, OptArray workspace, uintptr_t stream) {
+                  int64_t max_coded, OptArray page_table, OptArray seq_slots, bool recent_ring, OptArray workspace,
+                  uintptr_t stream) {
   const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
                                          recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean,
-                                         hadamard, max_coded, page_table);
+                                         hadamard, max_coded, page_table, seq_slots, recent_ring);
   check_like(out, q, "out", a.dtype, a.placement);
   float* lse_ptr = nullptr;
   if (lse) {
@@ -408,6 +448,129 @@ void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> k
   raise_if_error(vecinfer::cuda::attention(a.dtype, q.data(), out.data(), lse_ptr, a.shape, a.kv, softmax_scale,
                                            workspace->data(), workspace->nbytes(), stream_ptr(stream)));
 }
+
+// Appends tokens (keys/values [rows, num_kv_heads, head_dim], head_dim contiguous) to a paged
+// cache with a ring window; arrivals: CUDA int32 [num_slots] zeros (see paged.h), ignored on the CPU.
+void append_tokens(nb::ndarray<> keys, nb::ndarray<> values, nb::ndarray<> seq_slots, nb::ndarray<> indptr,
+                   int64_t max_new_tokens, nb::ndarray<> key_codes, nb::ndarray<> value_codes, nb::ndarray<> page_table,
+                   nb::ndarray<> lengths, nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> ring_keys,
+                   nb::ndarray<> ring_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
+                   OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, OptArray arrivals,
+                   uintptr_t stream) {
+  const DType dtype = element_dtype(keys, "keys");
+  const Placement p = placement_of(keys, "keys");
+  if (keys.ndim() != 3 || keys.stride(2) != 1)
+    fail_value("keys: expected [rows, num_kv_heads, head_dim] with head_dim contiguous, got " + shape_string(keys));
+  if (element_dtype(values, "values") != dtype) fail_type("values: must have the dtype of keys");
+  check_same_placement(p, values, "values");
+  if (values.ndim() != 3 || values.shape(0) != keys.shape(0) || values.shape(1) != keys.shape(1) ||
+      values.shape(2) != keys.shape(2) || values.stride(0) != keys.stride(0) || values.stride(1) != keys.stride(1) ||
+      values.stride(2) != 1)
+    fail_value("values: expected the shape and strides of keys " + shape_string(keys) + ", got " + shape_string(values));
+  if (keys.stride(0) < 0 || keys.stride(1) < 0) fail_value("keys/values: negative strides");
+  const int64_t d = int64_t(keys.shape(2));
+  if (d != 64 && d != 128 && d != 256) fail_value("keys: head_dim (last dimension) must be 64, 128 or 256");
+  for (auto [t, name] : {std::pair{&seq_slots, "seq_slots"}, {&indptr, "indptr"}}) {
+    if (!is_int32(t->dtype())) fail_type(std::string(name) + ": expected an int32 tensor, got " + dtype_name(t->dtype()));
+    check_same_placement(p, *t, name);
+    check_contiguous(*t, name);
+  }
+  if (seq_slots.ndim() != 1 || seq_slots.shape(0) == 0)
+    fail_value("seq_slots: expected a non-empty [batch] tensor, got " + shape_string(seq_slots));
+  const int64_t batch = int64_t(seq_slots.shape(0));
+  if (indptr.ndim() != 1 || int64_t(indptr.shape(0)) != batch + 1)
+    fail_value("indptr: expected [" + std::to_string(batch + 1) + "] (batch + 1), got " + shape_string(indptr));
+  const OptArray slots_arg = seq_slots, table_arg = page_table;
+  const vecinfer::CompressedKV kv =
+      describe_cache(dtype, p, batch, d, key_codes, value_codes, lengths, sink_keys, sink_values, ring_keys,
+                     ring_values, key_codebook, value_codebook, key_scale, key_mean, value_mean, hadamard, 0,
+                     table_arg, slots_arg, true);
+  const int64_t hkv = int64_t(key_codes.shape(1));
+  if (int64_t(keys.shape(1)) != hkv)
+    fail_value("keys: " + std::to_string(keys.shape(1)) + " heads, the cache " + std::to_string(hkv) + " KV heads");
+  vecinfer::TokenBatch tokens;
+  tokens.batch = batch;
+  tokens.seq_slots = static_cast<const int32_t*>(seq_slots.data());
+  tokens.indptr = static_cast<const int32_t*>(indptr.data());
+  tokens.keys = keys.data();
+  tokens.values = values.data();
+  tokens.num_rows = int64_t(keys.shape(0));
+  tokens.row_stride = keys.stride(0);
+  tokens.head_stride = keys.stride(1);
+  vecinfer::AttentionShape shape;
+  shape.batch = batch;
+  shape.num_q_heads = hkv;
+  shape.num_kv_heads = hkv;
+  shape.num_queries = 1;
+  shape.head_dim = int32_t(d);
+  if (!p.cuda) {
+    raise_if_error(vecinfer::cpu::append_tokens(dtype, shape, tokens, kv));
+    return;
+  }
+  if (!arrivals) fail_value("arrivals: required on CUDA (int32 [num_slots] zeros)");
+  if (!is_int32(arrivals->dtype())) fail_type("arrivals: expected an int32 tensor");
+  check_same_placement(p, *arrivals, "arrivals");
+  check_contiguous(*arrivals, "arrivals");
+  if (arrivals->ndim() != 1 || int64_t(arrivals->shape(0)) != kv.num_slots)
+    fail_value("arrivals: expected [" + std::to_string(kv.num_slots) + "] (one per slot), got " +
+               shape_string(*arrivals));
+  raise_if_error(vecinfer::cuda::append_tokens(dtype, shape, tokens, kv, max_new_tokens,
+                                               static_cast<int32_t*>(arrivals->data()), stream_ptr(stream)));
+}
+
+// A decode plan over the layers of one cache: the arguments of every layer checked once, the
+// split-KV schedule made once (CUDA), then run(layer, ...) per layer and step with raw pointers
+// (the Python wrapper checks q and out, and keeps every tensor alive).
+class AttentionPlan {
+ public:
+  void add_layer(nb::ndarray<> q, nb::ndarray<> key_codes, nb::ndarray<> value_codes, nb::ndarray<> lengths,
+                 nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
+                 nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
+                 OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, int64_t max_coded,
+                 OptArray page_table, OptArray seq_slots, bool recent_ring) {
+    const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
+                                           recent_values, key_codebook, value_codebook, key_scale, key_mean,
+                                           value_mean, hadamard, max_coded, page_table, seq_slots, recent_ring);
+    if (layers_.empty()) {
+      dtype_ = a.dtype, placement_ = a.placement, shape_ = a.shape;
+      if (placement_.cuda) raise_if_error(vecinfer::cuda::plan_attention(dtype_, shape_, a.kv, plan_));
+    } else if (a.dtype != dtype_ || a.placement.cuda != placement_.cuda ||
+               a.placement.device_id != placement_.device_id || a.shape.batch != shape_.batch ||
+               a.shape.num_q_heads != shape_.num_q_heads || a.shape.num_kv_heads != shape_.num_kv_heads ||
+               a.shape.num_queries != shape_.num_queries || a.shape.head_dim != shape_.head_dim) {
+      fail_value("add_layer: every layer of a plan takes the same q shape, dtype and device");
+    }
+    layers_.push_back(a.kv);
+  }
+
+  int64_t workspace_bytes() const { return int64_t(plan_.workspace_bytes); }
+  int64_t splits() const { return plan_.splits; }
+
+  void run(int64_t layer, uintptr_t q, uintptr_t out, uintptr_t lse, double scale, uintptr_t workspace,
+           int64_t workspace_bytes, uintptr_t stream) const {
+    if (layer < 0 || layer >= int64_t(layers_.size()))
+      fail_value("layer: " + std::to_string(layer) + " is not a layer of this plan (it has " +
+                 std::to_string(layers_.size()) + ")");
+    const void* qp = reinterpret_cast<const void*>(q);
+    void* op = reinterpret_cast<void*>(out);
+    float* lp = reinterpret_cast<float*>(lse);
+    const float softmax_scale = static_cast<float>(scale);
+    if (!placement_.cuda) {
+      raise_if_error(vecinfer::cpu::attention(dtype_, qp, op, lp, shape_, layers_[layer], softmax_scale));
+      return;
+    }
+    raise_if_error(vecinfer::cuda::run_attention(plan_, qp, op, lp, layers_[layer], softmax_scale,
+                                                 reinterpret_cast<void*>(workspace), size_t(workspace_bytes),
+                                                 stream_ptr(stream)));
+  }
+
+ private:
+  DType dtype_ = DType::kFloat16;
+  Placement placement_;
+  vecinfer::AttentionShape shape_;
+  vecinfer::cuda::AttentionPlan plan_;
+  std::vector<vecinfer::CompressedKV> layers_;
+};
 
 // Puts a CPU float32 codebook [num_codebooks, 2**code_bits, sub_dim] on the kernel's 8-bit grid, in place.
 void snap_codebook(nb::ndarray<> codebook) {
@@ -443,8 +606,25 @@ NB_MODULE(_C, m) {
         nb::arg("value_codes"), nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"),
         nb::arg("recent_keys"), nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"),
         nb::arg("key_scale").none(), nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"),
-        nb::arg("scale"), nb::arg("max_coded"), nb::arg("page_table").none(), nb::arg("workspace").none(),
+        nb::arg("scale"), nb::arg("max_coded"), nb::arg("page_table").none(), nb::arg("seq_slots").none(),
+        nb::arg("recent_ring"), nb::arg("workspace").none(), nb::arg("stream"));
+  m.def("append_tokens", &append_tokens, nb::arg("keys"), nb::arg("values"), nb::arg("seq_slots"), nb::arg("indptr"),
+        nb::arg("max_new_tokens"), nb::arg("key_codes"), nb::arg("value_codes"), nb::arg("page_table"),
+        nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"), nb::arg("ring_keys"),
+        nb::arg("ring_values"), nb::arg("key_codebook"), nb::arg("value_codebook"), nb::arg("key_scale").none(),
+        nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"), nb::arg("arrivals").none(),
         nb::arg("stream"));
+  nb::class_<AttentionPlan>(m, "AttentionPlan")
+      .def(nb::init<>())
+      .def("add_layer", &AttentionPlan::add_layer, nb::arg("q"), nb::arg("key_codes"), nb::arg("value_codes"),
+           nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"), nb::arg("recent_keys"),
+           nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"), nb::arg("key_scale").none(),
+           nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"), nb::arg("max_coded"),
+           nb::arg("page_table").none(), nb::arg("seq_slots").none(), nb::arg("recent_ring"))
+      .def_prop_ro("workspace_bytes", &AttentionPlan::workspace_bytes)
+      .def_prop_ro("splits", &AttentionPlan::splits)
+      .def("run", &AttentionPlan::run, nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("lse"),
+           nb::arg("scale"), nb::arg("workspace"), nb::arg("workspace_bytes"), nb::arg("stream"));
   m.def("snap_codebook", &snap_codebook, nb::arg("codebook"));
   m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
         nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),

@@ -1,6 +1,7 @@
 #include "common.h"
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
+#include "vecinfer/paged.h"
 
 namespace vecinfer {
 
@@ -56,6 +57,8 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
   if (shape.num_q_heads % shape.num_kv_heads != 0)
     return invalid("q: the number of query heads must be a multiple of the number of KV heads");
   if (kv.lengths == nullptr) return invalid("lengths: null pointer");
+  if (kv.num_slots < 0 || (kv.seq_slots != nullptr && kv.num_slots < 1))
+    return invalid("seq_slots: num_slots (rows of the per-sequence buffers) must be >= 1");
   if (kv.code_capacity < 0 || kv.sink_capacity < 0 || kv.recent_capacity < 0)
     return invalid("code/sink/recent capacities must be >= 0");
   if (kv.code_capacity > 0 && (kv.key_codes == nullptr || kv.value_codes == nullptr))
@@ -92,6 +95,29 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
     return invalid("key scale/mean: expected 1 row or one per KV head");
   if (kv.value_mean != nullptr && kv.value_mean_rows != 1 && kv.value_mean_rows != shape.num_kv_heads)
     return invalid("value_mean: expected 1 row or one per KV head");
+  return Status::Ok();
+}
+
+}  // namespace vecinfer
+
+namespace vecinfer {
+
+Status check_append(const AttentionShape& shape, const TokenBatch& tokens, const CompressedKV& kv) {
+  AttentionShape one = shape;  // the layer's checks, for a batch of one query per sequence
+  one.batch = tokens.batch;
+  one.num_q_heads = shape.num_kv_heads;
+  one.num_queries = 1;
+  Status s = check_attention(one, kv);
+  if (!s.ok()) return s;
+  if (kv.page_table == nullptr || !kv.recent_ring)
+    return invalid("append_tokens: the cache must be paged (page_table) with a ring recent window (recent_ring)");
+  if (kv.num_slots < 1) return invalid("append_tokens: num_slots must be >= 1");
+  if (tokens.batch < 1 || tokens.seq_slots == nullptr || tokens.indptr == nullptr)
+    return invalid("append_tokens: a batch of at least one sequence with seq_slots and indptr");
+  if (tokens.num_rows < 0 || tokens.row_stride < 0 || tokens.head_stride < 0)
+    return invalid("append_tokens: negative row count or stride");
+  if (tokens.num_rows > 0 && (tokens.keys == nullptr || tokens.values == nullptr))
+    return invalid("keys/values: null pointer");
   return Status::Ok();
 }
 

@@ -1,6 +1,7 @@
 // The CUDA entry points of a build without CUDA: each reports that the kernels are not compiled in.
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
+#include "vecinfer/paged.h"
 
 namespace vecinfer::cuda {
 namespace {
@@ -26,6 +27,14 @@ Status vq_decode(DType, const uint8_t*, void*, const RowLayout&, const Codebook&
 size_t attention_workspace_bytes(const AttentionShape&, const CompressedKV&) { return 0; }
 Status attention(DType, const void*, void*, float*, const AttentionShape&, const CompressedKV&, float, void*, size_t,
                  void*) {
+  return not_built();
+}
+Status plan_attention(DType, const AttentionShape&, const CompressedKV&, AttentionPlan&) { return not_built(); }
+Status run_attention(const AttentionPlan&, const void*, void*, float*, const CompressedKV&, float, void*, size_t,
+                     void*) {
+  return not_built();
+}
+Status append_tokens(DType, const AttentionShape&, const TokenBatch&, const CompressedKV&, int64_t, int32_t*, void*) {
   return not_built();
 }
 

@@ -7,11 +7,13 @@ from . import _C
 from .config import VQConfig
 from .quantizer import KVQuantizer
 from .cache import QuantizedKVCache
+from .paged import PagedKVCache
 from .ops import (
     attention,
     code_row_bytes,
     hadamard,
     inverse_transform_keys,
+    merge_states,
     snap_codebook,
     transform_keys,
     transform_queries,
@@ -42,6 +44,7 @@ def cuda_available() -> bool:
 __all__ = [
     "attention",
     "KVQuantizer",
+    "PagedKVCache",
     "QuantizedKVCache",
     "VQConfig",
     "code_row_bytes",
@@ -49,6 +52,7 @@ __all__ = [
     "cuda_built",
     "hadamard",
     "inverse_transform_keys",
+    "merge_states",
     "snap_codebook",
     "transform_keys",
     "transform_queries",

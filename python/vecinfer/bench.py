@@ -2,6 +2,7 @@
 
     vecinfer bench [--quick] [--json out.json] [--plot out.png]     (or python -m vecinfer bench)
     vecinfer bench --e2e [...]      end-to-end generation with a Llama-3.1-8B-shaped model (bench_e2e.py)
+    vecinfer bench --serving        the serving API: paged appends, paged decode through a plan, run's host time
 
 For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
 and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
@@ -147,6 +148,91 @@ def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits, seed=0):
     return inp
 
 
+def random_quantizer(hkv, d, key_bits=2, value_bits=2, seed=0):
+    """A one-layer quantizer with random codebooks and tables (speed does not depend on their values)."""
+    from vecinfer.config import VQConfig
+
+    cfg = VQConfig(key_bits=key_bits, value_bits=value_bits, sink_tokens=SINKS, residual=RECENT)
+    gen = torch.Generator().manual_seed(seed)
+    layer = {"key_codebook": vecinfer.snap_codebook(torch.randn((1, 1 << cfg.key_code_bits, cfg.key_sub_dim), generator=gen)),
+             "value_codebook": vecinfer.snap_codebook(torch.randn((1, 1 << cfg.value_code_bits, cfg.value_sub_dim),
+                                                                  generator=gen)),
+             "key_scale": torch.rand((hkv, d), generator=gen) + 0.5, "key_mean": torch.randn((hkv, d), generator=gen),
+             "value_mean": torch.randn((hkv, d), generator=gen)}
+    return vecinfer.KVQuantizer(cfg, [layer], hkv, d).to("cuda")
+
+
+def serving(copy_gbs, json_path=None) -> int:
+    """The serving API (PagedKVCache): prefill appends (tokens/s, GB/s), the one-token decode append,
+    paged decode attention through a plan against the contiguous kernel on the same shape, and the
+    host time of AttentionPlan.run."""
+    import time
+
+    hq, hkv, d = 32, 8, 128
+    rows = []
+    print(f"{'shape':14s} {'prefill Mtok/s':>14s} {'GB/s':>6s} {'step append us':>14s} {'paged us':>9s} "
+          f"{'contiguous us':>13s} {'paging cost':>11s} {'run host us':>11s}")
+    for label, b, s in (("B=1 S=128k", 1, 131072), ("B=32 S=32k", 32, 32768)):
+        quant = random_quantizer(hkv, d)
+        cache = vecinfer.PagedKVCache(quant, num_pages=b * (s // 16 + 2), max_seqs=b, max_tokens_per_seq=s + 64,
+                                      device="cuda", dtype=torch.float16)
+        seqs = [cache.add_sequence() for _ in range(b)]
+        chunk = 8192
+        prefill_ms = 0.0
+        for done in range(0, s, chunk):  # prefill in chunks, all sequences at once
+            step = cache.plan_append(seqs, [chunk] * b)
+            cache.begin(step)
+            k = torch.randn((step.num_rows, hkv, d), device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            cache.append(0, k, v, step)
+            end.record()
+            torch.cuda.synchronize()
+            prefill_ms += start.elapsed_time(end)
+            del k, v
+        tokens = b * s
+        bytes_moved = tokens * hkv * (2 * d * 2 + (d // 4) * 2)  # fp16 K/V in, 2-bit codes out
+        step = cache.plan_append(seqs, [1] * b)
+        k = torch.randn((b, hkv, d), device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        for _ in range(40):
+            cache.begin(step)  # pages for the appends timed below
+        step.pending = frozenset()
+
+        def append_step():
+            step.pending = frozenset([0])
+            cache.append(0, k, v, step)
+
+        append_us = 1e3 * eager_time_ms(append_step, iters=30)
+        plan = cache.plan_attention(seqs, hq)
+        q = torch.randn((b, hq, 1, d), device="cuda", dtype=torch.float16)
+        out = torch.empty_like(q)
+        paged_ms = graph_time_ms([lambda: plan.run(0, q, out=out)])
+        dense = vecinfer_inputs(b, s + 40, hq, hkv, d, 1, 2, 2)
+        dense_ms = graph_time_ms([lambda: vecinfer.attention(**dense)])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            plan.run(0, q, out=out)
+        host_us = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        row = {"shape": label, "batch": b, "tokens": s, "prefill_tokens_per_s": tokens / prefill_ms * 1e3,
+               "prefill_GB/s": bytes_moved / prefill_ms / 1e6, "copy_GB/s": copy_gbs,
+               "step_append_us": append_us, "paged_us": 1e3 * paged_ms, "contiguous_us": 1e3 * dense_ms,
+               "paging_cost": paged_ms / dense_ms - 1, "run_host_us": host_us}
+        rows.append(row)
+        print(f"{label:14s} {row['prefill_tokens_per_s'] / 1e6:14.2f} {row['prefill_GB/s']:6.0f} {append_us:14.1f} "
+              f"{1e3 * paged_ms:9.1f} {1e3 * dense_ms:13.1f} {100 * row['paging_cost']:10.1f}% {host_us:11.1f}",
+              flush=True)
+        del cache, dense, plan
+        torch.cuda.empty_cache()
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "copy_GB/s": copy_gbs, "rows": rows}, f, indent=1)
+    return 0
+
+
 def plot(rows, path: str) -> None:
     try:
         import matplotlib
@@ -183,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=None, help="comma-separated shape labels to run (default: all)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="write a latency plot to this PNG file (needs matplotlib)")
+    parser.add_argument("--serving", action="store_true", help="the serving API instead: paged cache appends, "
+                        "paged decode through a plan against the contiguous kernel, host time of run")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generation benchmark instead "
                         "(`vecinfer bench --e2e --help`)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -198,6 +286,8 @@ def main(argv=None) -> int:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + written), the ceiling\n")
+    if args.serving:
+        return serving(copy_gbs, args.json)
     header = (f"{'shape':24s} {'bits k/v':>8s} {'vecinfer us':>11s} {'eager us':>9s} {'SDPA us':>8s} "
               f"{'(backend)':>9s} {'speedup':>7s} {'bar':>5s} {'GB/s':>6s} {'% copy':>6s} {'mem vs fp16':>11s}")
     print(header)

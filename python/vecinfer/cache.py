@@ -364,7 +364,7 @@ class QuantizedKVCache:
                 return torch.ops.vecinfer.attention(
                     q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
                     *inputs[3:7], p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard,
-                    q.shape[-1] ** -0.5 if scale is None else float(scale), max_coded)
+                    q.shape[-1] ** -0.5 if scale is None else float(scale), max_coded)[0]
             return attention(q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
                              sink_keys=inputs[3], sink_values=inputs[4], recent_keys=inputs[5], recent_values=inputs[6],
                              key_scale=p["key_scale"], key_mean=p["key_mean"], value_mean=p["value_mean"],

@@ -1,10 +1,12 @@
 """vecinfer.attention as a torch custom operator (`torch.ops.vecinfer.attention`), with a fake
 implementation, so that a decode step calling it can be traced by torch.compile (fullgraph) and
 captured in a CUDA graph. For graph capture pass `lengths` on the GPU and `max_coded` (then no
-host synchronisation happens inside the call)."""
+host synchronisation happens inside the call). It returns (out, lse), lse the float32 log-sum-exp
+of the scaled scores [B, Hq, Tq], so an engine can merge the result with its own attention over
+other keys (vecinfer.merge_states)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -16,15 +18,17 @@ def attention(q: torch.Tensor, key_codes: torch.Tensor, value_codes: torch.Tenso
               key_codebook: torch.Tensor, value_codebook: torch.Tensor, sink_keys: torch.Tensor,
               sink_values: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor,
               key_scale: Optional[torch.Tensor], key_mean: Optional[torch.Tensor],
-              value_mean: Optional[torch.Tensor], hadamard: bool, scale: float, max_coded: int) -> torch.Tensor:
+              value_mean: Optional[torch.Tensor], hadamard: bool, scale: float,
+              max_coded: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """See vecinfer.attention; every argument explicit (the custom-op schema has no defaults)."""
     return ops.attention(q, key_codes, value_codes, lengths, key_codebook, value_codebook, sink_keys=sink_keys,
                          sink_values=sink_values, recent_keys=recent_keys, recent_values=recent_values,
                          key_scale=key_scale, key_mean=key_mean, value_mean=value_mean, hadamard=hadamard,
-                         scale=scale, max_coded=max_coded)
+                         scale=scale, max_coded=max_coded, return_lse=True)
 
 
 @attention.register_fake
 def _attention_fake(q, key_codes, value_codes, lengths, key_codebook, value_codebook, sink_keys, sink_values,
                     recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))

@@ -251,7 +251,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
             None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
             None if value_mean is None else value_mean.detach(), bool(hadamard), scale, int(max_coded),
-            None if page_table is None else page_table.detach()]
+            None if page_table is None else page_table.detach(), None, False]
     with _device_guard(q):
         workspace = None
         if q.is_cuda:
@@ -264,3 +264,31 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
         _C.attention(*args, workspace, _stream(q))
     return (out, lse) if return_lse else out
+
+
+def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor):
+    """Attention over the union of two disjoint sets of keys, from the attention over each:
+    out_* [..., D] with lse_* [...] (float32, natural-log log-sum-exp of the scaled scores, as
+    vecinfer.attention(return_lse=True) gives them). Returns (out, lse): out in out_a's dtype, lse
+    float32. A side with lse = -inf (no keys) contributes nothing; both empty give out 0, lse -inf.
+    Computed in float32; exact up to rounding (cascade / shared-prefix attention)."""
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        _check_tensor(t, name)
+    if out_a.shape != out_b.shape or out_a.dtype != out_b.dtype or out_a.device != out_b.device:
+        raise ValueError(f"out_a, out_b: expected the same shape, dtype and device, got {list(out_a.shape)} "
+                         f"{out_a.dtype} {out_a.device} and {list(out_b.shape)} {out_b.dtype} {out_b.device}")
+    if not out_a.is_floating_point():
+        raise TypeError(f"out_a, out_b: expected floating-point tensors, got {out_a.dtype}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: expected a float32 tensor, got {t.dtype}")
+        if out_a.dim() == 0 or t.shape != out_a.shape[:-1] or t.device != out_a.device:
+            raise ValueError(f"{name}: expected shape {list(out_a.shape[:-1])} on {out_a.device} (out's shape "
+                             f"without its last dimension), got {list(t.shape)} on {t.device}")
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (out_a.float() * (wa / safe)[..., None] + out_b.float() * (wb / safe)[..., None]).to(out_a.dtype)
+    return out, m + torch.log(total)

@@ -34,23 +34,33 @@ struct AttentionShape {
   int32_t head_dim = 0;     // 64, 128 or 256
 };
 
+// One layer of a compressed cache: where its parts live and how they were encoded. The attention
+// reads through it; append_tokens (paged.h) writes through it, hence the mutable pointers.
 struct CompressedKV {
-  const int32_t* lengths = nullptr;    // [batch, 3] {sinks, coded, recent}, on the data's device
-  const uint8_t* key_codes = nullptr;  // contiguous: [batch, num_kv_heads, code_capacity, key code_row_bytes]
-  const uint8_t* value_codes = nullptr;  // paged: [num_pages, num_kv_heads, page_size, row bytes]
-  int64_t code_capacity = 0;           // code rows per sequence (paged: max_pages * page_size)
+  // Sequence b of the batch is row seq_slots[b] of every per-sequence buffer below (lengths, page
+  // table, sinks, recent window and contiguous codes); null: row b. num_slots is their row count.
+  const int32_t* seq_slots = nullptr;  // [batch], on the data's device
+  int64_t num_slots = 0;               // 0: the batch size (seq_slots must then be null)
+  int32_t* lengths = nullptr;    // [num_slots, 3] {sinks, coded, recent}, on the data's device
+  uint8_t* key_codes = nullptr;  // contiguous: [num_slots, num_kv_heads, code_capacity, key code_row_bytes]
+  uint8_t* value_codes = nullptr;  // paged: [num_pages, num_kv_heads, page_size, row bytes]
+  int64_t code_capacity = 0;       // code rows per sequence (paged: max_pages * page_size)
   // Paging (page_table null: contiguous). page_size is a power of two >= 16. The kernel clamps a
   // page id outside [0, num_pages) into the pool; the CPU reference rejects it.
-  const int32_t* page_table = nullptr;  // [batch, max_pages], on the data's device
+  const int32_t* page_table = nullptr;  // [num_slots, max_pages], on the data's device
   int64_t max_pages = 0;
   int64_t num_pages = 0;
   int32_t page_size = 0;
-  const void* sink_keys = nullptr;  // [batch, num_kv_heads, sink_capacity, head_dim], q's dtype
-  const void* sink_values = nullptr;
+  void* sink_keys = nullptr;  // [num_slots, num_kv_heads, sink_capacity, head_dim], q's dtype
+  void* sink_values = nullptr;
   int64_t sink_capacity = 0;
-  const void* recent_keys = nullptr;  // [batch, num_kv_heads, recent_capacity, head_dim], q's dtype
-  const void* recent_values = nullptr;
+  void* recent_keys = nullptr;  // [num_slots, num_kv_heads, recent_capacity, head_dim], q's dtype
+  void* recent_values = nullptr;
   int64_t recent_capacity = 0;
+  // The recent window as a ring: the tokens after the sinks form one stream, its token j (position
+  // sinks + j) held in recent row j % recent_capacity while it is recent, so recent token i of a
+  // sequence is row (coded + i) % recent_capacity. false: recent token i is row i.
+  bool recent_ring = false;
   Codebook key_codebook;    // num_codebooks 1 or num_kv_heads
   Codebook value_codebook;
   Transform key_transform;  // scale, mean, hadamard of the keys; table_rows 1 or num_kv_heads
@@ -59,6 +69,8 @@ struct CompressedKV {
   // Host-side upper bound of every lengths[b][1]; sizes the split-KV plan (use code_capacity
   // when unknown). The lengths themselves are clamped to the capacities on the device.
   int64_t max_coded = 0;
+
+  int64_t slots(int64_t batch) const { return num_slots > 0 ? num_slots : batch; }
 };
 
 // Argument checks shared by both implementations (shapes, capacities, paging, codebooks, tables).
@@ -93,6 +105,30 @@ size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV
 Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
                  const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
                  void* stream);
+
+// The same kernel in two steps, for callers that run many calls of one batch composition (the
+// layers of a model, the decode steps between two changes of the batch): plan_attention checks
+// the arguments (kv: any layer of the cache) and makes the split-KV schedule on the host once;
+// run_attention launches with that
+// schedule: no re-planning, no allocation, no host synchronisation, so it can be captured in a
+// CUDA graph. kv of a run must have the plan's shapes (any layer of the cache: the pointers may
+// differ); lengths may grow on the device up to max_coded coded tokens between runs.
+struct AttentionPlan {
+  DType dtype = DType::kFloat16;
+  AttentionShape shape;
+  int32_t key_sub_dim = 0, key_code_bits = 0, value_sub_dim = 0, value_code_bits = 0;
+  int64_t code_capacity = 0, max_coded = 0, sink_capacity = 0, recent_capacity = 0;
+  int32_t page_size = 0;  // 0: contiguous codes
+  int device = -1;        // the CUDA device planned for
+  // The schedule (filled by plan_attention).
+  int splits = 0;            // blocks over the coded tokens per (sequence, KV head, row tile)
+  int64_t split_tokens = 0;  // coded tokens per split
+  int warps = 0, stages = 0, low_warps = 0;
+  size_t workspace_bytes = 0;  // device workspace run_attention needs
+};
+Status plan_attention(DType dtype, const AttentionShape& shape, const CompressedKV& kv, AttentionPlan& plan);
+Status run_attention(const AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
+                     float softmax_scale, void* workspace, size_t workspace_bytes, void* stream);
 }  // namespace cuda
 
 }  // namespace vecinfer

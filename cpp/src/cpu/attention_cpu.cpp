@@ -8,6 +8,7 @@
 
 #include "../common.h"
 #include "half_float.h"
+#include "head_tables.h"
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
@@ -30,23 +31,6 @@ void store(DType dtype, void* base, int64_t i, float v) {
   }
 }
 
-// The tables of KV head h as one-row tables, so one head's codes decode on their own.
-Codebook head_codebook(const Codebook& cb, int64_t h, int64_t num_kv_heads) {
-  Codebook one = cb;
-  one.centroids += detail::table_row(h, num_kv_heads, cb.num_codebooks) * cb.num_centroids() * cb.sub_dim;
-  one.num_codebooks = 1;
-  return one;
-}
-
-Transform head_transform(const Transform& t, int64_t h, int64_t num_kv_heads, int d) {
-  Transform one = t;
-  const int64_t row = detail::table_row(h, num_kv_heads, t.table_rows);
-  if (one.scale) one.scale += row * d;
-  if (one.mean) one.mean += row * d;
-  one.table_rows = 1;
-  return one;
-}
-
 }  // namespace
 
 Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
@@ -57,8 +41,11 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
     return invalid("dtype must be float32, float16 or bfloat16");
   if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
   if (!std::isfinite(softmax_scale)) return invalid("scale: must be finite");
+  const int64_t num_slots = kv.slots(shape.batch);
   for (int64_t b = 0; b < shape.batch; ++b) {
-    const int32_t* len = kv.lengths + 3 * b;
+    const int64_t slot = kv.seq_slots ? kv.seq_slots[b] : b;
+    if (slot < 0 || slot >= num_slots) return invalid("seq_slots: a slot outside [0, num_slots)");
+    const int32_t* len = kv.lengths + 3 * slot;
     if (len[0] < 0 || len[1] < 0 || len[2] < 0) return invalid("lengths: negative length");
     if (len[0] > kv.sink_capacity || len[1] > kv.code_capacity || len[2] > kv.recent_capacity)
       return invalid("lengths: a sequence holds more tokens than its buffers' capacity");
@@ -66,7 +53,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       return invalid("lengths: a sequence holds fewer tokens than the number of queries");
     if (kv.page_table != nullptr)
       for (int64_t i = 0; i < (int64_t{len[1]} + kv.page_size - 1) / kv.page_size; ++i) {
-        const int32_t page = kv.page_table[b * kv.max_pages + i];
+        const int32_t page = kv.page_table[slot * kv.max_pages + i];
         if (page < 0 || page >= kv.num_pages) return invalid("page_table: a page id outside the page pools");
       }
   }
@@ -78,24 +65,24 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t h = 0; h < hkv; ++h) {
-      const int32_t sinks = kv.lengths[3 * b], coded = kv.lengths[3 * b + 1], recent = kv.lengths[3 * b + 2];
+      const int64_t slot = kv.seq_slots ? kv.seq_slots[b] : b;
+      const int32_t sinks = kv.lengths[3 * slot], coded = kv.lengths[3 * slot + 1], recent = kv.lengths[3 * slot + 2];
       const int64_t n = int64_t{sinks} + coded + recent;
       // Keys and values of every position, in original coordinates, float32.
       std::vector<float> keys(n * d), values(n * d);
-      const int64_t head = b * hkv + h;
+      const int64_t head = slot * hkv + h;
       for (int64_t i = 0; i < int64_t{sinks} * d; ++i) {
         keys[i] = load(dtype, kv.sink_keys, head * kv.sink_capacity * d + i);
         values[i] = load(dtype, kv.sink_values, head * kv.sink_capacity * d + i);
       }
-      Transform value_transform;
-      if (kv.value_mean) value_transform.mean = kv.value_mean + detail::table_row(h, hkv, kv.value_mean_rows) * d;
+      const Transform values_back = value_transform(kv.value_mean, kv.value_mean_rows, h, hkv, d);
       // The coded tokens in runs of consecutive rows: the whole sequence, or one page at a time.
       const int64_t run = kv.page_table != nullptr ? kv.page_size : std::max<int64_t>(coded, 1);
       bool decoded = true;
       for (int64_t first = 0; first < coded && decoded; first += run) {
         const int64_t count = std::min<int64_t>(run, coded - first);
         const int64_t row = kv.page_table != nullptr
-                                ? (int64_t{kv.page_table[b * kv.max_pages + first / run]} * hkv + h) * run
+                                ? (int64_t{kv.page_table[slot * kv.max_pages + first / run]} * hkv + h) * run
                                 : head * kv.code_capacity;
         RowLayout rows;
         rows.num_rows = count;
@@ -106,7 +93,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
                               head_codebook(kv.key_codebook, h, hkv), head_transform(kv.key_transform, h, hkv, d));
         Status sv = vq_decode(DType::kFloat32, kv.value_codes + row * value_bytes,
                               values.data() + (int64_t{sinks} + first) * d, rows,
-                              head_codebook(kv.value_codebook, h, hkv), value_transform);
+                              head_codebook(kv.value_codebook, h, hkv), values_back);
         if (!sk.ok() || !sv.ok()) {
 #pragma omp critical
           failed = sk.ok() ? sv : sk;
@@ -115,9 +102,13 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       }
       if (!decoded) continue;
       const int64_t recent_first = (int64_t{sinks} + coded) * d;
-      for (int64_t i = 0; i < int64_t{recent} * d; ++i) {
-        keys[recent_first + i] = load(dtype, kv.recent_keys, head * kv.recent_capacity * d + i);
-        values[recent_first + i] = load(dtype, kv.recent_values, head * kv.recent_capacity * d + i);
+      for (int64_t i = 0; i < recent; ++i) {
+        const int64_t ring_row = kv.recent_ring ? (coded + i) % kv.recent_capacity : i;
+        for (int e = 0; e < d; ++e) {
+          keys[recent_first + i * d + e] = load(dtype, kv.recent_keys, (head * kv.recent_capacity + ring_row) * d + e);
+          values[recent_first + i * d + e] =
+              load(dtype, kv.recent_values, (head * kv.recent_capacity + ring_row) * d + e);
+        }
       }
       std::vector<double> scores(n), acc(d), query(d);
       for (int64_t g = 0; g < group; ++g) {

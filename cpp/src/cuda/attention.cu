@@ -16,19 +16,18 @@ Status run_bf16_d256(Request& r);
 
 namespace {
 
-Status check_cuda_inputs(DType dtype, const void* q, const void* out, const AttentionShape& shape,
-                         const CompressedKV& kv, float softmax_scale) {
+// Everything but q, out and the scale (which plan_attention does not see yet).
+Status check_cuda_cache(DType dtype, const AttentionShape& shape, const CompressedKV& kv) {
   Status s = check_attention(shape, kv);
   if (!s.ok()) return s;
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
     return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
   if (shape.num_queries > 16)
     return unsupported("q: the CUDA kernel takes at most 16 queries per sequence (Tq); split the call");
+  if (kv.seq_slots != nullptr && reinterpret_cast<uintptr_t>(kv.seq_slots) % 4 != 0)
+    return invalid("seq_slots: data pointer must be 4-byte aligned");
   if (shape.batch > 65535 || shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535)
     return unsupported("q: batch or heads beyond the kernel's grid limits (65535)");
-  if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
-  if (!(softmax_scale == softmax_scale) || softmax_scale == INFINITY || softmax_scale == -INFINITY)
-    return invalid("scale: must be finite");
   if (kv.code_capacity % 16 != 0)
     return invalid("key_codes/value_codes: the code capacity must be a multiple of 16 tokens (the kernel "
                    "copies code rows 16 at a time)");
@@ -40,6 +39,13 @@ Status check_cuda_inputs(DType dtype, const void* q, const void* out, const Atte
       !aligned16(kv.value_codebook.centroids) || reinterpret_cast<uintptr_t>(kv.lengths) % 4 != 0 ||
       reinterpret_cast<uintptr_t>(kv.page_table) % 4 != 0)
     return invalid("codes/codebooks/sink and recent tensors: data pointers must be 16-byte aligned");
+  return Status::Ok();
+}
+
+Status check_call(const void* q, const void* out, float softmax_scale) {
+  if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
+  if (!(softmax_scale == softmax_scale) || softmax_scale == INFINITY || softmax_scale == -INFINITY)
+    return invalid("scale: must be finite");
   return Status::Ok();
 }
 
@@ -91,14 +97,64 @@ size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV
   Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
   r.plan_only = true;
   // The plan does not depend on the element type beyond occupancy; float16 and bfloat16 match.
-  return dispatch(DType::kFloat16, shape.head_dim, r).ok() ? r.needed : 0;
+  return dispatch(DType::kFloat16, shape.head_dim, r).ok() ? r.plan.workspace_bytes : 0;
+}
+
+Status plan_attention(DType dtype, const AttentionShape& shape, const CompressedKV& kv, AttentionPlan& plan) {
+  using namespace cuda_detail::attn;
+  Status s = check_cuda_cache(dtype, shape, kv);
+  if (!s.ok()) return s;
+  Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
+  r.plan_only = true;
+  s = dispatch(dtype, shape.head_dim, r);
+  if (!s.ok()) return s;
+  plan = r.plan;
+  plan.dtype = dtype;
+  plan.shape = shape;
+  plan.key_sub_dim = kv.key_codebook.sub_dim;
+  plan.key_code_bits = kv.key_codebook.code_bits;
+  plan.value_sub_dim = kv.value_codebook.sub_dim;
+  plan.value_code_bits = kv.value_codebook.code_bits;
+  plan.code_capacity = kv.code_capacity;
+  plan.max_coded = kv.max_coded;
+  plan.sink_capacity = kv.sink_capacity;
+  plan.recent_capacity = kv.recent_capacity;
+  plan.page_size = kv.page_table ? kv.page_size : 0;
+  return Status::Ok();
+}
+
+Status run_attention(const AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
+                     float softmax_scale, void* workspace, size_t workspace_bytes, void* stream) {
+  using namespace cuda_detail::attn;
+  if (plan.device < 0 || plan.warps == 0) return invalid("plan: not made by plan_attention");
+  if (kv.key_codebook.sub_dim != plan.key_sub_dim || kv.key_codebook.code_bits != plan.key_code_bits ||
+      kv.value_codebook.sub_dim != plan.value_sub_dim || kv.value_codebook.code_bits != plan.value_code_bits ||
+      kv.code_capacity != plan.code_capacity || kv.max_coded != plan.max_coded ||
+      kv.sink_capacity != plan.sink_capacity || kv.recent_capacity != plan.recent_capacity ||
+      (kv.page_table ? kv.page_size : 0) != plan.page_size)
+    return invalid("kv: shapes differ from the plan's (plan again for this cache)");
+  int device = -1;
+  Status s = cuda_detail::cuda_status(cudaGetDevice(&device));
+  if (!s.ok()) return s;
+  if (device != plan.device) return invalid("plan: made for another CUDA device than the current one");
+  s = check_cuda_cache(plan.dtype, plan.shape, kv);
+  if (s.ok()) s = check_call(q, out, softmax_scale);
+  if (!s.ok()) return s;
+  Request r = make_request(q, out, lse, plan.shape, kv, softmax_scale);
+  r.planned = true;
+  r.plan = plan;
+  r.workspace = workspace;
+  r.workspace_bytes = workspace_bytes;
+  r.stream = static_cast<cudaStream_t>(stream);
+  return dispatch(plan.dtype, plan.shape.head_dim, r);
 }
 
 Status attention(DType dtype, const void* q, void* out, float* lse, const AttentionShape& shape,
                  const CompressedKV& kv, float softmax_scale, void* workspace, size_t workspace_bytes,
                  void* stream) {
   using namespace cuda_detail::attn;
-  Status s = check_cuda_inputs(dtype, q, out, shape, kv, softmax_scale);
+  Status s = check_cuda_cache(dtype, shape, kv);
+  if (s.ok()) s = check_call(q, out, softmax_scale);
   if (!s.ok()) return s;
   Request r = make_request(q, out, lse, shape, kv, softmax_scale);
   r.workspace = workspace;

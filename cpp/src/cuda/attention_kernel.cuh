@@ -212,6 +212,13 @@ __device__ __forceinline__ int64_t clamp_length(int32_t length, int64_t capacity
   return length < 0 ? 0 : (length > capacity ? capacity : length);
 }
 
+// The cache row of sequence b (seq_slots[b], clamped into the table, or b).
+__device__ __forceinline__ int64_t sequence_slot(const Params& p, int64_t b) {
+  if (p.kv.seq_slots == nullptr) return b;
+  const int64_t slot = p.kv.seq_slots[b];
+  return slot < 0 ? 0 : (slot >= p.kv.num_slots ? p.kv.num_slots - 1 : slot);
+}
+
 // fp16 operand pairs from bytes: [u0, 0, u1, 0] is the fp16 pair (u0, u1) * 2^-24 (subnormal, exact).
 __device__ __forceinline__ uint32_t bytes01(uint32_t w) { return __byte_perm(w, 0, 0x4140); }
 __device__ __forceinline__ uint32_t bytes23(uint32_t w) { return __byte_perm(w, 0, 0x4342); }
@@ -322,16 +329,16 @@ struct CodeSource {
   int64_t last_page;
   int page_shift;
 
-  __device__ __forceinline__ CodeSource(const Params& p, int64_t b, int64_t head) {
+  __device__ __forceinline__ CodeSource(const Params& p, int64_t slot, int64_t head) {
     const CompressedKV& kv = p.kv;
     capacity = kv.code_capacity;
     page_shift = p.page_shift;
     page_rows = p.num_kv_heads << page_shift;
     last_page = kv.num_pages - 1;
-    const int64_t first_row = kv.page_table ? head << page_shift : (b * p.num_kv_heads + head) * capacity;
+    const int64_t first_row = kv.page_table ? head << page_shift : (slot * p.num_kv_heads + head) * capacity;
     keys = kv.key_codes + first_row * KRB;
     values = kv.value_codes + first_row * VRB;
-    pages = kv.page_table ? kv.page_table + b * kv.max_pages : nullptr;
+    pages = kv.page_table ? kv.page_table + slot * kv.max_pages : nullptr;
   }
 
   // The rows of `token` (a multiple of 16, below capacity): `run` tokens from there lie one after
@@ -779,7 +786,8 @@ __device__ __forceinline__ void value_products(float (&o)[kSets][D / 32][4], flo
 // One block over the coded tokens [begin, end) of its split (see the file comment for the products).
 // kEight: the block has more than 4 query rows (rows 4-7 get their own score and value products).
 template <typename T, int D, class KC, class VC, bool kEight>
-__device__ void coded_block(const Params& p, int64_t b, int64_t kv_head, int first_row, int rows, int split) {
+__device__ void coded_block(const Params& p, int64_t b, int64_t slot, int64_t kv_head, int first_row, int rows,
+                            int split) {
   using L = Layout<D, KC, VC, kEight>;
   constexpr int KRB = L::kKeyRowBytes, VRB = L::kValueRowBytes;
   constexpr int kKB = D / 16;            // k-blocks of the score product
@@ -789,7 +797,7 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t kv_head, int fir
   const int lane = threadIdx.x & 31, r = lane >> 2, c = lane & 3, warp = threadIdx.x >> 5;
   const int warps = p.warps, stages = p.stages;
 
-  const int32_t* len = p.kv.lengths + 3 * b;
+  const int32_t* len = p.kv.lengths + 3 * slot;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
   const int64_t coded = clamp_length(len[1], p.kv.code_capacity);
   const int64_t recent = clamp_length(len[2], p.kv.recent_capacity);
@@ -814,7 +822,7 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t kv_head, int fir
   uint8_t* stage_memory = warp < p.low_warps ? smem + L::kLowEnd + warp * stages * L::kStageBytes
                                              : smem + L::kHigh + (warp - p.low_warps) * stages * L::kStageBytes;
   const Stager<L> stager{stage_memory, reinterpret_cast<uint64_t*>(smem + L::kBarriers) + warp * stages,
-                         {p, b, kv_head}};
+                         {p, slot, kv_head}};
 #if __CUDA_ARCH__ >= 900
   if (lane == 0) {
     for (int s = 0; s < stages; ++s) cutlass::arch::ClusterTransactionBarrier::init(&stager.barriers[s], 1);
@@ -963,13 +971,15 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t kv_head, int fir
 // scores its rows lane-per-token and accumulates values lane-per-dimension.
 template <typename T, int D>
 __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* recent, int64_t sinks, int64_t first,
-                                              int count) {
+                                              int count, int64_t ring_first, int64_t ring_size) {
   constexpr int kVec = 8;  // elements per 16-byte load
   constexpr int kStride = D + 2;
   for (int i = threadIdx.x; i < count * D / kVec; i += blockDim.x) {
     const int t = i / (D / kVec), d = (i % (D / kVec)) * kVec;
     const int64_t j = first + t;
-    const T* src = j < sinks ? sink + j * D + d : recent + (j - sinks) * D + d;
+    int64_t i_recent = j - sinks + ring_first;  // ring_first < ring_size: one subtraction wraps
+    if (i_recent >= ring_size) i_recent -= ring_size;
+    const T* src = j < sinks ? sink + j * D + d : recent + i_recent * D + d;
     const uint4 v = *reinterpret_cast<const uint4*>(src);
     const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
     uint32_t* out = reinterpret_cast<uint32_t*>(dst + t * kStride + d);  // 4-byte aligned (padded rows)
@@ -979,8 +989,8 @@ __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* re
 }
 
 template <typename T, int D, class L>
-__device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, int64_t kv_head, int first_row,
-                                     int rows) {
+__device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, int64_t slot, int64_t kv_head,
+                                     int first_row, int rows) {
   constexpr int kPerLane = D / 32;
   constexpr int kStride = D + 2;
   constexpr int kChunk = chunk_tokens<D>();
@@ -990,12 +1000,14 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   T* chunk_v = chunk_k + kChunk * kStride;
   prepare_queries<T, D>(qs, nullptr, nullptr, p, b, kv_head, first_row, rows, false);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int32_t* len = p.kv.lengths + 3 * b;
+  const int32_t* len = p.kv.lengths + 3 * slot;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
   const int64_t coded = clamp_length(len[1], p.kv.code_capacity);
   const int64_t recent = clamp_length(len[2], p.kv.recent_capacity);
   const int64_t n = sinks + coded + recent;
-  const int64_t head_index = b * p.num_kv_heads + kv_head;
+  const int64_t head_index = slot * p.num_kv_heads + kv_head;
+  // Recent token i is ring row (ring_first + i) mod recent_capacity (row i without a ring).
+  const int64_t ring_first = p.kv.recent_ring && p.kv.recent_capacity > 0 ? coded % p.kv.recent_capacity : 0;
   const T* sk = static_cast<const T*>(p.kv.sink_keys) + head_index * p.kv.sink_capacity * D;
   const T* sv = static_cast<const T*>(p.kv.sink_values) + head_index * p.kv.sink_capacity * D;
   const T* rk = static_cast<const T*>(p.kv.recent_keys) + head_index * p.kv.recent_capacity * D;
@@ -1013,8 +1025,8 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   for (int64_t first = 0; first < total; first += kChunk) {
     const int count = static_cast<int>(min(int64_t{kChunk}, total - first));
     __syncthreads();  // the previous chunk is consumed
-    load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count);
-    load_fp_chunk<T, D>(chunk_v, sv, rv, sinks, first, count);
+    load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count, ring_first, p.kv.recent_capacity);
+    load_fp_chunk<T, D>(chunk_v, sv, rv, sinks, first, count, ring_first, p.kv.recent_capacity);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -1091,14 +1103,16 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
 template <typename T, int D, class KC, class VC, bool kEight>
 __global__ void __launch_bounds__(32 * max_warps<D, kEight>(), 1) attention_kernel(Params p) {
   const int64_t b = blockIdx.z;
+  const int64_t slot = sequence_slot(p, b);
   const int64_t kv_head = blockIdx.y / p.row_tiles;
   const int first_row = (blockIdx.y % p.row_tiles) * kRows;
   const int rows = min(kRows, p.group * static_cast<int>(p.num_queries) - first_row);
   // Block 0 (scheduled first) takes the few full-precision tokens; blocks 1.. the coded splits.
   if (blockIdx.x == 0)
-    full_precision_block<T, D, Layout<D, KC, VC, kEight>>(vecinfer_attention_smem, p, b, kv_head, first_row, rows);
+    full_precision_block<T, D, Layout<D, KC, VC, kEight>>(vecinfer_attention_smem, p, b, slot, kv_head, first_row,
+                                                          rows);
   else
-    coded_block<T, D, KC, VC, kEight>(p, b, kv_head, first_row, rows, static_cast<int>(blockIdx.x) - 1);
+    coded_block<T, D, KC, VC, kEight>(p, b, slot, kv_head, first_row, rows, static_cast<int>(blockIdx.x) - 1);
 }
 
 // Merges the parts of one (sequence, KV head, row tile): part 0 the full-precision tokens, parts

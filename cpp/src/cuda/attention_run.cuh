@@ -11,14 +11,17 @@ namespace vecinfer::cuda_detail::attn {
 constexpr int kMaxDevices = 64;
 constexpr int kMinWarps = 4;
 
+// One call: the kernel parameters, and either a request for a plan (plan_only: fill `plan`) or a
+// launch (with `plan` given when `planned`, made here otherwise).
 struct Request {
   Params params;
   int key_sub, key_bits, value_sub, value_bits;
   void* workspace;
   size_t workspace_bytes;
   cudaStream_t stream;
-  bool plan_only;  // only compute `needed` (workspace bytes)
-  size_t needed;
+  bool plan_only;
+  bool planned;
+  cuda::AttentionPlan plan;  // the schedule fields: splits, split_tokens, warps, stages, low_warps, workspace_bytes
 };
 
 // The codec shapes the kernel is built for: the bit presets of VQConfig (4, 3, 2, 1.5, 1 bits).
@@ -53,9 +56,10 @@ SmemPlan plan_shared(int budget) {
   return plan;
 }
 
+// The shared-memory plan and split-KV schedule of a request, into r.plan.
 template <typename T, int D, class KC, class VC, bool kEight>
-Status run(Request& r) {
-  Params& p = r.params;
+Status make_plan(Request& r) {
+  const Params& p = r.params;
   auto kernel = attention_kernel<T, D, KC, VC, kEight>;
   int sm_count = 0, max_shared = 0, device = 0;
   Status s = current_device(sm_count, max_shared);
@@ -87,9 +91,11 @@ Status run(Request& r) {
     fresh.blocks_per_sm = blocks > 0 ? blocks : 1;
     plan = fresh;
   }
-  p.warps = plan.warps;
-  p.stages = plan.stages;
-  p.low_warps = plan.low_warps;
+  cuda::AttentionPlan& out = r.plan;
+  out.device = device;
+  out.warps = plan.warps;
+  out.stages = plan.stages;
+  out.low_warps = plan.low_warps;
 
   // Split the coded tokens over blocks. The estimated time of c splits is the waves of blocks
   // times a block's time: its fixed cost (tables, queries, merging its warps), counted as
@@ -109,25 +115,46 @@ Status run(Request& r) {
       const int64_t per_split = ((max_coded + c - 1) / c + quantum - 1) / quantum * quantum;
       const int64_t used = (max_coded + per_split - 1) / per_split;
       const int64_t cost = (groups * used + slots - 1) / slots * (kSetupStages + per_split / quantum);
-      if (best_cost < 0 || cost < best_cost) best_cost = cost, splits = used, p.split_tokens = per_split;
+      if (best_cost < 0 || cost < best_cost) best_cost = cost, splits = used, out.split_tokens = per_split;
     }
   } else {  // only the full-precision block
-    p.split_tokens = quantum;
+    out.split_tokens = quantum;
   }
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
-  p.splits = static_cast<int>(splits);
+  out.splits = static_cast<int>(splits);
   const size_t partial_floats = static_cast<size_t>(groups) * (splits + 1) * kRows;
-  const size_t acc_bytes = partial_floats * D * sizeof(float);
-  r.needed = acc_bytes + partial_floats * 2 * sizeof(float);
-  if (r.plan_only) return Status::Ok();
-  if (r.workspace == nullptr || r.workspace_bytes < r.needed || !aligned16(r.workspace))
+  out.workspace_bytes = partial_floats * (D + 2) * sizeof(float);
+  return Status::Ok();
+}
+
+template <typename T, int D, class KC, class VC, bool kEight>
+Status run(Request& r) {
+  if (!r.planned) {
+    Status s = make_plan<T, D, KC, VC, kEight>(r);
+    if (!s.ok() || r.plan_only) return s;
+  }
+  const cuda::AttentionPlan& plan = r.plan;
+  Params& p = r.params;
+  p.warps = plan.warps;
+  p.stages = plan.stages;
+  p.low_warps = plan.low_warps;
+  p.splits = plan.splits;
+  p.split_tokens = plan.split_tokens;
+  const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
+  const int64_t splits = plan.splits;
+  if (r.workspace == nullptr || r.workspace_bytes < plan.workspace_bytes || !aligned16(r.workspace))
     return invalid("workspace: too small or not 16-byte aligned (see attention_workspace_bytes)");
+  const size_t acc_bytes = static_cast<size_t>(groups) * (splits + 1) * kRows * D * sizeof(float);
   p.partial_acc = static_cast<float*>(r.workspace);
   p.partial_ml = reinterpret_cast<float*>(static_cast<uint8_t*>(r.workspace) + acc_bytes);
+  auto kernel = attention_kernel<T, D, KC, VC, kEight>;
+  using L = Layout<D, KC, VC, kEight>;
+  const int bytes = L::shared_bytes(plan.warps, plan.stages);
+  Status s = Status::Ok();
 
   const dim3 grid(static_cast<unsigned>(splits + 1), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
                   static_cast<unsigned>(p.batch));
-  kernel<<<grid, 32 * plan.warps, plan.bytes, r.stream>>>(p);
+  kernel<<<grid, 32 * plan.warps, bytes, r.stream>>>(p);
   s = cuda_status(cudaGetLastError());
   if (!s.ok()) return s;
   const size_t merge_shared = static_cast<size_t>(splits + 1) * kRows * sizeof(float);
