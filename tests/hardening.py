@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -65,3 +66,27 @@ def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"hung: still running after {timeout} s:\n{code}") from e
+
+
+def append_from_two_threads(cache, k, v, per_thread: int = 300):
+    """Two threads each append (k, v) to layer 0 `per_thread` times, from a common start. Returns
+    (appends that landed, appends refused with the cache's RuntimeError); anything else fails."""
+    landed, refused = [0, 0], [0, 0]
+    start = threading.Barrier(2)
+
+    def worker(i):
+        start.wait()
+        for _ in range(per_thread):
+            try:
+                cache.append(0, k, v)
+                landed[i] += 1
+            except RuntimeError as e:
+                assert "not thread-safe" in str(e)
+                refused[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(landed), sum(refused)

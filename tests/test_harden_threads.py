@@ -8,32 +8,14 @@ import threading
 import pytest
 import torch
 
-from hardening import kv, small_cache
+from hardening import append_from_two_threads, kv, small_cache
 
 
 def test_concurrent_appends_all_land_or_raise():
     cache = small_cache(max_tokens=700, batch_size=1)
-    k, v = kv(1, 1)
-    landed, refused = [0, 0], [0, 0]
-    start = threading.Barrier(2)
-
-    def worker(i):
-        start.wait()
-        for _ in range(300):
-            try:
-                cache.append(0, k, v)
-                landed[i] += 1
-            except RuntimeError as e:
-                assert "two threads" in str(e)
-                refused[i] += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(landed) + sum(refused) == 600
-    assert cache.length(0) == sum(landed), f"{sum(landed)} appends landed, the cache holds {cache.length(0)}"
+    landed, refused = append_from_two_threads(cache, *kv(1, 1))
+    assert landed + refused == 600
+    assert cache.length(0) == landed, f"{landed} appends landed, the cache holds {cache.length(0)}"
 
 
 def test_second_thread_is_refused_while_one_is_inside(monkeypatch):
