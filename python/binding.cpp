@@ -155,9 +155,8 @@ vecinfer::Codebook make_codebook(const nb::ndarray<>& cb, const vecinfer::RowLay
   const int64_t sub_dim = static_cast<int64_t>(cb.shape(2));
   if (sub_dim != 2 && sub_dim != 4 && sub_dim != 8)
     fail_value(name + ": sub_dim (last dimension) must be 2, 4 or 8, got shape " + shape_string(cb));
-  int bits = 0;
-  while ((int64_t{1} << bits) < centroids) ++bits;
-  if ((int64_t{1} << bits) != centroids || bits < 4 || bits > 12)
+  const int32_t bits = vecinfer::code_bits_of(centroids);
+  if (bits < 4 || bits > 12)
     fail_value(name + ": the number of centroids (second dimension) must be a power of two from 16 to "
                "4096 (code_bits 4 to 12), got shape " + shape_string(cb));
   if (groups < 1 || layout.num_heads % groups != 0)
@@ -194,6 +193,14 @@ void check_codes(const nb::ndarray<>& codes, const nb::ndarray<>& x, int64_t row
     fail_value("codes: expected shape " + expected + std::to_string(row_bytes) + "] (" + std::to_string(row_bytes) +
                " bytes per row for this codebook), got " + shape_string(codes));
   }
+}
+
+// The checks an op makes of its element tensor (dtype, device, layout), on their own: the Python
+// layer asks them before allocating an output sized from that tensor.
+void check_elements(nb::ndarray<> x, const std::string& name) {
+  element_dtype(x, name.c_str());
+  placement_of(x, name.c_str());
+  row_layout(x, name.c_str());
 }
 
 void* stream_ptr(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
@@ -579,10 +586,8 @@ void snap_codebook(nb::ndarray<> codebook) {
   check_contiguous(codebook, "codebook");
   if (codebook.ndim() != 3 || codebook.shape(0) == 0 || codebook.shape(2) == 0 || codebook.shape(2) > 8)
     fail_value("codebook: expected [num_codebooks, 2**code_bits, sub_dim <= 8], got " + shape_string(codebook));
-  const size_t entries = codebook.shape(1);
-  int bits = 0;
-  while ((size_t{1} << bits) < entries) ++bits;
-  if ((size_t{1} << bits) != entries || bits < 1 || bits > 12)
+  const int32_t bits = vecinfer::code_bits_of(static_cast<int64_t>(codebook.shape(1)));
+  if (bits < 1 || bits > 12)
     fail_value("codebook: the number of centroids must be a power of two from 2 to 4096, got " + shape_string(codebook));
   vecinfer::Codebook shape;
   shape.num_codebooks = int64_t(codebook.shape(0));
@@ -601,6 +606,7 @@ NB_MODULE(_C, m) {
         nb::arg("mean").none(), nb::arg("hadamard"), nb::arg("stream"));
   m.def("vq_decode", &vq_decode, nb::arg("codes"), nb::arg("out"), nb::arg("codebook"), nb::arg("scale").none(),
         nb::arg("mean").none(), nb::arg("hadamard"), nb::arg("stream"));
+  m.def("check_elements", &check_elements, nb::arg("x"), nb::arg("name"));
   m.def("code_row_bytes", &vecinfer::code_row_bytes, nb::arg("head_dim"), nb::arg("sub_dim"), nb::arg("code_bits"));
   m.def("attention", &attention, nb::arg("q"), nb::arg("out"), nb::arg("lse").none(), nb::arg("key_codes"),
         nb::arg("value_codes"), nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"),

@@ -6,7 +6,7 @@ import torch
 
 import vecinfer
 from vecinfer.kmeans import assign, kmeans
-from vecinfer.quantizer import build_quantizer, kivi_fake_quantize
+from vecinfer.quantizer import _checksum, build_quantizer, kivi_fake_quantize
 
 
 def _samples(layers=2, heads=2, tokens=600, d=64, seed=0, offset=5.0):
@@ -139,6 +139,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def _resave(src, dst, edit_tensors=None, edit_meta=None):
+    """Rewrites a saved file with edits and a valid checksum of the result (as a writer of bad
+    content would), so that load's checks after the checksum are what refuse it."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -149,6 +151,8 @@ def _resave(src, dst, edit_tensors=None, edit_meta=None):
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
+    meta.pop("sha256")
+    meta["sha256"] = _checksum(meta, tensors)
     save_file(tensors, dst, metadata=meta)
 
 

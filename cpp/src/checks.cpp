@@ -1,25 +1,83 @@
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
 #include "common.h"
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 #include "vecinfer/paged.h"
 
 namespace vecinfer {
+namespace {
 
-int64_t code_row_bytes(int32_t head_dim, int32_t sub_dim, int32_t code_bits) {
+// Whether the product of these non-negative sizes fits in int64 (so byte counts computed from
+// them cannot wrap).
+bool product_fits(std::initializer_list<int64_t> sizes) {
+  int64_t product = 1;
+  for (int64_t n : sizes) {
+    if (n < 0) return false;
+    if (n == 0) return true;
+    if (product > std::numeric_limits<int64_t>::max() / n) return false;
+    product *= n;
+  }
+  return true;
+}
+
+int64_t element_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+int64_t code_row_bytes(int64_t head_dim, int64_t sub_dim, int64_t code_bits) {
   if (head_dim != 64 && head_dim != 128 && head_dim != 256) return 0;
   if (sub_dim != 2 && sub_dim != 4 && sub_dim != 8) return 0;
   if (code_bits < 4 || code_bits > 12) return 0;
-  return int64_t{head_dim / sub_dim} * code_bits / 8;  // head_dim / sub_dim is a multiple of 8
+  return head_dim / sub_dim * code_bits / 8;  // head_dim / sub_dim is a multiple of 8
+}
+
+int32_t code_bits_of(int64_t num_centroids) {
+  for (int32_t bits = 1; bits <= 62; ++bits)
+    if (num_centroids == int64_t{1} << bits) return bits;
+  return -1;
 }
 
 Status check_layout(const RowLayout& layout) {
   if (layout.head_dim != 64 && layout.head_dim != 128 && layout.head_dim != 256)
     return unsupported("head_dim (the last dimension) must be 64, 128 or 256");
   if (layout.num_rows <= 0) return invalid("the tensor is empty: it needs at least one row");
+  if (!product_fits({layout.num_rows, layout.head_dim, 4}))
+    return invalid("the tensor is too large: its size in bytes overflows 64 bits");
   if (layout.num_heads <= 0 || layout.tokens_per_head <= 0)
     return invalid("num_heads and tokens_per_head must be positive");
-  if (layout.num_rows % (layout.num_heads * layout.tokens_per_head) != 0)
+  if (layout.num_heads > layout.num_rows / layout.tokens_per_head ||
+      layout.num_rows % (layout.num_heads * layout.tokens_per_head) != 0)
     return invalid("num_rows must be a multiple of num_heads * tokens_per_head");
+  return Status::Ok();
+}
+
+Status check_in_out(DType dtype, const void* in, const void* out, const RowLayout& layout) {
+  if (in == nullptr || out == nullptr) return invalid("input/output: null pointer");
+  const auto first = reinterpret_cast<uintptr_t>(in), second = reinterpret_cast<uintptr_t>(out);
+  const auto bytes = static_cast<uintptr_t>(layout.num_rows * layout.head_dim * element_bytes(dtype));
+  if (first != second && first < second + bytes && second < first + bytes)
+    return invalid("out: overlaps the input partially; pass the input itself (in place) or a separate tensor");
+  return Status::Ok();
+}
+
+Status check_transform_values(const RowLayout& layout, const Transform& transform) {
+  const int64_t n = transform.table_rows * layout.head_dim;
+  for (int64_t i = 0; transform.scale != nullptr && i < n; ++i)
+    if (!(std::isfinite(transform.scale[i]) && transform.scale[i] > 0.f))
+      return invalid("scale: every entry must be finite and > 0");
+  for (int64_t i = 0; transform.mean != nullptr && i < n; ++i)
+    if (!std::isfinite(transform.mean[i])) return invalid("mean: contains NaN or infinity");
+  return Status::Ok();
+}
+
+Status check_codebook_values(const Codebook& codebook) {
+  const int64_t n = codebook.num_codebooks * codebook.num_centroids() * codebook.sub_dim;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(codebook.centroids[i])) return invalid("codebook: contains NaN or infinity");
   return Status::Ok();
 }
 
@@ -43,7 +101,8 @@ Status check_codebook(const RowLayout& layout, const Codebook& codebook) {
   if (codebook.code_bits < 4 || codebook.code_bits > 12)
     return unsupported("codebook: the number of centroids must be 2**code_bits with code_bits "
                        "from 4 to 12 (16 to 4096 centroids)");
-  if (codebook.num_codebooks <= 0 || layout.num_heads % codebook.num_codebooks != 0)
+  if (codebook.num_codebooks <= 0 || layout.num_heads % codebook.num_codebooks != 0 ||
+      !product_fits({codebook.num_codebooks, codebook.num_centroids(), codebook.sub_dim, 4}))
     return invalid("codebook: the number of heads (third-from-last dimension) must be a "
                    "multiple of the number of codebooks (1 per layer, or 1 per KV head)");
   return Status::Ok();
@@ -67,6 +126,13 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
     return invalid("sink_keys/sink_values: null pointer");
   if (kv.recent_capacity > 0 && (kv.recent_keys == nullptr || kv.recent_values == nullptr))
     return invalid("recent_keys/recent_values: null pointer");
+  const bool paged = kv.page_table != nullptr;
+  if (!product_fits({shape.batch, shape.num_q_heads, shape.num_queries, shape.head_dim, 4}) ||
+      !product_fits({shape.batch, shape.num_kv_heads, kv.sink_capacity, shape.head_dim, 4}) ||
+      !product_fits({shape.batch, shape.num_kv_heads, kv.recent_capacity, shape.head_dim, 4}) ||
+      !product_fits({paged ? kv.num_pages : shape.batch, shape.num_kv_heads,
+                     paged ? int64_t{kv.page_size} : kv.code_capacity, shape.head_dim}))
+    return invalid("q/codes/sink/recent: sizes whose byte counts overflow 64 bits");
   if (kv.max_coded < 0 || kv.max_coded > kv.code_capacity)
     return invalid("max_coded must be in [0, code_capacity]");
   if (kv.page_table != nullptr) {

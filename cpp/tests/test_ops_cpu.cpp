@@ -1196,6 +1196,127 @@ TEST_F(BadArguments, ValidSetupIsAccepted) {
   EXPECT_TRUE(vecinfer::check_codebook(layout(), codebook(2, 4)).ok());
 }
 
+// ------------------------------------------------------------------------------------------
+// Hardening: sizes that overflow, overlapping buffers, non-finite values
+// ------------------------------------------------------------------------------------------
+
+TEST(Hardening, CodeBitsOfAnyCountNeverShiftsOutOfRange) {
+  EXPECT_EQ(vecinfer::code_bits_of(2), 1);
+  EXPECT_EQ(vecinfer::code_bits_of(256), 8);
+  EXPECT_EQ(vecinfer::code_bits_of(int64_t{1} << 62), 62);
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{3}, int64_t{100}, (int64_t{1} << 62) + 1,
+                    std::numeric_limits<int64_t>::max(), int64_t{-256}, std::numeric_limits<int64_t>::min()})
+    EXPECT_EQ(vecinfer::code_bits_of(n), -1) << n;
+}
+
+TEST(Hardening, SizesOverflowing64BitsAreRejected) {
+  RowLayout rows = make_layout(1, 1, 1, 64);
+  rows.num_rows = rows.tokens_per_head = int64_t{1} << 60;  // * 64 elements * 4 bytes wraps
+  EXPECT_EQ(vecinfer::check_layout(rows).code, StatusCode::kInvalidArgument);
+  RowLayout heads = make_layout(1, 1, 1, 64);
+  heads.num_rows = 1 << 20;
+  heads.num_heads = heads.tokens_per_head = int64_t{1} << 40;  // their product wraps
+  EXPECT_EQ(vecinfer::check_layout(heads).code, StatusCode::kInvalidArgument);
+  float c[64] = {};
+  Codebook cb;
+  cb.centroids = c;
+  cb.sub_dim = 4;
+  for (int bits : {13, 63, 64, 200, -1}) {
+    cb.code_bits = bits;
+    EXPECT_EQ(vecinfer::check_codebook(make_layout(1, 1, 1, 64), cb).code, StatusCode::kUnsupported) << bits;
+  }
+}
+
+TEST(Hardening, TransformRejectsPartiallyOverlappingOutput) {
+  std::vector<float> buf(64 * 8, 1.f);
+  const RowLayout l = make_layout(1, 1, 4, 64);
+  Transform h;
+  h.hadamard = true;
+  for (int shift : {1, 64, 3 * 64})
+    EXPECT_EQ(cpu::transform(DType::kFloat32, buf.data(), buf.data() + shift, l, h, TransformKind::kKey).code,
+              StatusCode::kInvalidArgument) << shift;
+  EXPECT_TRUE(cpu::transform(DType::kFloat32, buf.data(), buf.data() + 4 * 64, l, h, TransformKind::kKey).ok());
+  EXPECT_TRUE(cpu::transform(DType::kFloat32, buf.data(), buf.data(), l, h, TransformKind::kKey).ok());  // in place
+}
+
+TEST(Hardening, NonFiniteOrNonPositiveTablesAndCodebooksAreRejected) {
+  const RowLayout l = make_layout(1, 2, 3, 64);
+  std::vector<float> x(6 * 64, 0.5f), out(6 * 64), scale(2 * 64, 1.f), mean(2 * 64, 0.f), centroids(16 * 4, 0.25f);
+  std::vector<uint8_t> codes(6 * 32, 0);
+  Codebook cb;
+  cb.centroids = centroids.data();
+  cb.sub_dim = 4;
+  cb.code_bits = 4;
+  Transform t;
+  t.scale = scale.data();
+  t.mean = mean.data();
+  t.table_rows = 2;
+  auto all_codes = [&] {
+    return std::vector<StatusCode>{
+        cpu::transform(DType::kFloat32, x.data(), out.data(), l, t, TransformKind::kKey).code,
+        cpu::vq_encode(DType::kFloat32, x.data(), codes.data(), l, cb, t).code,
+        cpu::vq_decode(DType::kFloat32, codes.data(), out.data(), l, cb, t).code};
+  };
+  EXPECT_EQ(all_codes(), std::vector<StatusCode>(3, StatusCode::kOk));
+  for (float bad : {0.f, -1.f, NAN, INFINITY}) {
+    scale[70] = bad;
+    EXPECT_EQ(all_codes(), std::vector<StatusCode>(3, StatusCode::kInvalidArgument)) << "scale " << bad;
+    scale[70] = 1.f;
+  }
+  mean[5] = NAN;
+  EXPECT_EQ(all_codes(), std::vector<StatusCode>(3, StatusCode::kInvalidArgument));
+  mean[5] = 0.f;
+  centroids[17] = NAN;
+  EXPECT_EQ(cpu::vq_encode(DType::kFloat32, x.data(), codes.data(), l, cb, t).code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(cpu::vq_decode(DType::kFloat32, codes.data(), out.data(), l, cb, t).code, StatusCode::kInvalidArgument);
+}
+
+TEST(Hardening, EncodeRejectsNonFiniteInputs) {
+  const RowLayout l = make_layout(1, 1, 3, 64);
+  std::vector<float> x(3 * 64, 0.5f), centroids(16 * 4, 0.25f), scale(64, 1.f);
+  std::vector<uint8_t> codes(3 * 32);
+  Codebook cb;
+  cb.centroids = centroids.data();
+  cb.sub_dim = 4;
+  cb.code_bits = 4;
+  for (float bad : {NAN, INFINITY, -INFINITY}) {
+    x[100] = bad;
+    EXPECT_EQ(cpu::vq_encode(DType::kFloat32, x.data(), codes.data(), l, cb, Transform{}).code,
+              StatusCode::kInvalidArgument) << bad;
+  }
+  x[100] = 3e38f;  // finite, but divided by a scale of 1e-3 it overflows to infinity
+  scale[100 % 64] = 1e-3f;
+  Transform t;
+  t.scale = scale.data();
+  EXPECT_EQ(cpu::vq_encode(DType::kFloat32, x.data(), codes.data(), l, cb, t).code, StatusCode::kInvalidArgument);
+}
+
+TEST(Hardening, EncodeOfHugeKeysPicksTheNearestCentroid) {
+  // Keys and centroids around 1e19: their squared norms overflow float32; the distances must not.
+  Rng rng(15);
+  const RowLayout l = make_layout(1, 1, 8, 64);
+  std::vector<float> x(8 * 64), centroids(256 * 4);
+  for (float& v : x) v = static_cast<float>(rng.normal() * 1e19);
+  for (float& v : centroids) v = static_cast<float>(rng.normal() * 1e19);
+  std::vector<uint8_t> codes(8 * 16);
+  Codebook cb;
+  cb.centroids = centroids.data();
+  cb.sub_dim = 4;
+  cb.code_bits = 8;
+  ASSERT_TRUE(cpu::vq_encode(DType::kFloat32, x.data(), codes.data(), l, cb, Transform{}).ok());
+  for (int64_t j = 0; j < 8 * 16; ++j) {  // one code per byte with 8 bits
+    const float* xs = x.data() + j * 4;
+    auto dist = [&](int c) {
+      double d = 0;
+      for (int e = 0; e < 4; ++e) d += std::pow(double{xs[e]} - centroids[c * 4 + e], 2);
+      return d;
+    };
+    int best = 0;
+    for (int c = 1; c < 256; ++c) best = dist(c) < dist(best) ? c : best;
+    EXPECT_EQ(codes[j], best) << "sub-vector " << j;
+  }
+}
+
 TEST(CudaEntryPoints, ReportNotBuiltInCpuOnlyBuild) {
   if (vecinfer::cuda::built()) GTEST_SKIP() << "built with CUDA";
   const RowLayout l = make_layout(1, 1, 1, 64);

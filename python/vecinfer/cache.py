@@ -15,18 +15,50 @@ The codebooks are fixed, so codes are appendable and old tokens are never re-qua
 Sequences of a batch may hold different numbers of tokens: `append(..., skip=)` drops the leading
 padding of a left-padded batch. Appending to a batch whose sequences are all in the same state is
 one batched operation; a one-token decode step is vectorised over the batch whatever the lengths.
+
+Failures: append, reserve, select and truncate are all-or-nothing: on any error (bad input, a
+failed allocation) the cache is left as it was. The cache stores values, not autograd history:
+appended tensors are detached.
+
+Threads: a cache is not thread-safe. append, attend, reserve, select and truncate detect a second
+thread entering the same cache while one of them runs and raise RuntimeError in that thread
+(nothing is changed by the refused call); give each thread its own cache or serialise the calls.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import attention, code_row_bytes
+from .ops import _check_memory, _check_real, attention, code_row_bytes
 from .quantizer import KVQuantizer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_TOKENS = 2**31 - 1  # lengths are int32
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _exclusive(method):
+    """Runs `method` holding the cache's guard; another thread entering meanwhile gets RuntimeError."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced, not run: the compiled graph runs the op itself
+            return method(self, *args, **kwargs)
+        if not self._guard.acquire(blocking=False):
+            raise RuntimeError("QuantizedKVCache: called from two threads at once; a cache is not thread-safe "
+                               "(give each thread its own cache, or serialise the calls)")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._guard.release()
+
+    return run
 
 
 class QuantizedKVCache:
@@ -44,8 +76,8 @@ class QuantizedKVCache:
             raise ValueError(f"num_kv_heads={num_kv_heads}, head_dim={head_dim} do not match the quantizer's "
                              f"calibration ({quantizer.num_kv_heads} KV heads, head_dim {quantizer.head_dim})")
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            if not _is_int(value) or not 1 <= value <= _MAX_TOKENS:
+                raise ValueError(f"{name}: expected an int in [1, 2**31), got {value!r}")
         if dtype not in _DTYPES:
             raise TypeError(f"dtype: expected torch.float16, bfloat16 or float32, got {dtype}")
         held = range(quantizer.num_layers) if layers is None else layers
@@ -62,12 +94,15 @@ class QuantizedKVCache:
         self._key_bytes = code_row_bytes(head_dim, cfg.key_sub_dim, cfg.key_code_bits)
         self._value_bytes = code_row_bytes(head_dim, cfg.value_sub_dim, cfg.value_code_bits)
         n = quantizer.num_layers
+        coded = _code_capacity(max_tokens - self.sinks)
+        _check_memory(len(self._held) * self._layer_bytes(batch_size, coded), self.device,
+                      f"max_tokens: a cache of {len(self._held)} layers x {batch_size} sequences x {max_tokens} tokens")
+        self._guard = threading.Lock()
 
         def per_layer(*tail, dt=dtype):
             return [torch.empty((batch_size, num_kv_heads, *tail), dtype=dt, device=self.device)
                     if i in self._held else None for i in range(n)]
 
-        coded = _code_capacity(max_tokens - self.sinks)
         self._key_codes = per_layer(coded, self._key_bytes, dt=torch.uint8)
         self._value_codes = per_layer(coded, self._value_bytes, dt=torch.uint8)
         self._sink_k, self._sink_v = per_layer(self.sinks, head_dim), per_layer(self.sinks, head_dim)
@@ -87,8 +122,14 @@ class QuantizedKVCache:
     def num_layers(self) -> int:
         return self.quantizer.num_layers
 
+    def _layer_bytes(self, batch: int, coded: int) -> int:
+        """Bytes of one layer's buffers for `batch` sequences of `coded` code rows."""
+        rows = batch * self.num_kv_heads
+        full = 2 * (self.sinks + self.residual) * self.head_dim * self.dtype.itemsize
+        return rows * (coded * (self._key_bytes + self._value_bytes) + full)
+
     def _check_layer(self, layer):
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not _is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
         if layer not in self._held:
             raise ValueError(f"layer: this cache does not hold layer {layer} (it holds {sorted(self._held)})")
@@ -135,10 +176,10 @@ class QuantizedKVCache:
         """skip as a CPU int64 [batch_size] tensor with entries in [0, tokens]."""
         if skip is None:
             return torch.zeros(self.batch_size, dtype=torch.int64)
-        if isinstance(skip, int):
+        if _is_int(skip):
             skip = [skip] * self.batch_size
         if isinstance(skip, (list, tuple)):
-            if not all(isinstance(s, int) for s in skip):
+            if not all(_is_int(s) for s in skip):
                 raise TypeError(f"skip: expected ints, got {skip!r}")
             skip = torch.tensor(skip, dtype=torch.int64)
         if not isinstance(skip, torch.Tensor):
@@ -153,13 +194,15 @@ class QuantizedKVCache:
             raise ValueError(f"skip: entries must lie in [0, {tokens}] (the tokens appended), got {skip.tolist()}")
         return skip
 
+    @_exclusive
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, skip=None) -> None:
-        """Appends T tokens: k, v [B, Hkv, T, D] post-RoPE in original coordinates. `skip[b]`
-        (an int for all, a list or an integer tensor [B]) leading tokens of sequence b are padding
-        and are dropped. On any error the cache is left unchanged."""
+        """Appends T tokens: k, v [B, Hkv, T, D] post-RoPE in original coordinates (stored detached
+        from autograd). `skip[b]` (an int for all, a list or an integer tensor [B]) leading tokens
+        of sequence b are padding and are dropped. On any error the cache is left unchanged."""
         self._check_layer(layer)
         self._check_kv("k", k)
         self._check_kv("v", v, tokens=k.shape[2])
+        k, v = k.detach(), v.detach()
         t = k.shape[2]
         skip = self._check_skip(skip, t)
         lens = self._lengths[layer]
@@ -328,13 +371,18 @@ class QuantizedKVCache:
             v = v.new_zeros(shape).scatter_(2, index, v)[:, :, :n]
         return (k, v, totals) if padded else (k, v)
 
+    @_exclusive
     def attend(self, layer: int, q: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-        """Attention of q [B, Hq, Tq, D] over the cache; the Tq queries of sequence b are its last
-        Tq positions, causal among themselves, and see only that sequence's tokens. Softmax scale
-        1/sqrt(D) unless given. Returns [B, Hq, Tq, D] in q's dtype."""
+        """Attention of q [B, Hq, Tq, D] (a floating-point tensor) over the cache; the Tq queries
+        of sequence b are its last Tq positions, causal among themselves, and see only that
+        sequence's tokens. Softmax scale 1/sqrt(D) unless given. Returns [B, Hq, Tq, D] in q's dtype."""
         self._check_layer(layer)
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+        if not q.is_floating_point():
+            raise TypeError(f"q: expected a floating-point tensor, got {q.dtype}")
+        if scale is not None:
+            scale = _check_real(scale, "scale")
         if q.dim() != 4 or q.shape[0] != self.batch_size or q.shape[-1] != self.head_dim:
             raise ValueError(f"q: expected [{self.batch_size}, Hq, Tq, {self.head_dim}], got {list(q.shape)}")
         if q.shape[1] % self.num_kv_heads != 0:
@@ -385,27 +433,39 @@ class QuantizedKVCache:
                 and (cfg.key_sub_dim, cfg.key_code_bits) in presets
                 and (cfg.value_sub_dim, cfg.value_code_bits) in presets)
 
+    @_exclusive
     def reserve(self, max_tokens: int) -> None:
         """Grows the capacity to max_tokens per sequence (never shrinks), keeping every token."""
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+        if not _is_int(max_tokens) or not 1 <= max_tokens <= _MAX_TOKENS:
+            raise ValueError(f"max_tokens: expected an int in [1, 2**31), got {max_tokens!r}")
         if max_tokens <= self.max_tokens:
             return
         if self.sinks < self.quantizer.config.sink_tokens:  # the sink part was cut by the old capacity
             raise ValueError(f"reserve: a cache created with max_tokens={self.max_tokens} < sink_tokens cannot grow")
-        for buffers in (self._key_codes, self._value_codes):
-            for i, t in enumerate(buffers):
-                if t is not None:
-                    grown = t.new_empty((*t.shape[:2], _code_capacity(max_tokens - self.sinks), t.shape[3]))
-                    grown[:, :, :t.shape[2]] = t
-                    buffers[i] = grown
-        self.max_tokens = max_tokens
+        coded = _code_capacity(max_tokens - self.sinks)
+        _check_memory(len(self._held) * self._layer_bytes(self.batch_size, coded), self.device,
+                      f"max_tokens: reserving {max_tokens} tokens for {self.batch_size} sequences x "
+                      f"{len(self._held)} layers")
 
+        def grown(t):
+            if t is None:
+                return None
+            new = t.new_empty((*t.shape[:2], coded, t.shape[3]))
+            new[:, :, :t.shape[2]] = t
+            return new
+
+        # every new buffer first, then the swap: a failed allocation leaves the cache as it was
+        key_codes, value_codes = [grown(t) for t in self._key_codes], [grown(t) for t in self._value_codes]
+        self._key_codes, self._value_codes, self.max_tokens = key_codes, value_codes, max_tokens
+
+    @_exclusive
     def truncate(self, tokens: int, layers: Optional[Sequence[int]] = None) -> None:
         """Removes the last `tokens` tokens of every sequence in `layers` (default all held). Only
         full-precision tokens can go back: those of the recent window, or the sinks of a sequence
         holding nothing else; otherwise ValueError, and the cache is unchanged."""
-        if not isinstance(tokens, int) or tokens < 0:
+        if not _is_int(tokens):
+            raise TypeError(f"tokens: expected an int, got {type(tokens).__name__}")
+        if tokens < 0:
             raise ValueError(f"tokens: expected a non-negative int, got {tokens!r}")
         layers = sorted(self._held) if layers is None else list(layers)
         new = []
@@ -424,24 +484,38 @@ class QuantizedKVCache:
         for layer, lens in zip(layers, new):
             self._set_lengths(layer, lens)
 
+    @_exclusive
     def select(self, indices) -> None:
-        """Keeps the sequences `indices` (a 1-D integer tensor or list, repeats allowed) in that
-        order, in every layer: beam-search reordering, batch expansion and selection."""
-        idx = torch.as_tensor(indices).to("cpu", torch.int64).flatten()
+        """Keeps the sequences `indices` (a 1-D integer tensor or list of ints, repeats allowed) in
+        that order, in every layer: beam-search reordering, batch expansion and selection."""
+        if isinstance(indices, torch.Tensor):
+            if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+                raise TypeError(f"indices: expected an integer tensor, got {indices.dtype} (a bool mask is not "
+                                "a list of indices)")
+            idx = indices.to("cpu", torch.int64).flatten()
+        elif isinstance(indices, (list, tuple)) and all(_is_int(i) for i in indices):
+            idx = torch.tensor(indices, dtype=torch.int64)
+        else:
+            raise TypeError(f"indices: expected a list of ints or an integer tensor, got {indices!r}")
         if len(idx) == 0 or bool((idx < 0).any()) or bool((idx >= self.batch_size).any()):
             raise ValueError(f"indices: expected a non-empty list of sequence indices in [0, {self.batch_size}), "
                              f"got {idx.tolist()}")
+        coded = _code_capacity(self.max_tokens - self.sinks)
+        _check_memory(len(self._held) * self._layer_bytes(len(idx), coded), self.device,
+                      f"indices: {len(idx)} sequences")
         dev_idx = idx.to(self.device)
-        for buffers in (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k,
-                        self._recent_v):
-            for i, t in enumerate(buffers):
-                if t is not None:
-                    buffers[i] = t.index_select(0, dev_idx)
-        self._lengths = [lens.index_select(0, idx) for lens in self._lengths]
-        if self._device_lengths is not None:
-            self._device_lengths = [None if t is None else t.index_select(0, dev_idx) for t in self._device_lengths]
-        self._rows = torch.arange(len(idx), device=self.device)
-        self.batch_size = len(idx)
+
+        def pick(buffers):
+            return [None if t is None else t.index_select(0, dev_idx) for t in buffers]
+
+        # every new buffer first, then the swap: a failed allocation leaves the cache as it was
+        new = [pick(b) for b in (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k,
+                                 self._recent_v)]
+        lengths = [lens.index_select(0, idx) for lens in self._lengths]
+        device_lengths = None if self._device_lengths is None else pick(self._device_lengths)
+        rows = torch.arange(len(idx), device=self.device)
+        (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v) = new
+        self._lengths, self._device_lengths, self._rows, self.batch_size = lengths, device_lengths, rows, len(idx)
 
     def nbytes(self) -> int:
         """Bytes the cache holds on its device: codes, full-precision windows and sinks (all

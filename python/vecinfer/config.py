@@ -10,6 +10,13 @@ PRESETS = {4: (2, 8), 3: (4, 12), 2: (4, 8), 1.5: (8, 12), 1: (8, 8)}
 METHODS = ("vq", "kivi")
 SCALE_RULES = ("sqrt_max", "max", "std")
 GRANULARITIES = ("layer", "head")
+_FLAGS = ("smooth", "hadamard", "key_mean", "value_mean")
+# int fields and their smallest values; every int is below 2**31 (token counts are int32 in a cache)
+_INTS = {"residual": 0, "sink_tokens": 0, "kivi_group": 1, "kmeans_iters": 1, "max_samples": 1, "seed": 0}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _preset(bits, which: str):
@@ -57,9 +64,26 @@ class VQConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, low in _INTS.items():
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if not low <= value < 2**31:
+                raise ValueError(f"{name} must be in [{low}, 2**31), got {value}")
+        for name in ("scale_rule", "granularity", "method"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         for which in ("key", "value"):
             bits = getattr(self, f"{which}_bits")
             sub, code = getattr(self, f"{which}_sub_dim"), getattr(self, f"{which}_code_bits")
+            for name, value in ((f"{which}_sub_dim", sub), (f"{which}_code_bits", code)):
+                if value is not None and not _is_int(value):
+                    raise TypeError(f"{name} must be an int, got {value!r}")
+            if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))):
+                raise TypeError(f"{which}_bits must be a number, got {bits!r}")
             if sub is None and code is None:
                 sub, code = _preset(2 if bits is None else bits, which)
             elif sub is None or code is None:
@@ -79,17 +103,14 @@ class VQConfig:
             raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        for name in ("residual", "sink_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.kmeans_iters < 1 or self.max_samples < 1 or self.kivi_group < 1:
-            raise ValueError("kmeans_iters, max_samples and kivi_group must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VQConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a dict of VQConfig fields, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

@@ -10,10 +10,21 @@ the input uses row h // (heads // num_kv_heads) (GQA: query heads share their KV
 Codebooks are float32 [num_codebooks, 2**code_bits, sub_dim]: one per layer (num_codebooks = 1)
 or one per KV head. Codes are uint8 [..., heads, tokens, code_row_bytes], bit-packed (see
 cpp/include/vecinfer/types.h for the exact layout).
+
+Tensors must be CPU or CUDA tensors and not lazily negated or conjugated views (torch._neg_view,
+.conj(): DLPack would drop the flag), and an `out` must not require grad (the ops write it outside
+autograd); ints must be Python ints (not bools) that fit in 64 bits. An output is allocated only
+after its input is validated and its size checked against the device's memory (ValueError). On
+the CPU, scales must be finite and > 0, means and codebooks finite, and vq_encode's input finite
+(ValueError otherwise); the CUDA kernels do not read values on the host (it would synchronise), so
+they rely on valid tables (KVQuantizer checks its own) and finite inputs.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import os
 from typing import Optional
 
 import torch
@@ -30,6 +41,52 @@ def _check_tensor(value, name: str, optional: bool = False) -> None:
         return
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: tensors must be on the CPU or a CUDA device, got {value.device}")
+    if value.is_neg() or value.is_conj():
+        raise ValueError(f"{name}: a lazily negated or conjugated view; call .resolve_neg() / .resolve_conj()")
+
+
+def _check_out(out: Optional[Tensor]) -> None:
+    _check_tensor(out, "out", optional=True)
+    if out is not None and out.requires_grad:
+        raise ValueError("out: requires grad; the ops write it outside autograd (pass a tensor that does not)")
+
+
+def _check_int(value, name: str) -> int:
+    """A Python int (not a bool) that fits in int64: what the compiled core takes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name}: {value} does not fit in 64 bits")
+    return value
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(nbytes: int, device, what: str) -> None:
+    """ValueError, before allocating, when `what` needs more bytes than the device's total memory
+    (instead of an allocator error or, where memory is overcommitted, an out-of-memory kill)."""
+    device = torch.device(device)
+    available = _device_memory(device)
+    if nbytes > available:
+        raise ValueError(f"{what}: needs {nbytes} bytes, more than the {device.type} device's memory "
+                         f"({available} bytes)")
+
+
+def _empty(shape, dtype: torch.dtype, device, what: str) -> Tensor:
+    _check_memory(math.prod(shape) * dtype.itemsize, device, what)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _stream(t: Tensor) -> int:
@@ -42,7 +99,8 @@ def _device_guard(t: Tensor):
 
 def code_row_bytes(head_dim: int, sub_dim: int, code_bits: int) -> int:
     """Bytes one row of head_dim elements takes as packed codes (head_dim/sub_dim codes of code_bits)."""
-    n = _C.code_row_bytes(head_dim, sub_dim, code_bits)
+    n = _C.code_row_bytes(_check_int(head_dim, "head_dim"), _check_int(sub_dim, "sub_dim"),
+                          _check_int(code_bits, "code_bits"))
     if n == 0:
         raise ValueError(
             f"unsupported code shape: head_dim={head_dim} (64/128/256), sub_dim={sub_dim} (2/4/8), "
@@ -55,8 +113,9 @@ def _transform(x: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], hadam
     _check_tensor(x, "x")
     _check_tensor(scale, "scale", optional=True)
     _check_tensor(mean, "mean", optional=True)
-    _check_tensor(out, "out", optional=True)
+    _check_out(out)
     if out is None:
+        _C.check_elements(x, "x")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     with _device_guard(x):
         _C.transform(x.detach(), out.detach(), None if scale is None else scale.detach(),
@@ -99,9 +158,10 @@ def vq_encode(x: Tensor, codebook: Tensor, *, scale: Optional[Tensor] = None, me
     _check_tensor(codebook, "codebook")
     _check_tensor(scale, "scale", optional=True)
     _check_tensor(mean, "mean", optional=True)
-    _check_tensor(out, "out", optional=True)
+    _check_out(out)
     if out is None:
-        row_bytes = _row_bytes_for(x.shape[-1] if x.dim() else 0, codebook)
+        _C.check_elements(x, "x")
+        row_bytes = _row_bytes_for(x.shape[-1], codebook)
         out = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8, device=x.device)
     with _device_guard(x):
         _C.vq_encode(x.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
@@ -118,13 +178,14 @@ def vq_decode(codes: Tensor, codebook: Tensor, *, head_dim: int, dtype: torch.dt
     _check_tensor(codebook, "codebook")
     _check_tensor(scale, "scale", optional=True)
     _check_tensor(mean, "mean", optional=True)
-    _check_tensor(out, "out", optional=True)
+    _check_out(out)
     if out is None:
         if codes.dim() == 0:
             raise ValueError("codes: expected shape [..., code_row_bytes], got a scalar")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
-        out = torch.empty((*codes.shape[:-1], head_dim), dtype=dtype, device=codes.device)
+        shape = (*codes.shape[:-1], _check_int(head_dim, "head_dim"))
+        out = _empty(shape, dtype, codes.device, f"head_dim: an output {list(shape)} of {dtype}")
     with _device_guard(codes):
         _C.vq_decode(codes.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
                      None if mean is None else mean.detach(), bool(hadamard), _stream(codes))
@@ -203,12 +264,17 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         _check_tensor(t, name)
     for name, t in (("sink_keys", sink_keys), ("sink_values", sink_values), ("recent_keys", recent_keys),
                     ("recent_values", recent_values), ("key_scale", key_scale), ("key_mean", key_mean),
-                    ("value_mean", value_mean), ("out", out), ("page_table", page_table)):
+                    ("value_mean", value_mean), ("page_table", page_table)):
         _check_tensor(t, name, optional=True)
+        if name.startswith(("sink", "recent")) and t is not None and t.dim() != 4:
+            raise ValueError(f"{name}: expected [batch, num_kv_heads, tokens, head_dim], got {list(t.shape)}")
+    _check_out(out)
     if q.dim() != 4 or key_codes.dim() != 4:
         raise ValueError(f"q and key_codes: expected 4-D tensors [B, heads, tokens, ...], got {list(q.shape)} "
                          f"and {list(key_codes.shape)}")
-    b, hkv, d = q.shape[0] if page_table is not None else key_codes.shape[0], key_codes.shape[1], q.shape[-1]
+    b, hkv, d = q.shape[0], key_codes.shape[1], q.shape[-1]
+    if page_table is None and key_codes.shape[0] != b:  # before lengths is compared with b
+        raise ValueError(f"key_codes: holds {key_codes.shape[0]} sequences, q {b}")
 
     # an absent part is an empty one: [B, Hkv, 0, D]
     parts = [torch.empty((b, hkv, 0, d), dtype=q.dtype, device=q.device) if t is None else t
@@ -243,14 +309,15 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             lengths = lengths.to(q.device, non_blocking=True)
     if max_coded is None:
         max_coded = capacity
-    scale = 1.0 / d ** 0.5 if scale is None else float(scale)
+    max_coded = _check_int(max_coded, "max_coded")
+    scale = 1.0 / d ** 0.5 if scale is None else _check_real(scale, "scale")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
     args = [q.detach(), out, lse, key_codes.detach(), value_codes.detach(), lengths,
             *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
             None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
-            None if value_mean is None else value_mean.detach(), bool(hadamard), scale, int(max_coded),
+            None if value_mean is None else value_mean.detach(), bool(hadamard), scale, max_coded,
             None if page_table is None else page_table.detach(), None, False]
     with _device_guard(q):
         workspace = None
@@ -260,7 +327,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
                 return (int(cb.shape[2]), max(int(cb.shape[1]) - 1, 0).bit_length()) if cb.dim() == 3 else (0, 0)
 
             nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, q.shape[2], d, *shape(key_codebook),
-                                                  *shape(value_codebook), int(max_coded))
+                                                  *shape(value_codebook), max_coded)
             workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
         _C.attention(*args, workspace, _stream(q))
     return (out, lse) if return_lse else out

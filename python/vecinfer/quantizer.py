@@ -1,7 +1,10 @@
 """KVQuantizer: per-layer smoothing scales, means and codebooks; calibration, save and load."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -12,8 +15,10 @@ from .kmeans import kmeans
 from .ops import hadamard, snap_codebook, vq_decode, vq_encode
 
 FORMAT = "vecinfer-kv-quantizer"
-# Version 2: codebooks on the 8-bit grid of snap_codebook (version 1 files are converted on load).
-FORMAT_VERSION = 2
+# Version 3: a SHA-256 checksum of the tensors and the metadata, verified on load. Version 2
+# (codebooks on the 8-bit grid of snap_codebook) and version 1 (converted to the grid on load) have
+# no checksum: they load with a warning that their contents cannot be verified.
+FORMAT_VERSION = 3
 _LAYER_TENSORS = ("key_scale", "key_mean", "value_mean", "key_codebook", "value_codebook")
 
 
@@ -39,6 +44,8 @@ def _check_samples(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor])
                 raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3:
                 raise ValueError(f"{name}[{i}]: expected [num_kv_heads, num_tokens, head_dim], got {list(t.shape)}")
+            if t.shape[0] == 0 or t.shape[1] == 0:
+                raise ValueError(f"{name}[{i}]: no samples (shape {list(t.shape)}): need at least one head and token")
             if t.shape[-1] not in (64, 128, 256):
                 raise ValueError(f"{name}[{i}]: head_dim must be 64, 128 or 256, got {t.shape[-1]}")
             if not bool(torch.isfinite(t).all()):
@@ -59,7 +66,10 @@ def _scales(x: torch.Tensor, rule: str) -> torch.Tensor:
         s = x.abs().amax(dim=1)
     else:
         s = x.std(dim=1)
-    s = s / s.mean(dim=1, keepdim=True)  # keep the overall magnitude: only relative channel sizes change
+    mean = s.mean(dim=1, keepdim=True)
+    # keep the overall magnitude: only relative channel sizes change; a constant head (all channels
+    # 0 after the mean) gets scale 1, not 0/0
+    s = torch.where(mean > 0, s / mean, torch.ones_like(s))
     return s.clamp_min(1e-3).contiguous()
 
 
@@ -216,7 +226,9 @@ class KVQuantizer:
         return KVQuantizer(self.config, layers, self.num_kv_heads, self.head_dim)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
+        """Writes a safetensors file of format version 3: the tensors, the config and sizes, and a
+        SHA-256 checksum of them all. `path` must be a regular file or not exist yet."""
+        from safetensors.torch import save as serialize
 
         tensors = {f"layer{i}.{name}": t.detach().cpu().contiguous()
                    for i, p in enumerate(self.layers) for name, t in p.items() if t is not None}
@@ -225,27 +237,33 @@ class KVQuantizer:
                 "head_dim": str(self.head_dim)}
         if not tensors:  # safetensors needs at least one tensor (kivi has no parameters)
             tensors = {"empty": torch.zeros(1)}
-        save_file(tensors, path, metadata=meta)
+        meta["sha256"] = _checksum(meta, tensors)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f"{path}: exists and is not a regular file (a directory, FIFO or device); "
+                             "save writes a regular file")
+        data = serialize(tensors, metadata=meta)
+        with open(path, "wb") as f:
+            f.write(data)
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "KVQuantizer":
-        """Loads a saved quantizer, checking format, version, config and every tensor's shape,
-        dtype and finiteness; a corrupted, truncated or mismatched file raises ValueError."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # safetensors raises its own errors for a damaged file
-            raise ValueError(f"{path}: not a readable vecinfer quantizer file ({e})") from e
+        """Loads a saved quantizer, checking that the path is a regular file, the format, version
+        and checksum, the config's fields and every tensor's shape, dtype and finiteness; a
+        corrupted, truncated or mismatched file raises ValueError. Files of versions 1 and 2 carry
+        no checksum: they load with a warning that they cannot be verified."""
+        meta, tensors = _read_safetensors(path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a vecinfer quantizer file (format {meta.get('format')!r})")
         version = meta.get("version")
-        if version not in ("1", str(FORMAT_VERSION)):
-            raise ValueError(f"{path}: format version {version!r}, this vecinfer reads 1 and {FORMAT_VERSION}")
+        if version not in ("1", "2", str(FORMAT_VERSION)):
+            raise ValueError(f"{path}: format version {version!r}, this vecinfer reads 1 to {FORMAT_VERSION}")
+        if version == str(FORMAT_VERSION):
+            unsigned = {k: v for k, v in meta.items() if k != "sha256"}
+            if meta.get("sha256") != _checksum(unsigned, tensors):
+                raise ValueError(f"{path}: checksum mismatch: the file is corrupted or was altered")
+        else:
+            warnings.warn(f"{path}: a format version {version} file has no checksum, so its contents cannot be "
+                          f"verified; save it again to write version {FORMAT_VERSION}")
         try:
             cfg = VQConfig.from_dict(json.loads(meta["config"]))
             num_layers, heads, dim = int(meta["num_layers"]), int(meta["num_kv_heads"]), int(meta["head_dim"])
@@ -294,6 +312,40 @@ class KVQuantizer:
         if tensors:
             raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:5]} (more layers than the metadata says?)")
         return cls(cfg, layers, heads, dim)
+
+
+def _checksum(meta: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the metadata entries and of each tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(meta):
+        h.update(json.dumps([key, meta[key]]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_safetensors(path: str):
+    """(metadata, tensors) of a safetensors file. Only a regular file is read: it is opened without
+    blocking (a FIFO would wait for a writer) and checked before reading."""
+    from safetensors.torch import load as deserialize
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # FileNotFoundError for a missing file
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a directory, FIFO or device)")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        tensors = deserialize(data)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("metadata values must be strings")
+    except Exception as e:  # safetensors and json raise their own errors for a damaged file
+        raise ValueError(f"{path}: not a readable vecinfer quantizer file ({e})") from e
+    return meta, tensors
 
 
 def kivi_fake_quantize(k: torch.Tensor, v: torch.Tensor, group: int = 32):

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "decode.h"
 #include "half_float.h"
 #include "head_tables.h"
 #include "vecinfer/attention.h"
@@ -42,6 +43,16 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
   if (q == nullptr || out == nullptr) return invalid("q/out: null pointer");
   if (!std::isfinite(softmax_scale)) return invalid("scale: must be finite");
   const int64_t num_slots = kv.slots(shape.batch);
+  RowLayout heads;  // one row per KV head, as check_attention reads the tables
+  heads.head_dim = shape.head_dim;
+  Transform value_means;
+  value_means.mean = kv.value_mean;
+  value_means.table_rows = kv.value_mean_rows;
+  s = check_transform_values(heads, kv.key_transform);
+  if (s.ok()) s = check_transform_values(heads, value_means);
+  if (s.ok()) s = check_codebook_values(kv.key_codebook);
+  if (s.ok()) s = check_codebook_values(kv.value_codebook);
+  if (!s.ok()) return s;
   for (int64_t b = 0; b < shape.batch; ++b) {
     const int64_t slot = kv.seq_slots ? kv.seq_slots[b] : b;
     if (slot < 0 || slot >= num_slots) return invalid("seq_slots: a slot outside [0, num_slots)");
@@ -61,7 +72,6 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
   const int64_t hkv = shape.num_kv_heads, group = shape.num_q_heads / hkv, tq = shape.num_queries;
   const int64_t key_bytes = code_row_bytes(d, kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
   const int64_t value_bytes = code_row_bytes(d, kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
-  Status failed = Status::Ok();
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t h = 0; h < hkv; ++h) {
@@ -78,8 +88,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       const Transform values_back = value_transform(kv.value_mean, kv.value_mean_rows, h, hkv, d);
       // The coded tokens in runs of consecutive rows: the whole sequence, or one page at a time.
       const int64_t run = kv.page_table != nullptr ? kv.page_size : std::max<int64_t>(coded, 1);
-      bool decoded = true;
-      for (int64_t first = 0; first < coded && decoded; first += run) {
+      for (int64_t first = 0; first < coded; first += run) {
         const int64_t count = std::min<int64_t>(run, coded - first);
         const int64_t row = kv.page_table != nullptr
                                 ? (int64_t{kv.page_table[slot * kv.max_pages + first / run]} * hkv + h) * run
@@ -88,19 +97,12 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
         rows.num_rows = count;
         rows.head_dim = d;
         rows.tokens_per_head = count;
-        Status sk = vq_decode(DType::kFloat32, kv.key_codes + row * key_bytes,
-                              keys.data() + (int64_t{sinks} + first) * d, rows,
-                              head_codebook(kv.key_codebook, h, hkv), head_transform(kv.key_transform, h, hkv, d));
-        Status sv = vq_decode(DType::kFloat32, kv.value_codes + row * value_bytes,
-                              values.data() + (int64_t{sinks} + first) * d, rows,
-                              head_codebook(kv.value_codebook, h, hkv), values_back);
-        if (!sk.ok() || !sv.ok()) {
-#pragma omp critical
-          failed = sk.ok() ? sv : sk;
-          decoded = false;
-        }
+        decode_rows(DType::kFloat32, kv.key_codes + row * key_bytes, keys.data() + (int64_t{sinks} + first) * d, rows,
+                    head_codebook(kv.key_codebook, h, hkv), head_transform(kv.key_transform, h, hkv, d));
+        decode_rows(DType::kFloat32, kv.value_codes + row * value_bytes,
+                    values.data() + (int64_t{sinks} + first) * d, rows, head_codebook(kv.value_codebook, h, hkv),
+                    values_back);
       }
-      if (!decoded) continue;
       const int64_t recent_first = (int64_t{sinks} + coded) * d;
       for (int64_t i = 0; i < recent; ++i) {
         const int64_t ring_row = kv.recent_ring ? (coded + i) % kv.recent_capacity : i;
@@ -136,7 +138,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       }
     }
   }
-  return failed;
+  return Status::Ok();
 }
 
 }  // namespace vecinfer::cpu

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "decode.h"
 #include "half_float.h"
 #include "vecinfer/ops.h"
 
@@ -96,8 +97,9 @@ Status transform(DType dtype, const void* in, void* out, const RowLayout& layout
   Status s = check_dtype(dtype);
   if (s.ok()) s = check_layout(layout);
   if (s.ok()) s = check_transform(layout, t, kind);
+  if (s.ok()) s = check_in_out(dtype, in, out, layout);
+  if (s.ok()) s = check_transform_values(layout, t);
   if (!s.ok()) return s;
-  if (in == nullptr || out == nullptr) return invalid("input/output: null pointer");
   const int d = layout.head_dim;
 #pragma omp parallel
   {
@@ -118,21 +120,25 @@ Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& la
   if (s.ok()) s = check_layout(layout);
   if (s.ok()) s = check_codebook(layout, cb);
   if (s.ok()) s = check_transform(layout, t, TransformKind::kKey);
+  if (s.ok() && (x == nullptr || codes == nullptr)) s = invalid("x/codes: null pointer");
+  if (s.ok()) s = check_transform_values(layout, t);  // the values last: every pointer is valid now
+  if (s.ok()) s = check_codebook_values(cb);
   if (!s.ok()) return s;
-  if (x == nullptr || codes == nullptr) return invalid("x/codes: null pointer");
   const int d = layout.head_dim, sub = cb.sub_dim;
   const int num_sub = d / sub;
   const int64_t num_centroids = cb.num_centroids();
   const int64_t row_bytes = code_row_bytes(d, sub, cb.code_bits);
-  // Squared norms of every centroid: dist(x, c) = |x|^2 - 2 x.c + |c|^2, and |x|^2 is the same
-  // for all candidates of a sub-vector.
-  std::vector<float> norms(cb.num_codebooks * num_centroids);
+  // dist(x, c) = |x|^2 - 2 x.c + |c|^2, and |x|^2 is the same for all candidates of a sub-vector.
+  // In double: products of floats are exact there and no finite input overflows.
+  std::vector<double> centroids(cb.centroids, cb.centroids + cb.num_codebooks * num_centroids * sub);
+  std::vector<double> norms(cb.num_codebooks * num_centroids);
   for (int64_t c = 0; c < static_cast<int64_t>(norms.size()); ++c) {
-    float n = 0.f;
-    for (int e = 0; e < sub; ++e) n += cb.centroids[c * sub + e] * cb.centroids[c * sub + e];
+    double n = 0;
+    for (int e = 0; e < sub; ++e) n += centroids[c * sub + e] * centroids[c * sub + e];
     norms[c] = n;
   }
-#pragma omp parallel
+  bool finite = true;
+#pragma omp parallel reduction(&& : finite)
   {
     std::vector<float> v(d);
     std::vector<uint16_t> row_codes(num_sub);
@@ -141,17 +147,18 @@ Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& la
       const int64_t head = head_of(layout, row);
       load_row(dtype, x, row, d, v.data());
       apply_transform(v.data(), d, t, TransformKind::kKey, detail::table_row(head, layout.num_heads, t.table_rows));
+      for (int i = 0; i < d; ++i) finite = finite && std::isfinite(v[i]);
       const int64_t book = detail::table_row(head, layout.num_heads, cb.num_codebooks);
-      const float* centroids = cb.centroids + book * num_centroids * sub;
-      const float* book_norms = norms.data() + book * num_centroids;
+      const double* book_centroids = centroids.data() + book * num_centroids * sub;
+      const double* book_norms = norms.data() + book * num_centroids;
       for (int j = 0; j < num_sub; ++j) {
         const float* xs = v.data() + j * sub;
-        float best = std::numeric_limits<float>::infinity();
+        double best = std::numeric_limits<double>::infinity();
         int64_t best_index = 0;
         for (int64_t c = 0; c < num_centroids; ++c) {
-          float dot = 0.f;
-          for (int e = 0; e < sub; ++e) dot += xs[e] * centroids[c * sub + e];
-          const float dist = book_norms[c] - 2.f * dot;
+          double dot = 0;
+          for (int e = 0; e < sub; ++e) dot += double{xs[e]} * book_centroids[c * sub + e];
+          const double dist = book_norms[c] - 2 * dot;
           if (dist < best) {
             best = dist;
             best_index = c;
@@ -163,6 +170,7 @@ Status vq_encode(DType dtype, const void* x, uint8_t* codes, const RowLayout& la
         codes[row * row_bytes + b] = detail::pack_byte(row_codes.data(), static_cast<int>(b), cb.code_bits);
     }
   }
+  if (!finite) return invalid("x: contains NaN or infinity (or its transform overflows); codes are not valid");
   return Status::Ok();
 }
 
@@ -172,8 +180,16 @@ Status vq_decode(DType dtype, const uint8_t* codes, void* out, const RowLayout& 
   if (s.ok()) s = check_layout(layout);
   if (s.ok()) s = check_codebook(layout, cb);
   if (s.ok()) s = check_transform(layout, t, TransformKind::kKeyInverse);
+  if (s.ok() && (codes == nullptr || out == nullptr)) s = invalid("codes/out: null pointer");
+  if (s.ok()) s = check_transform_values(layout, t);  // the values last: every pointer is valid now
+  if (s.ok()) s = check_codebook_values(cb);
   if (!s.ok()) return s;
-  if (codes == nullptr || out == nullptr) return invalid("codes/out: null pointer");
+  decode_rows(dtype, codes, out, layout, cb, t);
+  return Status::Ok();
+}
+
+void decode_rows(DType dtype, const uint8_t* codes, void* out, const RowLayout& layout, const Codebook& cb,
+                 const Transform& t) {
   const int d = layout.head_dim, sub = cb.sub_dim;
   const int64_t num_centroids = cb.num_centroids();
   const int64_t row_bytes = code_row_bytes(d, sub, cb.code_bits);
@@ -194,7 +210,6 @@ Status vq_decode(DType dtype, const uint8_t* codes, void* out, const RowLayout& 
       store_row(dtype, out, row, d, v.data());
     }
   }
-  return Status::Ok();
 }
 
 }  // namespace vecinfer::cpu

@@ -49,6 +49,7 @@ Status transform(DType dtype, const void* in, void* out, const RowLayout& layout
   using namespace cuda_detail;
   Status s = check_elements_and_tables(layout, t, kind, in);
   if (s.ok()) s = check_elements_and_tables(layout, t, kind, out);
+  if (s.ok()) s = check_in_out(dtype, in, out, layout);
   if (!s.ok()) return s;
   return with_dtype(dtype, [&](auto type_tag) {
     using T = decltype(type_tag);
