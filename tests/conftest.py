@@ -118,3 +118,13 @@ def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, name="outpu
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
+
+
+def small_quantizer() -> "vecinfer.KVQuantizer":
+    """Two layers, 2 KV heads, D = 64, calibrated on random keys with per-head offsets; residual 16,
+    2 sink tokens (the cache tests' quantizer)."""
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn((2, 400, 64), generator=g) + 3 * torch.randn((2, 1, 64), generator=g) for _ in range(2)]
+    values = [torch.randn((2, 400, 64), generator=g) for _ in range(2)]
+    cfg = vecinfer.VQConfig(residual=16, sink_tokens=2, kmeans_iters=4)
+    return vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)

@@ -45,6 +45,7 @@ def cache_state(cache) -> dict:
                  "_device_lengths"):
         group = getattr(cache, name)
         state[name] = None if group is None else [_bytes(t) for t in group]
+    state["_page_table"] = [_bytes(cache._page_table)]
     return state
 
 

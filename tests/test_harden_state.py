@@ -3,8 +3,12 @@ fails midway (the N-th allocation made to raise) or the input is refused, the ca
 bit-identical and stays usable."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+
+import vecinfer
 
 from hardening import assert_same_state, cache_state, kv, small_cache
 
@@ -61,15 +65,29 @@ def test_select_failing_allocation_leaves_cache_unchanged(monkeypatch, n):
     assert cache.batch_size == 3 and cache.lengths(0).tolist() == [20, 20, 20]
 
 
-@pytest.mark.parametrize("name", ["encode_keys", "encode_values"])
-def test_append_failing_encode_leaves_cache_unchanged(monkeypatch, name):
+def test_append_failing_kernel_leaves_cache_unchanged(monkeypatch):
+    """The append kernel fails (as a CUDA error would): nothing of the cache's state has moved."""
     cache = _filled_cache()
     before = cache_state(cache)
-    calls = _fail_on_call(monkeypatch, cache.quantizer, name, 1)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected append failure")
+
+    monkeypatch.setattr(vecinfer.cache, "_C", types.SimpleNamespace(append_tokens=failing))
     with pytest.raises(RuntimeError, match="injected"):
-        cache.append(0, *kv(2, 3, seed=4))  # spills window tokens to codes: encodes
-    assert calls
+        cache.append(0, *kv(2, 3, seed=4))  # spills window tokens to codes
     monkeypatch.undo()
+    assert_same_state(before, cache_state(cache))
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_append_of_nan_is_refused_and_leaves_cache_unchanged(which):
+    cache = _filled_cache()
+    before = cache_state(cache)
+    k, v = kv(2, 3, seed=4)
+    (k if which == "k" else v)[1, 0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cache.append(0, k, v)
     assert_same_state(before, cache_state(cache))
 
 

@@ -4,9 +4,12 @@ nothing, so tokens are never lost silently."""
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import torch
+
+import vecinfer
 
 from hardening import append_from_two_threads, kv, small_cache
 
@@ -22,14 +25,14 @@ def test_second_thread_is_refused_while_one_is_inside(monkeypatch):
     cache = small_cache(max_tokens=64)
     cache.append(0, *kv(2, 6))  # window full: the next append encodes
     inside, release = threading.Event(), threading.Event()
-    encode = cache.quantizer.encode_keys
+    append_tokens = vecinfer.cache._C.append_tokens
 
-    def slow_encode(*args, **kwargs):
+    def slow_append(*args, **kwargs):
         inside.set()
         assert release.wait(30)
-        return encode(*args, **kwargs)
+        return append_tokens(*args, **kwargs)
 
-    monkeypatch.setattr(cache.quantizer, "encode_keys", slow_encode)
+    monkeypatch.setattr(vecinfer.cache, "_C", types.SimpleNamespace(append_tokens=slow_append))
     first = threading.Thread(target=cache.append, args=(0, *kv(2, 1, seed=1)))
     first.start()
     assert inside.wait(30)

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import vecinfer
-from conftest import CUDA, DEVICES
+from conftest import CUDA, DEVICES, small_quantizer
 from vecinfer.paged import advance
 
 
 @pytest.fixture(scope="module")
 def quantizer():
-    g = torch.Generator().manual_seed(0)
-    keys = [torch.randn((2, 400, 64), generator=g) + 3 * torch.randn((2, 1, 64), generator=g) for _ in range(2)]
-    values = [torch.randn((2, 400, 64), generator=g) for _ in range(2)]
-    cfg = vecinfer.VQConfig(residual=16, sink_tokens=2, kmeans_iters=4)
-    return vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+    return small_quantizer()
 
 
 def _windows(quantizer, sinks, residual):
@@ -143,7 +139,8 @@ def test_append_then_run_equals_reference(quantizer, gen, device, sinks, residua
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one(quantizer, gen):
-    cache = vecinfer.PagedKVCache(quantizer, num_pages=16, max_seqs=4, max_tokens_per_seq=200, dtype=torch.float32)
+    cache = vecinfer.PagedKVCache(quantizer, num_pages=16, max_seqs=4, max_tokens_per_seq=200, page_size=16,
+                                  dtype=torch.float32)
     parent = cache.add_sequence()
     step = cache.plan_append([parent], [2 + 16 + 40])  # 40 coded tokens: pages of 16, 16 and 8
     cache.begin(step)
@@ -183,7 +180,8 @@ def test_fork_shares_full_pages_and_copies_the_partial_one(quantizer, gen):
 
 
 def test_bad_calls_raise_and_leave_the_cache_unchanged(quantizer, gen):
-    cache = vecinfer.PagedKVCache(quantizer, num_pages=2, max_seqs=2, max_tokens_per_seq=100, dtype=torch.float32)
+    cache = vecinfer.PagedKVCache(quantizer, num_pages=2, max_seqs=2, max_tokens_per_seq=100, page_size=16,
+                                  dtype=torch.float32)
     a = cache.add_sequence()
     with pytest.raises(ValueError, match="not a live sequence"):
         cache.plan_append([a + 1], [1])

@@ -131,7 +131,7 @@ def _check_against_model(cache, model, dtype):
         if not ks:
             continue
         k, v = torch.stack(ks, 1)[None], torch.stack(vs, 1)[None]  # [1, Hkv, n, D]
-        k_fake, v_fake = q.fake_quantize(0, k, v)
+        k_fake, v_fake = (t.cpu() for t in q.fake_quantize(0, k.to(cache.device), v.to(cache.device)))
         s, c, _ = cache._lengths[0][b].tolist()
         full = torch.ones(k.shape[2], dtype=torch.bool)
         full[s:s + c] = False  # positions held as codes

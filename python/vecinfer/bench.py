@@ -163,70 +163,79 @@ def random_quantizer(hkv, d, key_bits=2, value_bits=2, seed=0):
 
 
 def serving(copy_gbs, json_path=None) -> int:
-    """The serving API (PagedKVCache): prefill appends (tokens/s, GB/s), the one-token decode append,
-    paged decode attention through a plan against the contiguous kernel on the same shape, and the
-    host time of AttentionPlan.run."""
+    """The serving API (PagedKVCache), Llama-3.1-8B attention, 2-bit: prefill appends (tokens/s,
+    GB/s of fp16 K/V in and codes out), the one-token decode append (graph replays, and the eager
+    call), paged decode attention through a plan against the contiguous kernel on the same shape
+    (graph replays) for pages of 16 and 64 tokens, and the host time of AttentionPlan.run."""
     import time
 
     hq, hkv, d = 32, 8, 128
+    steps = 256  # decode appends timed below; their pages are taken before
     rows = []
-    print(f"{'shape':14s} {'prefill Mtok/s':>14s} {'GB/s':>6s} {'step append us':>14s} {'paged us':>9s} "
-          f"{'contiguous us':>13s} {'paging cost':>11s} {'run host us':>11s}")
+    print(f"{'shape':11s} {'page':>4s} {'prefill Mtok/s':>14s} {'GB/s':>5s} {'append us':>9s} {'eager us':>8s} "
+          f"{'paged us':>8s} {'contiguous us':>13s} {'paging':>7s} {'run host us':>11s}")
     for label, b, s in (("B=1 S=128k", 1, 131072), ("B=32 S=32k", 32, 32768)):
-        quant = random_quantizer(hkv, d)
-        cache = vecinfer.PagedKVCache(quant, num_pages=b * (s // 16 + 2), max_seqs=b, max_tokens_per_seq=s + 64,
-                                      device="cuda", dtype=torch.float16)
-        seqs = [cache.add_sequence() for _ in range(b)]
-        chunk = 8192
-        prefill_ms = 0.0
-        for done in range(0, s, chunk):  # prefill in chunks, all sequences at once
-            step = cache.plan_append(seqs, [chunk] * b)
-            cache.begin(step)
-            k = torch.randn((step.num_rows, hkv, d), device="cuda", dtype=torch.float16)
-            v = torch.randn_like(k)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            cache.append(0, k, v, step)
-            end.record()
-            torch.cuda.synchronize()
-            prefill_ms += start.elapsed_time(end)
-            del k, v
-        tokens = b * s
-        bytes_moved = tokens * hkv * (2 * d * 2 + (d // 4) * 2)  # fp16 K/V in, 2-bit codes out
-        step = cache.plan_append(seqs, [1] * b)
-        k = torch.randn((b, hkv, d), device="cuda", dtype=torch.float16)
-        v = torch.randn_like(k)
-        for _ in range(40):
-            cache.begin(step)  # pages for the appends timed below
-        step.pending = frozenset()
-
-        def append_step():
-            step.pending = frozenset([0])
-            cache.append(0, k, v, step)
-
-        append_us = 1e3 * eager_time_ms(append_step, iters=30)
-        plan = cache.plan_attention(seqs, hq)
-        q = torch.randn((b, hq, 1, d), device="cuda", dtype=torch.float16)
-        out = torch.empty_like(q)
-        paged_ms = graph_time_ms([lambda: plan.run(0, q, out=out)])
-        dense = vecinfer_inputs(b, s + 40, hq, hkv, d, 1, 2, 2)
+        dense = vecinfer_inputs(b, s + steps, hq, hkv, d, 1, 2, 2)
         dense_ms = graph_time_ms([lambda: vecinfer.attention(**dense)])
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            plan.run(0, q, out=out)
-        host_us = (time.perf_counter() - t0) / 200 * 1e6
-        torch.cuda.synchronize()
-        row = {"shape": label, "batch": b, "tokens": s, "prefill_tokens_per_s": tokens / prefill_ms * 1e3,
-               "prefill_GB/s": bytes_moved / prefill_ms / 1e6, "copy_GB/s": copy_gbs,
-               "step_append_us": append_us, "paged_us": 1e3 * paged_ms, "contiguous_us": 1e3 * dense_ms,
-               "paging_cost": paged_ms / dense_ms - 1, "run_host_us": host_us}
-        rows.append(row)
-        print(f"{label:14s} {row['prefill_tokens_per_s'] / 1e6:14.2f} {row['prefill_GB/s']:6.0f} {append_us:14.1f} "
-              f"{1e3 * paged_ms:9.1f} {1e3 * dense_ms:13.1f} {100 * row['paging_cost']:10.1f}% {host_us:11.1f}",
-              flush=True)
-        del cache, dense, plan
-        torch.cuda.empty_cache()
+        del dense
+        for page in (16, 64):
+            quant = random_quantizer(hkv, d)
+            cache = vecinfer.PagedKVCache(quant, num_pages=b * ((s + steps) // page + 2), max_seqs=b,
+                                          max_tokens_per_seq=s + steps, page_size=page, device="cuda",
+                                          dtype=torch.float16)
+            seqs = [cache.add_sequence() for _ in range(b)]
+            chunk, prefill_ms = 8192, 0.0
+            for _ in range(0, s, chunk):  # the prompts, in chunks, all sequences at once
+                step = cache.plan_append(seqs, [chunk] * b)
+                cache.begin(step)
+                k = torch.randn((step.num_rows, hkv, d), device="cuda", dtype=torch.float16)
+                v = torch.randn_like(k)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                cache.append(0, k, v, step)
+                end.record()
+                torch.cuda.synchronize()
+                prefill_ms += start.elapsed_time(end)
+                del k, v
+            tokens = b * s
+            moved = tokens * hkv * (2 * d * 2 + 2 * (d // 4))  # fp16 K/V read, 2-bit key and value codes written
+            step = cache.plan_append(seqs, [1] * b)
+            k = torch.randn((b, hkv, d), device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            for _ in range(steps - 40):
+                cache.begin(step)  # the pages of every append below (graph replays run no Python)
+            def append_once():  # its pages were taken by the begin calls above
+                step.pending = frozenset([0])
+                cache.append(0, k, v, step)
+
+            append_us = 1e3 * graph_time_ms([append_once], replays=10, iters=10)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                cache.begin(step)
+                cache.append(0, k, v, step)
+            eager_us = (time.perf_counter() - t0) / 20 * 1e6
+            plan = cache.plan_attention(seqs, hq)
+            q = torch.randn((b, hq, 1, d), device="cuda", dtype=torch.float16)
+            out = torch.empty_like(q)
+            paged_ms = graph_time_ms([lambda: plan.run(0, q, out=out)])
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                plan.run(0, q, out=out)
+            host_us = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            row = {"shape": label, "batch": b, "tokens": s, "page_size": page,
+                   "prefill_tokens_per_s": tokens / prefill_ms * 1e3, "prefill_GB/s": moved / prefill_ms / 1e6,
+                   "copy_GB/s": copy_gbs, "step_append_us": append_us, "step_append_eager_host_us": eager_us,
+                   "paged_us": 1e3 * paged_ms, "contiguous_us": 1e3 * dense_ms,
+                   "paging_cost": paged_ms / dense_ms - 1, "run_host_us": host_us}
+            rows.append(row)
+            print(f"{label:11s} {page:4d} {row['prefill_tokens_per_s'] / 1e6:14.2f} {row['prefill_GB/s']:5.0f} "
+                  f"{append_us:9.1f} {eager_us:8.1f} {1e3 * paged_ms:8.1f} {1e3 * dense_ms:13.1f} "
+                  f"{100 * row['paging_cost']:6.1f}% {host_us:11.1f}", flush=True)
+            del cache, plan
+            torch.cuda.empty_cache()
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "copy_GB/s": copy_gbs, "rows": rows}, f, indent=1)

@@ -283,8 +283,8 @@ def synthetic_cache(model, quantizer, tokens: int, max_tokens: int):
         codes = cache._room(i, k)
         codes.append(i, k, torch.randn_like(k))
         coded = tokens - fp_tokens
-        codes._key_codes[i][:, :, :coded].random_(0, 256)
-        codes._value_codes[i][:, :, :coded].random_(0, 256)
+        codes._key_codes[i].random_(0, 256)  # every page (the sequence's codes and the spare pages)
+        codes._value_codes[i].random_(0, 256)
         lengths = codes._lengths[i].clone()
         lengths[:, 1] = coded
         codes._set_lengths(i, lengths)

@@ -4,17 +4,21 @@ Per layer, each sequence b of the batch holds n_b tokens in three parts; the len
 int32 tensor [B, 3] = (sinks, coded, recent) per sequence:
   positions [0, sinks)                   full precision, sink buffer [b, :, 0:sinks] (the first
                                          cfg.sink_tokens tokens, kept forever: "attention sinks")
-  positions [sinks, sinks + coded)       VQ codes (keys transformed, then encoded), code buffers
-                                         [b, :, 0:coded]; never re-quantized
-  positions [sinks + coded, n_b)         full precision recent window [b, :, 0:recent], in order,
+  positions [sinks, sinks + coded)       VQ codes (keys transformed, then encoded) in code pages;
+                                         never re-quantized
+  positions [sinks + coded, n_b)         full precision recent window, a ring of `residual` rows,
                                          recent <= residual
 Appending writes new tokens to the sinks (while there are fewer than sink_tokens), then to the
 recent window; tokens pushed out of the window are encoded once into codes at their position.
 The codebooks are fixed, so codes are appendable and old tokens are never re-quantized.
 
+The storage is the serving API's (PagedKVCache, vecinfer/paged.h): each sequence owns its own
+consecutive code pages (an identity page table), and append and attend run the same kernels as
+PagedKVCache (one append kernel per call, the fused attention reading pages and ring in place).
+
 Sequences of a batch may hold different numbers of tokens: `append(..., skip=)` drops the leading
-padding of a left-padded batch. Appending to a batch whose sequences are all in the same state is
-one batched operation; a one-token decode step is vectorised over the batch whatever the lengths.
+padding of a left-padded batch. Every append is one call of the append kernel, whatever the
+sequences' states.
 
 Failures: append, reserve, select and truncate are all-or-nothing: on any error (bad input, a
 failed allocation) the cache is left as it was. The cache stores values, not autograd history:
@@ -33,7 +37,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import _check_memory, _check_real, attention, code_row_bytes
+from . import _C
+from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
+from .paged import check_finite_on_cpu
 from .quantizer import KVQuantizer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,12 +105,17 @@ class QuantizedKVCache:
                       f"max_tokens: a cache of {len(self._held)} layers x {batch_size} sequences x {max_tokens} tokens")
         self._guard = threading.Lock()
 
-        def per_layer(*tail, dt=dtype):
-            return [torch.empty((batch_size, num_kv_heads, *tail), dtype=dt, device=self.device)
+        def per_layer(*tail, dt=dtype, rows=batch_size):
+            return [torch.empty((rows, num_kv_heads, *tail), dtype=dt, device=self.device)
                     if i in self._held else None for i in range(n)]
 
-        self._key_codes = per_layer(coded, self._key_bytes, dt=torch.uint8)
-        self._value_codes = per_layer(coded, self._value_bytes, dt=torch.uint8)
+        # The layout of the serving API (PagedKVCache), one path for both: code pages of
+        # _PAGE tokens, sequence b owning pages [b * pages, (b + 1) * pages) in order (the page table
+        # is the identity), and the recent window as a ring (window token j in row j % residual).
+        pages = coded // _PAGE
+        self._key_codes = per_layer(_PAGE, self._key_bytes, dt=torch.uint8, rows=batch_size * pages)
+        self._value_codes = per_layer(_PAGE, self._value_bytes, dt=torch.uint8, rows=batch_size * pages)
+        self._page_table = _identity_pages(batch_size, pages, self.device)
         self._sink_k, self._sink_v = per_layer(self.sinks, head_dim), per_layer(self.sinks, head_dim)
         self._recent_k, self._recent_v = per_layer(self.residual, head_dim), per_layer(self.residual, head_dim)
         # (sinks, coded, recent) per sequence; replaced, never modified in place, so a tensor
@@ -116,7 +127,10 @@ class QuantizedKVCache:
         self._device_lengths = ([torch.zeros((batch_size, 3), dtype=torch.int32, device=self.device)
                                  if i in self._held else None for i in range(n)]
                                 if self.device.type == "cuda" else None)
-        self._rows = torch.arange(batch_size, device=self.device)
+        self._slots = torch.arange(batch_size, dtype=torch.int32, device=self.device)
+        self._step_indptr = torch.arange(batch_size + 1, dtype=torch.int32, device=self.device)
+        # the append kernel's per-sequence block counters (zero between calls)
+        self._arrivals = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
 
     @property
     def num_layers(self) -> int:
@@ -216,138 +230,52 @@ class QuantizedKVCache:
         if not bool(new.any()):
             return
         k, v = k.to(self.dtype), v.to(self.dtype)
-        # Phase 1 plans every write and encodes (what can fail); phase 2 commits the writes.
-        steady = t == 1 and bool(new.all()) and self._steady(layer)
-        if steady:
-            commit, new_lens = self._plan_steady_step(layer, k, v)
-            commits = [commit]
-        elif self._uniform(layer) and bool((skip == skip[0]).all()):
-            s = int(skip[0])
-            commit, state = self._plan(layer, slice(None), lens[0].tolist(), k[:, :, s:], v[:, :, s:])
-            commits, new_lens = [commit], torch.tensor([state], dtype=torch.int32).expand(self.batch_size, 3)
-        elif t == 1:
-            commit, new_lens = self._plan_step(layer, k, v, new.bool())
-            commits = [commit]
-        else:  # unequal states and several tokens: a prefill or a multi-token step, not the hot path
-            commits, rows = [], []
-            for b in range(self.batch_size):
-                state = lens[b].tolist()
-                if new[b]:
-                    s = int(skip[b])
-                    commit, state = self._plan(layer, slice(b, b + 1), state, k[b:b + 1, :, s:], v[b:b + 1, :, s:])
-                    commits.append(commit)
-                rows.append(state)
-            new_lens = torch.tensor(rows, dtype=torch.int32)
-        for commit in commits:
-            commit()
-        self._set_lengths(layer, new_lens, device_updated=steady)
-
-    def _plan(self, layer: int, rows: slice, state: List[int], k: torch.Tensor, v: torch.Tensor
-              ) -> Tuple[Callable[[], None], List[int]]:
-        """Appending k, v [b, Hkv, T, D] to the sequences `rows`, all in `state` = (sinks, coded,
-        recent): encodes what leaves the window and returns (commit, new state)."""
-        sinks, coded, recent = state
-        t = k.shape[2]
-        to_sink = min(self.sinks - sinks, t)
-        window_k = torch.cat([self._recent_k[layer][rows, :, :recent], k[:, :, to_sink:]], dim=2)
-        window_v = torch.cat([self._recent_v[layer][rows, :, :recent], v[:, :, to_sink:]], dim=2)
-        spill = max(window_k.shape[2] - self.residual, 0)
-        if spill:
-            key_codes = self.quantizer.encode_keys(layer, window_k[:, :, :spill])
-            value_codes = self.quantizer.encode_values(layer, window_v[:, :, :spill])
-        keep = window_k.shape[2] - spill
-
-        def commit():
-            if to_sink:
-                self._sink_k[layer][rows, :, sinks:sinks + to_sink] = k[:, :, :to_sink]
-                self._sink_v[layer][rows, :, sinks:sinks + to_sink] = v[:, :, :to_sink]
-            if t > to_sink:  # the window changed
-                if spill:
-                    self._key_codes[layer][rows, :, coded:coded + spill] = key_codes
-                    self._value_codes[layer][rows, :, coded:coded + spill] = value_codes
-                self._recent_k[layer][rows, :, :keep] = window_k[:, :, spill:]
-                self._recent_v[layer][rows, :, :keep] = window_v[:, :, spill:]
-
-        return commit, [sinks + to_sink, coded + spill, keep if t > to_sink else recent]
-
-    def _plan_steady_step(self, layer: int, k: torch.Tensor, v: torch.Tensor
-                          ) -> Tuple[Callable[[], None], torch.Tensor]:
-        """One token for every sequence (k, v [B, Hkv, 1, D]) in the steady state: the oldest
-        window token of each sequence is encoded to codes at its coded length, the window shifts
-        by one and takes the new token. The code positions are read from the lengths on the
-        cache's device, so this step does no host-to-device copy and a CUDA graph can replay it."""
-        recent_k, recent_v = self._recent_k[layer], self._recent_v[layer]
-        key_codes = self.quantizer.encode_keys(layer, recent_k[:, :, :1])[:, :, 0]  # [B, Hkv, bytes]
-        value_codes = self.quantizer.encode_values(layer, recent_v[:, :, :1])[:, :, 0]
-        window_k = torch.cat([recent_k[:, :, 1:], k], dim=2)
-        window_v = torch.cat([recent_v[:, :, 1:], v], dim=2)
+        check_finite_on_cpu("k", k)
+        check_finite_on_cpu("v", v)
+        # The tokens as rows [N, Hkv, D], sequence b's at rows indptr[b]..indptr[b + 1]
+        if t == 1 and bool(new.all()):  # a decode step: a view, no copy
+            rows_k, rows_v = k[:, :, 0], v[:, :, 0]
+            indptr = self._step_indptr
+        else:
+            keep = (torch.arange(t)[None, :] >= skip[:, None]).to(self.device)  # [B, T]
+            rows_k, rows_v = k.transpose(1, 2)[keep], v.transpose(1, 2)[keep]
+            indptr = torch.cat([torch.zeros(1, dtype=torch.int64), new.cumsum(0)]).to(torch.int32).to(self.device)
+        if rows_k.stride(-1) != 1:
+            rows_k, rows_v = rows_k.contiguous(), rows_v.contiguous()
+        s, c, r = lens.to(torch.int64).unbind(1)
+        to_sink = torch.minimum(self.sinks - s, new)
+        window_end = c + r + new - to_sink
+        coded = torch.maximum(c, window_end - self.residual)
+        new_lens = torch.stack([s + to_sink, coded, window_end - coded], dim=1).to(torch.int32)
         on_device = self._device_lengths is not None
-        lens = self._device_lengths[layer] if on_device else self._lengths[layer]
-
-        def commit():
-            pos = lens[:, 1].long()
-            self._key_codes[layer][self._rows, :, pos] = key_codes
-            self._value_codes[layer][self._rows, :, pos] = value_codes
-            recent_k.copy_(window_k)
-            recent_v.copy_(window_v)
-            if on_device:
-                lens[:, 1] += 1
-
-        return commit, self._lengths[layer] + torch.tensor([0, 1, 0], dtype=torch.int32)
-
-    def _plan_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor
-                   ) -> Tuple[Callable[[], None], torch.Tensor]:
-        """One token for each `active` sequence (k, v [B, Hkv, 1, D]) whatever the lengths, with
-        index tensors: to a sink slot, to the recent window, or, for a full window, the window's
-        oldest token to codes, the window shifted by one and the new token at its end."""
-        lens = self._lengths[layer]
-        s, c, r = lens.unbind(1)
-        big_s, big_r = self.sinks, self.residual
-        to_sink = active & (s < big_s)
-        to_window = active & (s >= big_s)
-        spill = to_window & (r >= big_r)  # with no window (residual 0) every token goes to codes
-        dev = self.device
-
-        def rows(mask):
-            return mask.nonzero().flatten()
-
-        i_sink, i_spill, i_win = rows(to_sink), rows(spill), rows(to_window if big_r else torch.zeros_like(active))
-        if len(i_spill):
-            d = i_spill.to(dev)
-            src_k = self._recent_k[layer][d, :, :1] if big_r else k[d]  # [n, Hkv, 1, D]
-            src_v = self._recent_v[layer][d, :, :1] if big_r else v[d]
-            key_codes = self.quantizer.encode_keys(layer, src_k)[:, :, 0]  # [n, Hkv, bytes]
-            value_codes = self.quantizer.encode_values(layer, src_v)[:, :, 0]
-
-        def commit():
-            if len(i_sink):
-                d, pos = i_sink.to(dev), s[i_sink].long().to(dev)
-                self._sink_k[layer][d, :, pos] = k[d, :, 0]
-                self._sink_v[layer][d, :, pos] = v[d, :, 0]
-            if len(i_spill):
-                d, pos = i_spill.to(dev), c[i_spill].long().to(dev)
-                self._key_codes[layer][d, :, pos] = key_codes
-                self._value_codes[layer][d, :, pos] = value_codes
-                if big_r > 1:
-                    self._recent_k[layer][d, :, :big_r - 1] = self._recent_k[layer][d, :, 1:]
-                    self._recent_v[layer][d, :, :big_r - 1] = self._recent_v[layer][d, :, 1:]
-            if len(i_win):
-                d = i_win.to(dev)
-                pos = torch.where(spill, big_r - 1, r)[i_win].long().to(dev)
-                self._recent_k[layer][d, :, pos] = k[d, :, 0]
-                self._recent_v[layer][d, :, pos] = v[d, :, 0]
-
-        grow = torch.stack([to_sink, spill, to_window & ~spill if big_r else torch.zeros_like(active)], dim=1)
-        return commit, lens + grow.to(torch.int32)
+        # the CPU kernel writes the lengths in place: a copy, so a snapshot handed out stays one
+        lengths = self._device_lengths[layer] if on_device else lens.clone()
+        p, cfg = self.quantizer.layers[layer], self.quantizer.config
+        with _device_guard(rows_k):
+            _C.append_tokens(rows_k, rows_v, self._slots, indptr, t, self._key_codes[layer], self._value_codes[layer],
+                             self._page_table, lengths, self._sink_k[layer], self._sink_v[layer],
+                             self._recent_k[layer], self._recent_v[layer], p["key_codebook"], p["value_codebook"],
+                             p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard, self._arrivals,
+                             _stream(rows_k))
+        self._set_lengths(layer, new_lens, device_updated=True)
 
     def _attend_inputs(self, layer: int):
-        """What an attention kernel reads, exactly as stored: (key_codes, value_codes, lengths,
-        sink_k, sink_v, recent_k, recent_v). Codes uint8 [B, Hkv, code_capacity, row_bytes]; lengths
-        CPU int32 [B, 3] (sinks, coded, recent); sinks [B, Hkv, sink_tokens, D] and recent window
-        [B, Hkv, residual, D] in the cache dtype. Only the first lengths[b] entries are valid."""
+        """The layer in the contiguous layout of vecinfer.attention, copied out of the pages and the
+        ring (for references and inspection; attend reads the pages and the ring in place):
+        (key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v). Codes uint8
+        [B, Hkv, code_capacity, row_bytes]; lengths CPU int32 [B, 3] (sinks, coded, recent); sinks
+        [B, Hkv, sink_tokens, D] and recent window [B, Hkv, residual, D] in order, in the cache
+        dtype. Only the first lengths[b] entries are valid."""
         self._check_layer(layer)
-        return (self._key_codes[layer], self._value_codes[layer], self._lengths[layer], self._sink_k[layer],
-                self._sink_v[layer], self._recent_k[layer], self._recent_v[layer])
+        lens = self._lengths[layer]
+        recent_k, recent_v = self._recent_k[layer], self._recent_v[layer]
+        if self.residual:
+            rows = (lens[:, 1:2].long() + torch.arange(self.residual)[None, :]) % self.residual  # [B, R]
+            index = rows.to(self.device)[:, None, :, None].expand_as(recent_k)
+            recent_k, recent_v = recent_k.gather(2, index), recent_v.gather(2, index)
+        return (_contiguous_codes(self._key_codes[layer], self.batch_size),
+                _contiguous_codes(self._value_codes[layer], self.batch_size), lens, self._sink_k[layer],
+                self._sink_v[layer], recent_k, recent_v)
 
     def dequantize(self, layer: int, padded: bool = False):
         """(k_hat, v_hat): [B, Hkv, tokens, D] in original coordinates and the cache dtype.
@@ -393,31 +321,34 @@ class QuantizedKVCache:
         if tq < 1 or tq > n:
             raise ValueError(f"q: {tq} queries, but a sequence of layer {layer} holds {n} tokens "
                              "(queries are the last appended)")
-        inputs = self._attend_inputs(layer)
         if self._fused_attention_supported(q):
             p, cfg = self.quantizer.layers[layer], self.quantizer.config
-            lengths, max_coded = inputs[2], int(inputs[2][:, 1].max())
+            lengths, max_coded = self._lengths[layer], int(self._lengths[layer][:, 1].max())
             if q.is_cuda:
                 # the device copy of the lengths; max_coded (which sizes the split-KV plan) from the
                 # host copy, or, while a CUDA graph is captured, the capacity: replays of the graph
                 # run on longer sequences than the capture saw
                 lengths = self._device_lengths[layer]
                 if torch.cuda.is_current_stream_capturing():
-                    max_coded = inputs[0].shape[2]
+                    max_coded = self._page_table.shape[1] * _PAGE
+            stored = (self._key_codes[layer], self._value_codes[layer], lengths, self._sink_k[layer],
+                      self._sink_v[layer], self._recent_k[layer], self._recent_v[layer])
+            softmax_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
             if torch.compiler.is_compiling():
                 # traced by torch.compile: the registered operator, whose fake implementation
                 # gives the output's shape without running the kernel
-                from . import custom_ops  # noqa: F401  (registers torch.ops.vecinfer.attention)
+                from . import custom_ops  # noqa: F401  (registers torch.ops.vecinfer.paged_attention)
 
-                return torch.ops.vecinfer.attention(
-                    q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
-                    *inputs[3:7], p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard,
-                    q.shape[-1] ** -0.5 if scale is None else float(scale), max_coded)[0]
-            return attention(q.contiguous(), inputs[0], inputs[1], lengths, p["key_codebook"], p["value_codebook"],
-                             sink_keys=inputs[3], sink_values=inputs[4], recent_keys=inputs[5], recent_values=inputs[6],
-                             key_scale=p["key_scale"], key_mean=p["key_mean"], value_mean=p["value_mean"],
-                             hadamard=cfg.hadamard, scale=scale, max_coded=max_coded)
-        return codes_attention(q, *inputs, self.quantizer, layer, scale)
+                return torch.ops.vecinfer.paged_attention(
+                    q.contiguous(), *stored[:3], p["key_codebook"], p["value_codebook"], *stored[3:],
+                    p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard, softmax_scale, max_coded,
+                    self._page_table)[0]
+            return attention(q.contiguous(), stored[0], stored[1], lengths, p["key_codebook"], p["value_codebook"],
+                             sink_keys=stored[3], sink_values=stored[4], recent_keys=stored[5],
+                             recent_values=stored[6], key_scale=p["key_scale"], key_mean=p["key_mean"],
+                             value_mean=p["value_mean"], hadamard=cfg.hadamard, scale=softmax_scale,
+                             max_coded=max_coded, page_table=self._page_table, recent_ring=True)
+        return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
         """Whether vecinfer.attention takes this call. On a GPU (the fused kernel): float16/bfloat16
@@ -447,16 +378,20 @@ class QuantizedKVCache:
                       f"max_tokens: reserving {max_tokens} tokens for {self.batch_size} sequences x "
                       f"{len(self._held)} layers")
 
-        def grown(t):
+        pages, old = coded // _PAGE, self._page_table.shape[1]
+
+        def grown(t):  # each sequence's pages, then new ones after them
             if t is None:
                 return None
-            new = t.new_empty((*t.shape[:2], coded, t.shape[3]))
-            new[:, :, :t.shape[2]] = t
+            new = t.new_empty((self.batch_size * pages, *t.shape[1:]))
+            new.view(self.batch_size, pages, *t.shape[1:])[:, :old] = t.view(self.batch_size, old, *t.shape[1:])
             return new
 
         # every new buffer first, then the swap: a failed allocation leaves the cache as it was
         key_codes, value_codes = [grown(t) for t in self._key_codes], [grown(t) for t in self._value_codes]
+        table = _identity_pages(self.batch_size, pages, self.device)
         self._key_codes, self._value_codes, self.max_tokens = key_codes, value_codes, max_tokens
+        self._page_table = table
 
     @_exclusive
     def truncate(self, tokens: int, layers: Optional[Sequence[int]] = None) -> None:
@@ -505,17 +440,29 @@ class QuantizedKVCache:
                       f"indices: {len(idx)} sequences")
         dev_idx = idx.to(self.device)
 
+        pages = self._page_table.shape[1]
+
         def pick(buffers):
             return [None if t is None else t.index_select(0, dev_idx) for t in buffers]
 
+        def pick_pages(pools):  # a sequence's pages move together
+            return [None if t is None else
+                    t.view(self.batch_size, pages, *t.shape[1:]).index_select(0, dev_idx).view(-1, *t.shape[1:])
+                    for t in pools]
+
         # every new buffer first, then the swap: a failed allocation leaves the cache as it was
-        new = [pick(b) for b in (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k,
-                                 self._recent_v)]
+        new = [pick_pages(self._key_codes), pick_pages(self._value_codes)] + [
+            pick(b) for b in (self._sink_k, self._sink_v, self._recent_k, self._recent_v)]
         lengths = [lens.index_select(0, idx) for lens in self._lengths]
         device_lengths = None if self._device_lengths is None else pick(self._device_lengths)
-        rows = torch.arange(len(idx), device=self.device)
+        b = len(idx)
+        table = _identity_pages(b, pages, self.device)
+        slots = torch.arange(b, dtype=torch.int32, device=self.device)
+        indptr = torch.arange(b + 1, dtype=torch.int32, device=self.device)
+        arrivals = torch.zeros(b, dtype=torch.int32, device=self.device)
         (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v) = new
-        self._lengths, self._device_lengths, self._rows, self.batch_size = lengths, device_lengths, rows, len(idx)
+        self._lengths, self._device_lengths, self.batch_size = lengths, device_lengths, b
+        self._page_table, self._slots, self._step_indptr, self._arrivals = table, slots, indptr, arrivals
 
     def nbytes(self) -> int:
         """Bytes the cache holds on its device: codes, full-precision windows and sinks (all
@@ -552,9 +499,23 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
     return k.masked_fill(~valid, 0), v.masked_fill(~valid, 0), pos
 
 
+_PAGE = 64  # code rows per page: one page per 64-token stage of the attention kernel
+
+
 def _code_capacity(tokens: int) -> int:
-    """Code buffers hold a multiple of 16 tokens: the fused kernel copies them in 16-byte chunks."""
-    return (max(tokens, 0) + 15) // 16 * 16
+    """Code rows per sequence: whole pages, at least one."""
+    return max((tokens + _PAGE - 1) // _PAGE, 1) * _PAGE
+
+
+def _identity_pages(batch: int, pages: int, device) -> torch.Tensor:
+    """The page table of sequences owning consecutive pages: row b = b * pages + [0, pages)."""
+    return torch.arange(batch * pages, dtype=torch.int32).reshape(batch, pages).to(device)
+
+
+def _contiguous_codes(pool: torch.Tensor, batch: int) -> torch.Tensor:
+    """Pages [batch * pages, Hkv, P, bytes] of an identity page table as [batch, Hkv, pages * P, bytes]."""
+    n, h, p, b = pool.shape
+    return pool.reshape(batch, n // batch, h, p, b).transpose(1, 2).reshape(batch, h, n // batch * p, b)
 
 
 def codes_attention(q: torch.Tensor, key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v,

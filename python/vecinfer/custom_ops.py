@@ -32,3 +32,27 @@ def _attention_fake(q, key_codes, value_codes, lengths, key_codebook, value_code
                     recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
+
+
+@torch.library.custom_op("vecinfer::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, lengths: torch.Tensor,
+                    key_codebook: torch.Tensor, value_codebook: torch.Tensor, sink_keys: torch.Tensor,
+                    sink_values: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor,
+                    key_scale: Optional[torch.Tensor], key_mean: Optional[torch.Tensor],
+                    value_mean: Optional[torch.Tensor], hadamard: bool, scale: float, max_coded: int,
+                    page_table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """vecinfer.attention on paged codes with a ring recent window (the layout of PagedKVCache and
+    QuantizedKVCache), returning (out, lse)."""
+    return ops.attention(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys=sink_keys,
+                         sink_values=sink_values, recent_keys=recent_keys, recent_values=recent_values,
+                         key_scale=key_scale, key_mean=key_mean, value_mean=value_mean, hadamard=hadamard,
+                         scale=scale, max_coded=max_coded, return_lse=True, page_table=page_table,
+                         recent_ring=True)
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys, sink_values,
+                          recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded,
+                          page_table):
+    return _attention_fake(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys, sink_values,
+                           recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded)

@@ -235,7 +235,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
               key_scale: Optional[Tensor] = None, key_mean: Optional[Tensor] = None,
               value_mean: Optional[Tensor] = None, hadamard: bool = True, scale: Optional[float] = None,
               return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None,
-              page_table: Optional[Tensor] = None):
+              page_table: Optional[Tensor] = None, recent_ring: bool = False):
     """Attention of q [B, Hq, Tq, D] over a compressed cache, without dequantizing it to memory.
 
     Per sequence b, lengths[b] = (sinks, coded, recent) (int32 [B, 3]): positions [0, sinks) are
@@ -246,6 +246,8 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     codes are paged instead: key_codes / value_codes are pools [num_pages, Hkv, page_size,
     code_row_bytes] (page_size a power of two >= 16) and coded token t of sequence b is row
     t % page_size of page page_table[b, t // page_size]; pages may be shared and in any order.
+    With recent_ring the recent window is a ring (as PagedKVCache keeps it): recent token i of
+    sequence b is row (coded + i) % recent_capacity of recent_keys/values[b].
     The Tq queries are the last Tq positions of each sequence, causal among themselves; query head
     h reads KV head h // (Hq // Hkv). Softmax scale 1/sqrt(D) unless given. Returns out [B, Hq, Tq,
     D] in q's dtype, and with return_lse the float32 log-sum-exp of the scaled scores [B, Hq, Tq]
@@ -318,7 +320,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
             None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
             None if value_mean is None else value_mean.detach(), bool(hadamard), scale, max_coded,
-            None if page_table is None else page_table.detach(), None, False]
+            None if page_table is None else page_table.detach(), None, bool(recent_ring)]
     with _device_guard(q):
         workspace = None
         if q.is_cuda:

@@ -44,6 +44,14 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def check_finite_on_cpu(name: str, t: torch.Tensor) -> None:
+    """Rejects NaN or infinity in appended CPU tensors (a token kept in full precision would
+    otherwise fail the append that later encodes it). CUDA tensors are not checked: that needs a
+    host synchronisation; the kernels rely on finite inputs there."""
+    if not t.is_cuda and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or infinity; the cache is unchanged")
+
+
 def advance(state, new_tokens: int, sink_tokens: int, residual: int):
     """The lengths (sinks, coded, recent) after appending `new_tokens` to a sequence in `state`
     (the rule of cpp/include/vecinfer/paged.h)."""
@@ -134,9 +142,10 @@ def _check_buffer(name: str, t, shape, dtype, device) -> None:
 
 class PagedKVCache:
     def __init__(self, quantizer: KVQuantizer, num_pages: int, max_seqs: int, max_tokens_per_seq: int,
-                 page_size: int = 16, device="cpu", dtype: torch.dtype = torch.float16,
+                 page_size: int = 64, device="cpu", dtype: torch.dtype = torch.float16,
                  layers: Optional[Sequence[int]] = None):
-        """A pool of `num_pages` pages of `page_size` coded tokens (a power of two >= 16) for up to
+        """A pool of `num_pages` pages of `page_size` coded tokens (a power of two >= 16; 64, one
+        page per stage of the attention kernel, costs nothing against contiguous codes) for up to
         `max_seqs` sequences of up to `max_tokens_per_seq` tokens each, for `layers` (default all of
         the quantizer's) of the quantizer's model."""
         if not isinstance(quantizer, KVQuantizer):
@@ -333,6 +342,7 @@ class PagedKVCache:
             if tuple(t.shape) != (plan.num_rows, self.num_kv_heads, self.head_dim):
                 raise ValueError(f"{name}: expected [{plan.num_rows}, {self.num_kv_heads}, {self.head_dim}] (the "
                                  f"plan's tokens), got {list(t.shape)}")
+            check_finite_on_cpu(name, t)
         p, cfg = self.quantizer.layers[layer], self.quantizer.config
         with _device_guard(keys):
             _C.append_tokens(keys.detach(), values.detach(), plan.seq_slots, plan.indptr, plan.max_new_tokens,

@@ -13,6 +13,7 @@
 // Every block reads the lengths, then counts itself in arrivals[slot]; the last one writes the new
 // lengths, when no block of the sequence will read them again.
 #include "launch.cuh"
+#include "nearest.cuh"
 #include "row_ops.cuh"
 #include "vecinfer/ops.h"
 #include "vecinfer/paged.h"
@@ -65,17 +66,7 @@ __device__ void encode_rows(float* smem, int count, const Codebook& cb, int64_t 
   uint16_t* tile = reinterpret_cast<uint16_t*>(norms + centroids_count);
   const int row_bytes = kCodes * cb.code_bits / 8;
   __syncthreads();  // the previous user of the shared memory is done
-  const float* src = cb.centroids + book * centroids_count * S;
-  for (int c = threadIdx.x; c < centroids_count; c += kAppendThreads) {
-    float norm = 0.f;
-#pragma unroll
-    for (int e = 0; e < S; ++e) {
-      const float value = src[c * S + e];
-      centroids[c * S + e] = value;
-      norm = fmaf(value, value, norm);
-    }
-    norms[c] = norm;
-  }
+  stage_codebook<S>(centroids, norms, cb.centroids + book * centroids_count * S, centroids_count, kAppendThreads);
   __syncthreads();
   const int local = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   for (int first = 0; first < count; first += kRows) {
@@ -83,21 +74,8 @@ __device__ void encode_rows(float* smem, int count, const Codebook& cb, int64_t 
     float v[8] = {};
     if (k < count) load8(source(k) + lane * 8, v);
     transform_row<D>(v, t, TransformKind::kKey, table_row, lane * 8);  // every lane: shuffles inside
-    float best[kSubs];
     int best_index[kSubs];
-#pragma unroll
-    for (int s = 0; s < kSubs; ++s) best[s] = INFINITY, best_index[s] = 0;
-#pragma unroll 4
-    for (int c = 0; c < centroids_count; ++c) {
-      const float norm = norms[c];
-#pragma unroll
-      for (int s = 0; s < kSubs; ++s) {
-        float dist = norm;
-#pragma unroll
-        for (int e = 0; e < S; ++e) dist = fmaf(-2.f * v[s * S + e], centroids[c * S + e], dist);
-        if (dist < best[s]) best[s] = dist, best_index[s] = c;
-      }
-    }
+    nearest_centroids<S>(v, centroids, norms, centroids_count, best_index);
 #pragma unroll
     for (int s = 0; s < kSubs; ++s) tile[local * kCodes + lane * kSubs + s] = static_cast<uint16_t>(best_index[s]);
     __syncthreads();

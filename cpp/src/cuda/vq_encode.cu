@@ -5,26 +5,13 @@
 // broadcast); the distance is ||c||^2 - 2 x.c with ||c||^2 precomputed, S FMAs per centroid and
 // sub-vector. The codes of a tile are collected in shared memory and written as packed bytes.
 #include "launch.cuh"
+#include "nearest.cuh"
 #include "row_ops.cuh"
 #include "vecinfer/ops.h"
 
 namespace vecinfer {
 namespace cuda_detail {
 namespace {
-
-template <int S>
-__device__ __forceinline__ void load_centroid(const float* p, float (&c)[S]) {
-  if constexpr (S == 2) {
-    const float2 a = *reinterpret_cast<const float2*>(p);
-    c[0] = a.x, c[1] = a.y;
-  } else {
-#pragma unroll
-    for (int i = 0; i < S; i += 4) {
-      const float4 a = *reinterpret_cast<const float4*>(p + i);
-      c[i] = a.x, c[i + 1] = a.y, c[i + 2] = a.z, c[i + 3] = a.w;
-    }
-  }
-}
 
 // Shared memory: centroids [C][S] floats, norms [C] floats, then the tile's codes [rows][D / S].
 template <typename T, int D, int S>
@@ -51,17 +38,7 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ 
         cb.num_codebooks == 1 ? 0 : detail::table_row(head_of(layout, first_row), layout.num_heads, cb.num_codebooks);
     if (book != loaded) {  // uniform over the block: every thread sees the same tile
       __syncthreads();
-      const float* src = cb.centroids + book * num_centroids * S;
-      for (int c = threadIdx.x; c < num_centroids; c += kThreads) {
-        float norm = 0.f;
-#pragma unroll
-        for (int e = 0; e < S; ++e) {
-          const float value = src[c * S + e];
-          centroids[c * S + e] = value;
-          norm = fmaf(value, value, norm);
-        }
-        norms[c] = norm;
-      }
+      stage_codebook<S>(centroids, norms, cb.centroids + book * num_centroids * S, num_centroids, kThreads);
       loaded = book;
       __syncthreads();
     }
@@ -72,26 +49,8 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ 
     if (valid) load8(x + row * D + lane * 8, v);
     transform_row<D>(v, t, TransformKind::kKey,
                      transform_table_row(layout, t, row), lane * 8);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] *= -2.f;
-
-    float best[kSubs];
     int best_index[kSubs];
-#pragma unroll
-    for (int k = 0; k < kSubs; ++k) best[k] = INFINITY, best_index[k] = 0;
-#pragma unroll 4
-    for (int c = 0; c < num_centroids; ++c) {
-      float centroid[S];
-      load_centroid<S>(centroids + c * S, centroid);
-      const float norm = norms[c];
-#pragma unroll
-      for (int k = 0; k < kSubs; ++k) {
-        float dist = norm;
-#pragma unroll
-        for (int e = 0; e < S; ++e) dist = fmaf(v[k * S + e], centroid[e], dist);
-        if (dist < best[k]) best[k] = dist, best_index[k] = c;
-      }
-    }
+    nearest_centroids<S>(v, centroids, norms, num_centroids, best_index);
 #pragma unroll
     for (int k = 0; k < kSubs; ++k)
       tile_codes[local_row * kCodesPerRow + lane * kSubs + k] = static_cast<uint16_t>(best_index[k]);
