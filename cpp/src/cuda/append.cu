@@ -53,6 +53,9 @@ __device__ SequenceState read_state(const TokenBatch& tokens, const CompressedKV
 // Packed codes of `count` rows, into their destinations: row k's 8 elements per lane come from
 // source(k) (transformed as `t` says, table entry table_row), its code_row_bytes bytes go to
 // target(k) (null: dropped). The codebook `book` of `cb` is loaded into shared memory first.
+// A pass takes up to kRows rows, one group of D / 8 lanes each; with fewer rows (a decode step
+// encodes one per block) the idle groups split the centroid scan of each row between them, and
+// the partial minima are merged in index order, so the codes equal a scan of all centroids.
 template <typename T, int D, int S, class Source, class Target>
 __device__ void encode_rows(float* smem, int count, const Codebook& cb, int64_t book, const Transform& t,
                             int64_t table_row, Source source, Target target) {
@@ -63,27 +66,49 @@ __device__ void encode_rows(float* smem, int count, const Codebook& cb, int64_t 
   const int centroids_count = 1 << cb.code_bits;
   float* centroids = smem;
   float* norms = centroids + centroids_count * S;
-  uint16_t* tile = reinterpret_cast<uint16_t*>(norms + centroids_count);
+  uint16_t* tile = reinterpret_cast<uint16_t*>(norms + centroids_count);          // [kRows][kCodes]
+  float* partial_best = reinterpret_cast<float*>(tile + kRows * kCodes);          // [threads][kSubs]
+  int* partial_index = reinterpret_cast<int*>(partial_best + kAppendThreads * kSubs);
   const int row_bytes = kCodes * cb.code_bits / 8;
   __syncthreads();  // the previous user of the shared memory is done
   stage_codebook<S>(centroids, norms, cb.centroids + book * centroids_count * S, centroids_count, kAppendThreads);
   __syncthreads();
-  const int local = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   for (int first = 0; first < count; first += kRows) {
-    const int k = first + local;
+    const int rows = min(kRows, count - first);
+    int split = kRows;  // groups per row: kRows / (rows rounded up to a power of two), at most the centroids
+    while (split > 1 && (kRows / split < rows || split > centroids_count)) split >>= 1;
+    const int r = group / split, part = group % split;
+    const int per_part = centroids_count / split;
     float v[8] = {};
-    if (k < count) load8(source(k) + lane * 8, v);
+    if (r < rows) load8(source(first + r) + lane * 8, v);
     transform_row<D>(v, t, TransformKind::kKey, table_row, lane * 8);  // every lane: shuffles inside
     int best_index[kSubs];
-    nearest_centroids<S>(v, centroids, norms, centroids_count, best_index);
+    float best[kSubs];
+    nearest_centroids<S>(v, centroids, norms, part * per_part, (part + 1) * per_part, best_index, best);
 #pragma unroll
-    for (int s = 0; s < kSubs; ++s) tile[local * kCodes + lane * kSubs + s] = static_cast<uint16_t>(best_index[s]);
+    for (int s = 0; s < kSubs; ++s) {
+      partial_best[threadIdx.x * kSubs + s] = best[s];
+      partial_index[threadIdx.x * kSubs + s] = best_index[s];
+    }
     __syncthreads();
-    const int rows = min(kRows, count - first);
+    if (part == 0 && r < rows) {
+#pragma unroll
+      for (int s = 0; s < kSubs; ++s) {
+        int index = best_index[s];
+        float dist = best[s];
+        for (int other = 1; other < split; ++other) {  // parts in index order: ties keep the lowest
+          const int slot = ((group + other) * kLanes + lane) * kSubs + s;
+          if (partial_best[slot] < dist) dist = partial_best[slot], index = partial_index[slot];
+        }
+        tile[r * kCodes + lane * kSubs + s] = static_cast<uint16_t>(index);
+      }
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < rows * row_bytes; i += kAppendThreads) {
-      const int r = i / row_bytes, byte = i - r * row_bytes;
-      uint8_t* out = target(first + r);
-      if (out) out[byte] = detail::pack_byte(tile + r * kCodes, byte, cb.code_bits);
+      const int k = i / row_bytes, byte = i - k * row_bytes;
+      uint8_t* out = target(first + k);
+      if (out) out[byte] = detail::pack_byte(tile + k * kCodes, byte, cb.code_bits);
     }
     __syncthreads();
   }
@@ -226,8 +251,10 @@ Status append_tokens(DType dtype, const AttentionShape& shape, const TokenBatch&
   const int64_t parts = 1 + (max_new_tokens + kDirectRowsPerPart - 1) / kDirectRowsPerPart;
   if (parts > 65535) return unsupported("max_new_tokens: too many tokens for one call; split the prompt");
   auto codebook_bytes = [&](const Codebook& cb) {
+    const size_t rows = kAppendThreads / (shape.head_dim / 8), subs = 8 / cb.sub_dim;
     return static_cast<size_t>(cb.num_centroids()) * (cb.sub_dim + 1) * sizeof(float) +
-           static_cast<size_t>(kAppendThreads / (shape.head_dim / 8)) * (shape.head_dim / 2) * sizeof(uint16_t);
+           rows * (shape.head_dim / cb.sub_dim) * sizeof(uint16_t) +
+           kAppendThreads * subs * (sizeof(float) + sizeof(int));
   };
   const size_t shared_bytes = std::max(codebook_bytes(kv.key_codebook), codebook_bytes(kv.value_codebook));
   return with_dtype(dtype, [&](auto type_tag) {

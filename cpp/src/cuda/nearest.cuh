@@ -39,18 +39,20 @@ __device__ __forceinline__ void stage_codebook(float* centroids, float* norms, c
   }
 }
 
-// The nearest centroid of each of this lane's 8 / S sub-vectors of v (the lowest index among equals).
+// The nearest centroid among centroids [first, last) of each of this lane's 8 / S sub-vectors of v
+// (the lowest index among equals), and its distance up to the common ||x||^2.
 template <int S>
 __device__ __forceinline__ void nearest_centroids(const float (&v)[8], const float* centroids, const float* norms,
-                                                  int count, int (&best_index)[8 / S]) {
+                                                  int first, int last, int (&best_index)[8 / S],
+                                                  float (&best)[8 / S]) {
   constexpr int kSubs = 8 / S;
-  float minus2v[8], best[kSubs];
+  float minus2v[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) minus2v[i] = -2.f * v[i];
 #pragma unroll
-  for (int k = 0; k < kSubs; ++k) best[k] = INFINITY, best_index[k] = 0;
+  for (int k = 0; k < kSubs; ++k) best[k] = INFINITY, best_index[k] = first;
 #pragma unroll 4
-  for (int c = 0; c < count; ++c) {
+  for (int c = first; c < last; ++c) {
     float centroid[S];
     load_centroid<S>(centroids + c * S, centroid);
     const float norm = norms[c];

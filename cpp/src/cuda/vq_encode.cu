@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const T* __restrict__ 
     transform_row<D>(v, t, TransformKind::kKey,
                      transform_table_row(layout, t, row), lane * 8);
     int best_index[kSubs];
-    nearest_centroids<S>(v, centroids, norms, num_centroids, best_index);
+    float best[kSubs];
+    nearest_centroids<S>(v, centroids, norms, 0, num_centroids, best_index, best);
 #pragma unroll
     for (int k = 0; k < kSubs; ++k)
       tile_codes[local_row * kCodesPerRow + lane * kSubs + k] = static_cast<uint16_t>(best_index[k]);
