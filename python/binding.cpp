@@ -635,6 +635,17 @@ NB_MODULE(_C, m) {
   m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
         nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),
         nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"));
+  m.def("cuda_attention_support",
+        [](int dtype, int64_t num_queries, int32_t key_sub_dim, int32_t key_code_bits, int32_t value_sub_dim,
+           int32_t value_code_bits) {
+          vecinfer::Codebook key, value;
+          key.sub_dim = key_sub_dim, key.code_bits = key_code_bits;
+          value.sub_dim = value_sub_dim, value.code_bits = value_code_bits;
+          const Status s = vecinfer::cuda::attention_supports(static_cast<DType>(dtype), num_queries, key, value);
+          return std::string(s.ok() ? "" : s.message);
+        },
+        nb::arg("dtype"), nb::arg("num_queries"), nb::arg("key_sub_dim"), nb::arg("key_code_bits"),
+        nb::arg("value_sub_dim"), nb::arg("value_code_bits"));
   m.def("cuda_built", &vecinfer::cuda::built);
   m.def("check_device", [] { raise_if_error(vecinfer::cuda::check_device()); });
 }

@@ -1,7 +1,8 @@
 """The GPU side of the hardening probes (issue 15): the bad inputs of test_harden_*.py on CUDA
 tensors, mixed devices, a tensor on another GPU, a non-default stream. The properties of
-test_properties.py run on CUDA through their "cuda" parameter. On the CUDA paths the kernels read
-no values on the host, so value checks (NaN inputs, bad scales) are CPU-only and not probed here."""
+test_properties.py run on CUDA through their "cuda" parameter. Value checks (NaN inputs, bad
+scales, non-finite codebooks) are made by the CUDA transform and codec ops too; the decode
+attention and the appends do not check values (they must not synchronise)."""
 from __future__ import annotations
 
 import pytest
@@ -160,3 +161,27 @@ def test_checksum_verified_when_loading_to_cuda(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum mismatch"):
         vecinfer.KVQuantizer.load(str(path), device="cuda")
+
+
+def test_bad_values_are_refused_by_the_cuda_ops():
+    q = small_quantizer().to("cuda")
+    p = q.layers[0]
+    x = torch.randn(2, 5, 64, device="cuda") + 2
+    nan_x = x.clone()
+    nan_x[1, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vecinfer.vq_encode(nan_x, p["key_codebook"], scale=p["key_scale"], mean=p["key_mean"], hadamard=True)
+    for bad in (0.0, float("nan")):
+        scale = p["key_scale"].clone()
+        scale[1, 3] = bad
+        with pytest.raises(ValueError, match="scale"):
+            vecinfer.transform_keys(x, scale, p["key_mean"])
+    book = p["key_codebook"].clone()
+    book[0, 5, 1] = float("inf")
+    codes = vecinfer.vq_encode(x, p["key_codebook"])
+    with pytest.raises(ValueError, match="codebook"):
+        vecinfer.vq_decode(codes, book, head_dim=64)
+    with pytest.raises(ValueError, match="codebook"):
+        vecinfer.vq_encode(x, book)
+    # the valid calls still run
+    assert vecinfer.vq_decode(codes, p["key_codebook"], head_dim=64, dtype=torch.float32).isfinite().all()

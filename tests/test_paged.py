@@ -249,9 +249,10 @@ def test_merge_states_equals_attention_over_the_union(quantizer, gen):
         vecinfer.merge_states(out_a.float(), lse_a[:, :, :1], out_b.float(), lse_b)
 
 
-def _continuous_batching(quantizer, device, steps, seed):
+def _continuous_batching(quantizer, device, steps, seed, graphs=False):
     """Sequences arrive with random prompts (some forked from a shared prefix), decode one token a
-    step, and finish; every step's output of every live sequence is checked against the model."""
+    step, and finish; every step's output of every live sequence is checked against the model.
+    With graphs, each decode step (append + run) is captured in a CUDA graph and replayed."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -295,13 +296,25 @@ def _continuous_batching(quantizer, device, steps, seed):
         if not live:
             continue
         step = cache.plan_append(live, [1] * len(live))
-        cache.begin(step)
         plan = cache.plan_attention(live, num_q_heads=4)
         k, v = _rows(gen, len(live), dtype, device)
         q = torch.randn((len(live), 4, 1, 64), generator=gen).to(dtype).to(device)
+        outs = {layer: torch.full_like(q, float("nan")) for layer in cache.layers}
+        if graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for layer in cache.layers:
+                    cache.append(layer, k, v, step)
+                    plan.run(layer, q, out=outs[layer])
+            cache.begin(step)
+            graph.replay()
+        else:
+            cache.begin(step)
+            for layer in cache.layers:
+                cache.append(layer, k, v, step)
+                plan.run(layer, q, out=outs[layer])
         for layer in cache.layers:
-            cache.append(layer, k, v, step)
-            out = plan.run(layer, q).cpu()
+            out = outs[layer].cpu()
             for i, s in enumerate(live):
                 model.append(s, layer, k[i:i + 1].cpu(), v[i:i + 1].cpu())
                 ref = _attention64(q[i].cpu(), *model.expected_kv(s, layer))
@@ -330,6 +343,12 @@ def test_continuous_batching_cpu(quantizer):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm_80+)")
 def test_continuous_batching_gpu(quantizer):
     _continuous_batching(quantizer, "cuda", steps=500, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm_80+)")
+def test_continuous_batching_gpu_graph_replays(quantizer):
+    _continuous_batching(quantizer, "cuda", steps=500, seed=3, graphs=True)
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ Status vq_decode(DType, const uint8_t*, void*, const RowLayout&, const Codebook&
   return not_built();
 }
 
+Status attention_supports(DType, int64_t, const Codebook&, const Codebook&) { return not_built(); }
 size_t attention_workspace_bytes(const AttentionShape&, const CompressedKV&) { return 0; }
 Status attention(DType, const void*, void*, float*, const AttentionShape&, const CompressedKV&, float, void*, size_t,
                  void*) {

@@ -351,18 +351,18 @@ class QuantizedKVCache:
         return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
-        """Whether vecinfer.attention takes this call. On a GPU (the fused kernel): float16/bfloat16
-        caches, at most 16 queries and the bit presets' codebook shapes. On the CPU (the C++
+        """Whether vecinfer.attention takes this call. On a GPU, what the fused kernel says it
+        supports (float16/bfloat16, at most 16 queries, the bit presets' codebooks). On the CPU (the C++
         reference, per sequence in double precision, so a sequence's result does not depend on the
         rest of the batch): decode steps of up to 4 queries; longer query blocks run faster through
         codes_attention (dequantize, then attention in float32), which computes the same function."""
         if not q.is_cuda:
             return q.dtype == self.dtype and q.shape[2] <= 4
         cfg = self.quantizer.config
-        presets = {(2, 8), (4, 8), (4, 12), (8, 8), (8, 12)}
-        return (q.dtype == self.dtype and self.dtype in (torch.float16, torch.bfloat16) and q.shape[2] <= 16
-                and (cfg.key_sub_dim, cfg.key_code_bits) in presets
-                and (cfg.value_sub_dim, cfg.value_code_bits) in presets)
+        dtype = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)
+        why = _C.cuda_attention_support(dtype, q.shape[2], cfg.key_sub_dim, cfg.key_code_bits, cfg.value_sub_dim,
+                                        cfg.value_code_bits)
+        return q.dtype == self.dtype and not why
 
     @_exclusive
     def reserve(self, max_tokens: int) -> None:

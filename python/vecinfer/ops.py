@@ -16,8 +16,10 @@ Tensors must be CPU or CUDA tensors and not lazily negated or conjugated views (
 autograd); ints must be Python ints (not bools) that fit in 64 bits. An output is allocated only
 after its input is validated and its size checked against the device's memory (ValueError). On
 the CPU, scales must be finite and > 0, means and codebooks finite, and vq_encode's input finite
-(ValueError otherwise); the CUDA kernels do not read values on the host (it would synchronise), so
-they rely on valid tables (KVQuantizer checks its own) and finite inputs.
+(ValueError otherwise). On CUDA the same values are checked here, by the transform and codec ops,
+with one reduction and host synchronisation per call (skipped while a CUDA graph is captured);
+the decode attention and the caches' appends do not check them (they must not synchronise): they
+rely on valid tables (KVQuantizer checks its own) and finite inputs.
 """
 from __future__ import annotations
 
@@ -108,6 +110,32 @@ def code_row_bytes(head_dim: int, sub_dim: int, code_bits: int) -> int:
     return n
 
 
+def _check_values_on_cuda(x: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                          mean: Optional[Tensor] = None, codebook: Optional[Tensor] = None) -> None:
+    """The value checks the C++ makes on the CPU, for CUDA tensors (non-empty contiguous ones: any
+    other is refused by the binding next, before a reduction could allocate for an expanded view)."""
+    if not any(t is not None and t.is_cuda for t in (x, scale, mean, codebook)):
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return
+
+    def bad(t, positive=False):
+        if t is None or not t.is_cuda or t.numel() == 0:
+            return False
+        if not t.is_contiguous() or not t.is_floating_point():
+            return False
+        return not bool(torch.isfinite(t).all()) or (positive and not bool((t > 0).all()))
+
+    if bad(scale, positive=True):
+        raise ValueError("scale: entries must be finite and > 0")
+    if bad(mean):
+        raise ValueError("mean: entries must be finite")
+    if bad(codebook):
+        raise ValueError("codebook: entries must be finite")
+    if bad(x):
+        raise ValueError("x: contains NaN or infinity; codes are not valid")
+
+
 def _transform(x: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], hadamard: bool, kind: int,
                out: Optional[Tensor]) -> Tensor:
     _check_tensor(x, "x")
@@ -117,6 +145,7 @@ def _transform(x: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], hadam
     if out is None:
         _C.check_elements(x, "x")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check_values_on_cuda(scale=scale, mean=mean)
     with _device_guard(x):
         _C.transform(x.detach(), out.detach(), None if scale is None else scale.detach(),
                      None if mean is None else mean.detach(), bool(hadamard), kind, _stream(x))
@@ -163,6 +192,7 @@ def vq_encode(x: Tensor, codebook: Tensor, *, scale: Optional[Tensor] = None, me
         _C.check_elements(x, "x")
         row_bytes = _row_bytes_for(x.shape[-1], codebook)
         out = torch.empty((*x.shape[:-1], row_bytes), dtype=torch.uint8, device=x.device)
+    _check_values_on_cuda(x, scale, mean, codebook)
     with _device_guard(x):
         _C.vq_encode(x.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
                      None if mean is None else mean.detach(), bool(hadamard), _stream(x))
@@ -186,6 +216,7 @@ def vq_decode(codes: Tensor, codebook: Tensor, *, head_dim: int, dtype: torch.dt
             raise TypeError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
         shape = (*codes.shape[:-1], _check_int(head_dim, "head_dim"))
         out = _empty(shape, dtype, codes.device, f"head_dim: an output {list(shape)} of {dtype}")
+    _check_values_on_cuda(scale=scale, mean=mean, codebook=codebook)
     with _device_guard(codes):
         _C.vq_decode(codes.detach(), out, codebook.detach(), None if scale is None else scale.detach(),
                      None if mean is None else mean.detach(), bool(hadamard), _stream(codes))

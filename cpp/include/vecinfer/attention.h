@@ -91,6 +91,10 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
 }  // namespace cpu
 
 namespace cuda {
+// Whether the fused kernel takes this element type, number of queries per sequence (Tq) and these
+// codebook shapes (only sub_dim and code_bits are read): Ok, or kUnsupported saying why. The one
+// place that says what the kernel supports; callers choosing a path ask it.
+Status attention_supports(DType dtype, int64_t num_queries, const Codebook& key, const Codebook& value);
 // Bytes of device workspace cuda::attention needs for these shapes (split-KV partial results).
 // Reads only the shapes (no pointers): shape, the codebooks' sub_dim and code_bits, max_coded.
 // 0 for shapes the kernel does not take.

@@ -16,14 +16,22 @@ Status run_bf16_d256(Request& r);
 
 namespace {
 
+// What the kernel is built for: element type, queries per sequence, codebook shapes.
+Status check_supported(DType dtype, int64_t num_queries, const Codebook& key, const Codebook& value) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
+    return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
+  if (num_queries > 16)
+    return unsupported("q: the CUDA kernel takes at most 16 queries per sequence (Tq); split the call");
+  auto built = [](auto) { return Status::Ok(); };
+  Status s = with_codec(key.sub_dim, key.code_bits, built);
+  return s.ok() ? with_codec(value.sub_dim, value.code_bits, built) : s;
+}
+
 // Everything but q, out and the scale (which plan_attention does not see yet).
 Status check_cuda_cache(DType dtype, const AttentionShape& shape, const CompressedKV& kv) {
   Status s = check_attention(shape, kv);
+  if (s.ok()) s = check_supported(dtype, shape.num_queries, kv.key_codebook, kv.value_codebook);
   if (!s.ok()) return s;
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
-    return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
-  if (shape.num_queries > 16)
-    return unsupported("q: the CUDA kernel takes at most 16 queries per sequence (Tq); split the call");
   if (kv.seq_slots != nullptr && reinterpret_cast<uintptr_t>(kv.seq_slots) % 4 != 0)
     return invalid("seq_slots: data pointer must be 4-byte aligned");
   if (shape.batch > 65535 || shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535)
@@ -86,6 +94,10 @@ Request make_request(const void* q, void* out, float* lse, const AttentionShape&
 }  // namespace cuda_detail::attn
 
 namespace cuda {
+
+Status attention_supports(DType dtype, int64_t num_queries, const Codebook& key, const Codebook& value) {
+  return cuda_detail::attn::check_supported(dtype, num_queries, key, value);
+}
 
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv) {
   using namespace cuda_detail::attn;

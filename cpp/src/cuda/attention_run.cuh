@@ -5,6 +5,7 @@
 
 #include "attention_kernel.cuh"
 #include "launch.cuh"
+#include "../split_plan.h"
 
 namespace vecinfer::cuda_detail::attn {
 
@@ -97,29 +98,14 @@ Status make_plan(Request& r) {
   out.stages = plan.stages;
   out.low_warps = plan.low_warps;
 
-  // Split the coded tokens over blocks. The estimated time of c splits is the waves of blocks
-  // times a block's time: its fixed cost (tables, queries, merging its warps), counted as
-  // kSetupStages stages, plus its stages per warp. The cheapest c wins; on ties the fewer splits.
-  constexpr int64_t kSetupStages = 2;
+  // Split the coded tokens over blocks (split_plan.h): a block's fixed cost counts as 2 stages.
   using L = Layout<D, KC, VC, kEight>;
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
-  const int64_t max_coded = p.kv.max_coded;
   const int64_t quantum = int64_t{L::kStageTokens} * plan.warps;  // one stage for each warp
-  const int64_t slots = int64_t{sm_count} * plan.blocks_per_sm;
-  int64_t splits = 0;
-  if (max_coded > 0) {
-    const int64_t most = (max_coded + quantum - 1) / quantum;
-    const int64_t limit = 2 * ((slots + groups - 1) / groups);
-    int64_t best_cost = -1;
-    for (int64_t c = 1; c <= limit && c <= most; ++c) {
-      const int64_t per_split = ((max_coded + c - 1) / c + quantum - 1) / quantum * quantum;
-      const int64_t used = (max_coded + per_split - 1) / per_split;
-      const int64_t cost = (groups * used + slots - 1) / slots * (kSetupStages + per_split / quantum);
-      if (best_cost < 0 || cost < best_cost) best_cost = cost, splits = used, out.split_tokens = per_split;
-    }
-  } else {  // only the full-precision block
-    out.split_tokens = quantum;
-  }
+  const detail::SplitPlan split = detail::plan_splits(groups, p.kv.max_coded, quantum,
+                                                      int64_t{sm_count} * plan.blocks_per_sm);
+  const int64_t splits = split.splits;
+  out.split_tokens = split.split_tokens;
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
   out.splits = static_cast<int>(splits);
   const size_t partial_floats = static_cast<size_t>(groups) * (splits + 1) * kRows;
