@@ -98,7 +98,7 @@ def test_advance_follows_the_token_by_token_rule(sinks, residual):
                     if r == residual:
                         c, r = c + 1, r - 1
                     r += 1
-            state = advance(state, n, sinks, residual)
+            state = tuple(advance(torch.tensor([state]), torch.tensor([n]), sinks, residual)[0].tolist())
             assert state == (s, c, r)
 
 
@@ -220,6 +220,29 @@ def test_bad_calls_raise_and_leave_the_cache_unchanged(quantizer, gen):
     cache.free(b)
     with pytest.raises(ValueError, match="not a live sequence"):
         cache.free(b)
+
+
+def test_hostile_tensors_and_sizes_are_refused(quantizer, gen):
+    """Sizes beyond the machine's memory are refused before allocating; lazily negated views (whose
+    sign DLPack would drop) and meta tensors are refused by append and run."""
+    with pytest.raises(ValueError, match="memory"):
+        vecinfer.PagedKVCache(quantizer, num_pages=2**40, max_seqs=2, max_tokens_per_seq=100)
+    with pytest.raises(ValueError, match="memory"):
+        vecinfer.PagedKVCache(quantizer, num_pages=4, max_seqs=2**38, max_tokens_per_seq=100)
+    cache = vecinfer.PagedKVCache(quantizer, num_pages=8, max_seqs=2, max_tokens_per_seq=100, dtype=torch.float32)
+    a = cache.add_sequence()
+    step = cache.plan_append([a], [3])
+    cache.begin(step)
+    k, v = _rows(gen, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="negated"):
+        cache.append(0, torch._neg_view(k), v, step)
+    with pytest.raises(ValueError, match="CPU or a CUDA"):
+        cache.append(0, k.to("meta"), v, step)
+    cache.append(0, k, v, step)
+    plan = cache.plan_attention([a], 4)
+    q = torch.randn(1, 4, 1, 64, generator=gen)
+    with pytest.raises(ValueError, match="negated"):
+        plan.run(0, torch._neg_view(q))
 
 
 def test_merge_states_equals_attention_over_the_union(quantizer, gen):

@@ -33,13 +33,13 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from . import _C
 from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
-from .paged import check_finite_on_cpu
+from .paged import advance, check_finite_on_cpu
 from .quantizer import KVQuantizer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -242,11 +242,7 @@ class QuantizedKVCache:
             indptr = torch.cat([torch.zeros(1, dtype=torch.int64), new.cumsum(0)]).to(torch.int32).to(self.device)
         if rows_k.stride(-1) != 1:
             rows_k, rows_v = rows_k.contiguous(), rows_v.contiguous()
-        s, c, r = lens.to(torch.int64).unbind(1)
-        to_sink = torch.minimum(self.sinks - s, new)
-        window_end = c + r + new - to_sink
-        coded = torch.maximum(c, window_end - self.residual)
-        new_lens = torch.stack([s + to_sink, coded, window_end - coded], dim=1).to(torch.int32)
+        new_lens = advance(lens, new, self.sinks, self.residual).to(torch.int32)
         on_device = self._device_lengths is not None
         # the CPU kernel writes the lengths in place: a copy, so a snapshot handed out stays one
         lengths = self._device_lengths[layer] if on_device else lens.clone()

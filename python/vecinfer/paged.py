@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import _C
-from .ops import _device_guard, _stream, code_row_bytes
+from .ops import _check_memory, _check_tensor, _device_guard, _stream, code_row_bytes
 from .quantizer import KVQuantizer
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,14 +52,16 @@ def check_finite_on_cpu(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: contains NaN or infinity; the cache is unchanged")
 
 
-def advance(state, new_tokens: int, sink_tokens: int, residual: int):
-    """The lengths (sinks, coded, recent) after appending `new_tokens` to a sequence in `state`
-    (the rule of cpp/include/vecinfer/paged.h)."""
-    s, c, r = state
-    to_sink = min(sink_tokens - s, new_tokens)
-    window_end = c + r + new_tokens - to_sink
-    coded = max(c, window_end - residual)
-    return s + to_sink, coded, window_end - coded
+def advance(lengths: torch.Tensor, new_tokens: torch.Tensor, sink_tokens: int, residual: int) -> torch.Tensor:
+    """The lengths (sinks, coded, recent) [n, 3] of n sequences after appending new_tokens[i] to
+    sequence i (the rule of cpp/include/vecinfer/paged.h, which the append kernel applies on the
+    device); CPU int64."""
+    s, c, r = lengths.to(torch.int64).unbind(-1)
+    new = new_tokens.to(torch.int64)
+    to_sink = torch.minimum(sink_tokens - s, new)
+    window_end = c + r + new - to_sink
+    coded = torch.maximum(c, window_end - residual)
+    return torch.stack([s + to_sink, coded, window_end - coded], dim=-1)
 
 
 class AppendPlan:
@@ -131,8 +133,7 @@ class AttentionPlan:
 
 
 def _check_buffer(name: str, t, shape, dtype, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _check_tensor(t, name)
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous {dtype} tensor {list(shape)} on {device}, got "
                          f"{t.dtype} {list(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (not contiguous)"))
@@ -178,6 +179,12 @@ class PagedKVCache:
         hkv, d = self.num_kv_heads, self.head_dim
         kb = code_row_bytes(d, cfg.key_sub_dim, cfg.key_code_bits)
         vb = code_row_bytes(d, cfg.value_sub_dim, cfg.value_code_bits)
+        layer_bytes = num_pages * hkv * page_size * (kb + vb) + max_seqs * (
+            2 * hkv * (self.sink_tokens + self.residual) * d * dtype.itemsize + 3 * 4)
+        _check_memory(len(held) * layer_bytes + max_seqs * (self.max_pages_per_seq + 1) * 4, self.device,
+                      f"num_pages, max_seqs: a pool of {num_pages} pages of {page_size} tokens and {max_seqs} "
+                      f"sequences x {len(held)} layers")
+
         def per_layer(*shape, dt=dtype):
             return {i: torch.zeros(shape, dtype=dt, device=self.device) for i in held}
 
@@ -303,9 +310,11 @@ class PagedKVCache:
         On error nothing changes."""
         if plan.generation != self._generation:
             raise ValueError("plan: a sequence was added, forked or freed since this plan was made; plan again")
+        states = advance(torch.tensor([self._state[seq] for seq in plan.seqs]), torch.tensor(plan.counts),
+                         self.sink_tokens, self.residual).tolist()
         new_states, needed = {}, 0
-        for seq, n in zip(plan.seqs, plan.counts):
-            state = advance(self._state[seq], n, self.sink_tokens, self.residual)
+        for seq, state in zip(plan.seqs, states):
+            state = tuple(state)
             if sum(state) > self.max_tokens_per_seq:
                 raise ValueError(f"begin: sequence {seq} would hold {sum(state)} tokens, more than "
                                  f"max_tokens_per_seq={self.max_tokens_per_seq}; the cache is unchanged")
@@ -335,8 +344,7 @@ class PagedKVCache:
             raise ValueError(f"append: call cache.begin(plan) before this step's appends (layer {layer} was "
                              "appended already, or the step was not begun)")
         for name, t in (("keys", keys), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            _check_tensor(t, name)
             if t.dtype != self.dtype or t.device != self.device:
                 raise ValueError(f"{name}: expected {self.dtype} on {self.device}, got {t.dtype} on {t.device}")
             if tuple(t.shape) != (plan.num_rows, self.num_kv_heads, self.head_dim):
