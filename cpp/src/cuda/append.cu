@@ -262,16 +262,9 @@ Status append_tokens(DType dtype, const AttentionShape& shape, const TokenBatch&
       using T = decltype(type_tag);
       constexpr int D = decltype(dim)::value;
       auto kernel = append_kernel<T, D>;
-      int sm_count = 0, max_shared = 0;
-      Status ls = current_device(sm_count, max_shared);
+      int sm_count = 0;
+      Status ls = opt_in_shared_memory(kernel, shared_bytes, sm_count);
       if (!ls.ok()) return ls;
-      if (shared_bytes > static_cast<size_t>(max_shared))
-        return unsupported("codebook: too large for this GPU's shared memory (lower code_bits)");
-      if (shared_bytes > 48 * 1024) {
-        ls = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(shared_bytes)));
-        if (!ls.ok()) return ls;
-      }
       const dim3 grid(static_cast<unsigned>(tokens.batch), static_cast<unsigned>(shape.num_kv_heads),
                       static_cast<unsigned>(parts));
       kernel<<<grid, kAppendThreads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(tokens, kv, shape.num_kv_heads,

@@ -71,20 +71,29 @@ Status check_elements_and_tables(const RowLayout& layout, const Transform& t, Tr
 // dynamic shared memory a block may opt into.
 Status current_device(int& sm_count, int& max_shared_bytes);
 
-// A grid that keeps every multiprocessor full (blocks walk tiles with a grid-stride loop),
-// no larger than the number of tiles. Raises the kernel's dynamic shared memory limit when needed.
+// Checks that a block of `kernel` fits `shared_bytes` of dynamic shared memory on the current
+// device and opts the kernel into it when it needs more than the default 48 KB; fills the
+// device's multiprocessor count.
 template <class Kernel>
-Status launch_grid(Kernel kernel, int64_t num_tiles, int threads, size_t shared_bytes, int& grid) {
-  int sm_count = 0, max_shared = 0;
+Status opt_in_shared_memory(Kernel kernel, size_t shared_bytes, int& sm_count) {
+  int max_shared = 0;
   Status s = current_device(sm_count, max_shared);
   if (!s.ok()) return s;
   if (shared_bytes > static_cast<size_t>(max_shared))
     return unsupported("codebook: too large for this GPU's shared memory (lower code_bits)");
-  if (shared_bytes > 48 * 1024) {
-    s = cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(shared_bytes)));
-    if (!s.ok()) return s;
-  }
+  if (shared_bytes > 48 * 1024)
+    return cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared_bytes)));
+  return Status::Ok();
+}
+
+// A grid that keeps every multiprocessor full (blocks walk tiles with a grid-stride loop),
+// no larger than the number of tiles. Raises the kernel's dynamic shared memory limit when needed.
+template <class Kernel>
+Status launch_grid(Kernel kernel, int64_t num_tiles, int threads, size_t shared_bytes, int& grid) {
+  int sm_count = 0;
+  Status s = opt_in_shared_memory(kernel, shared_bytes, sm_count);
+  if (!s.ok()) return s;
   int blocks_per_sm = 0;
   s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads,
                                                                 shared_bytes));
