@@ -6,8 +6,10 @@
 # compute-sanitizer. The most important steps run first, so a run cut short still reports them.
 # Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention|--e2e] [--prebuilt DIR]
+#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--e2e] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
+#     --prefill:   build + the long-query tests (both builds) + their benchmark, Nsight Compute and
+#                  compute-sanitizer
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
@@ -117,6 +119,34 @@ if [ "$MODE" == "--e2e" ]; then
   step "end-to-end generation benchmark" bench_e2e.log env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     $PY -m vecinfer bench --e2e --json "$OUT/bench_e2e.json"
   cat "$LOGS/bench_e2e.log" >>"$SUMMARY"
+  finish
+fi
+
+if [ "$MODE" == "--prefill" ]; then
+  PREFILL_TESTS="tests/test_prefill.py tests/test_paged.py tests/test_attention.py"
+  step "pytest (long queries, paged, attention, second turn)" pytest.log $PY -m pytest $PREFILL_TESTS \
+    tests/test_hf_cache.py -k "not smollm2" -q -rs -p no:cacheprovider
+  tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
+  [ -d "$SM80/vecinfer" ] && step "pytest (long queries, Ampere path, A100 shared memory)" pytest_sm80.log \
+    env PYTHONPATH=$SM80:${PYTHONPATH#$SM90:} VECINFER_MAX_SHARED_BYTES=166912 \
+    $PY -m pytest tests/test_prefill.py -q -rs -p no:cacheprovider && tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
+  step "long-query benchmark" bench_prefill.log $PY -m vecinfer bench --prefill --json "$OUT/bench_prefill.json"
+  cat "$LOGS/bench_prefill.log" >>"$SUMMARY"
+  step "ncu long-query kernel Tq=2048 S=32k" ncu_prefill.log \
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis -k regex:prefill_kernel -c 1 \
+    $PY bench/profile_attention.py --batch 1 --tokens 32768 --queries 2048
+  grep -E "Throughput|Duration|Issue Slots|Eligible|Occupancy|Registers|No Eligible|Pipe|Stall|spill|Local" \
+    "$LOGS/ncu_prefill.log" | sed 's/^ */    /' >>"$SUMMARY"
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  step "compute-sanitizer memcheck (long queries)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_prefill.py -q -x -p no:cacheprovider \
+    -k "not split and not lengths_and_dims"
+  tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
+  step "compute-sanitizer racecheck (long queries)" racecheck.log timeout 200 compute-sanitizer --tool racecheck \
+    --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_prefill.py -q -x -p no:cacheprovider \
+    -k "lengths_and_dims and 65 or real_kv or paged"
+  tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
   finish
 fi
 

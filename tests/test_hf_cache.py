@@ -452,3 +452,59 @@ def test_compiled_decode_step_equals_eager(device):
             ref = model(token, past_key_values=caches[1], use_cache=True).logits
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
     assert caches[0].codes.lengths(0).tolist() == caches[1].codes.lengths(0).tolist() == [23]
+
+
+def _attend_dequantized(self, layer, q, scale=None):
+    """QuantizedKVCache.attend computed the plain way: the whole layer dequantized, then attention."""
+    from vecinfer.cache import reference_attention
+
+    k, v, totals = self.dequantize(layer, padded=True)
+    return torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :int(totals[b])], v[b:b + 1, :, :int(totals[b])],
+                                          scale) for b in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not vecinfer.cuda_available(), reason="needs a CUDA GPU"))])
+def test_second_turn_runs_on_the_codes(device, monkeypatch):
+    """generate over a VecInferCache that already holds a 300-token conversation, with a 40-token
+    second turn: the turn is attended on the codes (the long-query kernel on the GPU, the streaming
+    path on the CPU; the layer is never dequantized), and gives the tokens and scores of attention
+    over the dequantized layer."""
+    from vecinfer.cache import QuantizedKVCache
+
+    model = _tiny("llama")
+    q = _quantizer(model, bits=2, residual=8, sink_tokens=2)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = model.to(device, dtype)
+    prompt = _prompt(300).to(device)
+    turn = _prompt(40, seed=5).to(device)
+
+    def two_turns():
+        cache = VecInferCache(model, q)
+        first = _generate(model, prompt, cache, max_new_tokens=4)
+        with torch.no_grad():
+            second = model.generate(torch.cat([first, turn], 1), past_key_values=cache, max_new_tokens=6,
+                                    do_sample=False, output_scores=True, return_dict_in_generate=True)
+        return second.sequences, torch.stack(second.scores)
+
+    calls = []
+    attend = QuantizedKVCache.attend
+    dequantize = QuantizedKVCache.dequantize
+
+    def spy_attend(self, layer, queries, scale=None):
+        calls.append(queries.shape[2])
+        return attend(self, layer, queries, scale)
+
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("the layer was dequantized")
+
+    monkeypatch.setattr(QuantizedKVCache, "attend", spy_attend)
+    monkeypatch.setattr(QuantizedKVCache, "dequantize", no_dequantize)
+    tokens, scores = two_turns()
+    assert 41 in calls  # one block: turn one's last token (never fed) and the 40-token turn
+    monkeypatch.setattr(QuantizedKVCache, "dequantize", dequantize)
+    monkeypatch.setattr(QuantizedKVCache, "attend", _attend_dequantized)
+    ref_tokens, ref_scores = two_turns()
+    assert torch.equal(tokens, ref_tokens)
+    tol = 5e-2 if device == "cuda" else 1e-3
+    torch.testing.assert_close(scores.float(), ref_scores.float(), atol=tol * float(ref_scores.abs().max()), rtol=0)

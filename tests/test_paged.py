@@ -124,7 +124,7 @@ def test_append_then_run_equals_reference(quantizer, gen, device, sinks, residua
             for s, n in zip(seqs, chunk):
                 model.append(s, layer, k[start:start + n].cpu(), v[start:start + n].cpu())
                 start += n
-    for tq in (1, 3):
+    for tq in (1, 3, 20):  # 20: the long-query kernel on the GPU
         plan = cache.plan_attention(seqs, num_q_heads=4, num_queries=tq)
         q = torch.randn((4, 4, tq, 64), generator=gen).to(dtype).to(device)
         for layer in cache.layers:

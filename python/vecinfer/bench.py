@@ -3,6 +3,7 @@
     vecinfer bench [--quick] [--json out.json] [--plot out.png]     (or python -m vecinfer bench)
     vecinfer bench --e2e [...]      end-to-end generation with a Llama-3.1-8B-shaped model (bench_e2e.py)
     vecinfer bench --serving        the serving API: paged appends, paged decode through a plan, run's host time
+    vecinfer bench --prefill        long query blocks (chunked prefill, second turns) against SDPA
 
 For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
 and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
@@ -242,6 +243,57 @@ def serving(copy_gbs, json_path=None) -> int:
     return 0
 
 
+# (label, new tokens Tq, cached tokens S, bar: speedup over SDPA's flash backend)
+PREFILL_SHAPES = [("Tq=2048 S=128k", 2048, 131072, 1.0), ("Tq=512 S=128k", 512, 131072, 1.0),
+                  ("Tq=2048 S=32k", 2048, 32768, None), ("Tq=64 S=32k", 64, 32768, None)]
+
+
+def prefill(json_path=None) -> int:
+    """Long query blocks on the compressed cache (Llama-3.1-8B attention, 2-bit, B = 1): the
+    long-query kernel over S tokens (the last Tq of them the queries, causal among themselves)
+    against SDPA on fp16 K/V of the same S tokens (all of them visible to every query: SDPA's
+    causal flag aligns queries to the first keys), both as CUDA-graph replays; TFLOP/s counts
+    4 Tq S D flops per query head. Then the GPU memory a 2,048-token block over a 1M-token cache
+    adds to the cache (peak allocated during the call, minus before)."""
+    hq, hkv, d = 32, 8, 128
+    rows = []
+    print(f"{'shape':15s} {'vecinfer us':>11s} {'eager us':>9s} {'flash us':>9s} {'cudnn us':>9s} {'vs flash':>8s} "
+          f"{'bar':>4s} {'TFLOP/s':>7s} {'flash TFLOP/s':>13s}")
+    for label, tq, s, bar in PREFILL_SHAPES:
+        base = sdpa_ms(1, s, hq, hkv, d, tq)
+        inp = vecinfer_inputs(1, s, hq, hkv, d, tq, 2, 2)
+        ms = graph_time_ms([lambda: vecinfer.attention(**inp)], replays=5, iters=5)
+        eager = eager_time_ms(lambda: vecinfer.attention(**inp), iters=5)
+        flops = 4 * hq * tq * s * d
+        row = {"shape": label, "tq": tq, "tokens": s, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+               "vecinfer_us": 1e3 * ms, "eager_us": 1e3 * eager, "sdpa_us": {k: 1e3 * v for k, v in base.items()},
+               "speedup_vs_flash": base["flash"] / ms, "bar": bar, "tflops": flops / ms / 1e9,
+               "flash_tflops": flops / base["flash"] / 1e9}
+        rows.append(row)
+        print(f"{label:15s} {1e3 * ms:11.1f} {1e3 * eager:9.1f} {1e3 * base['flash']:9.1f} {1e3 * base['cudnn']:9.1f} "
+              f"{row['speedup_vs_flash']:7.2f}x {(f'{bar:.1f}x' if bar else '-'):>4s} {row['tflops']:7.0f} "
+              f"{row['flash_tflops']:13.0f}", flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    inp = vecinfer_inputs(1, 1 << 20, hq, hkv, d, 2048, 2, 2)
+    out = torch.empty_like(inp["q"])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    vecinfer.attention(**inp, out=out)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    cache = sum(t.numel() * t.element_size() for t in inp.values() if isinstance(t, torch.Tensor)) - inp["q"].numel() * 2
+    memory = {"tokens": 1 << 20, "tq": 2048, "cache_bytes": cache, "extra_bytes_during_call": extra,
+              "q_bytes": inp["q"].numel() * 2}
+    print(f"\n2,048 queries over 1M tokens: cache {cache / 2**20:.0f} MiB, the call allocates {extra / 2**20:.1f} MiB "
+          f"more (q and out are {memory['q_bytes'] / 2**20:.0f} MiB each)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows, "memory": memory}, f, indent=1)
+    return 0
+
+
 def plot(rows, path: str) -> None:
     try:
         import matplotlib
@@ -280,6 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="write a latency plot to this PNG file (needs matplotlib)")
     parser.add_argument("--serving", action="store_true", help="the serving API instead: paged cache appends, "
                         "paged decode through a plan against the contiguous kernel, host time of run")
+    parser.add_argument("--prefill", action="store_true", help="long query blocks instead: the long-query kernel "
+                        "against SDPA on fp16 K/V, TFLOP/s, GPU memory over a 1M-token cache")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generation benchmark instead "
                         "(`vecinfer bench --e2e --help`)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -297,6 +351,8 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + written), the ceiling\n")
     if args.serving:
         return serving(copy_gbs, args.json)
+    if args.prefill:
+        return prefill(args.json)
     header = (f"{'shape':24s} {'bits k/v':>8s} {'vecinfer us':>11s} {'eager us':>9s} {'SDPA us':>8s} "
               f"{'(backend)':>9s} {'speedup':>7s} {'bar':>5s} {'GB/s':>6s} {'% copy':>6s} {'mem vs fp16':>11s}")
     print(header)

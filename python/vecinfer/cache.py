@@ -514,18 +514,60 @@ def _contiguous_codes(pool: torch.Tensor, batch: int) -> torch.Tensor:
     return pool.reshape(batch, n // batch, h, p, b).transpose(1, 2).reshape(batch, h, n // batch * p, b)
 
 
+_STREAM_TOKENS = 512  # coded tokens decoded at a time by codes_attention
+
+
 def codes_attention(q: torch.Tensor, key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v,
                     quantizer: KVQuantizer, layer: int, scale: Optional[float] = None) -> torch.Tensor:
-    """Reference attention on a compressed cache (the inputs of QuantizedKVCache._attend_inputs):
-    the Tq queries q [B, Hq, Tq, D] of sequence b sit at its last Tq positions, causal among
-    themselves. Dequantizes the codes; the fused kernel (vecinfer.ops.attention) computes the same
-    without doing so."""
-    k, v, pos = _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v, quantizer, layer)
-    tq = q.shape[2]
-    totals = lengths.to(torch.int64).sum(1).to(q.device)
-    query_pos = totals[:, None] - tq + torch.arange(tq, device=q.device)  # [B, Tq]
-    allowed = (pos[:, None, :] >= 0) & (pos[:, None, :] <= query_pos[:, :, None])  # [B, Tq, W]
-    return reference_attention(q, k, v, scale, allowed)
+    """Attention on a compressed cache (the inputs of QuantizedKVCache._attend_inputs) in float32,
+    streaming over the codes: the Tq queries q [B, Hq, Tq, D] of sequence b sit at its last Tq
+    positions, causal among themselves. The codes are decoded _STREAM_TOKENS at a time and merged
+    by an online softmax, so memory grows with the query block, not with the context. The fused
+    kernel (vecinfer.ops.attention) computes the same function on the GPU."""
+    b, hq, tq, d = q.shape
+    hkv = sink_k.shape[1]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lens = lengths.to(torch.int64)
+    sinks, coded, recent = (x[:, None].to(q.device) for x in lens.unbind(1))  # [B, 1]
+    query_pos = (sinks + coded + recent) - tq + torch.arange(tq, device=q.device)  # [B, Tq]
+    qg = q.float().reshape(b, hkv, group * tq, d) * scale
+    row_pos = query_pos.repeat(1, group)[:, None, :, None]  # [B, 1, g*Tq, 1]: rows are (g, Tq)
+    best = torch.full((b, hkv, group * tq, 1), float("-inf"), device=q.device)
+    total = torch.zeros_like(best)
+    acc = torch.zeros((b, hkv, group * tq, d), device=q.device)
+
+    def attend(k, v, pos):  # k, v [B, Hkv, n, D]; pos [B, n] token positions, -1 for none
+        nonlocal best, total, acc
+        scores = qg @ k.float().transpose(-1, -2)  # [B, Hkv, g*Tq, n]
+        allowed = (pos[:, None, None, :] >= 0) & (pos[:, None, None, :] <= row_pos)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        ref = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)
+        p = torch.exp(scores - ref)
+        keep = torch.exp(best - ref)
+        # entries a sequence does not hold may be unwritten memory (NaN bits): 0 * NaN must not reach acc
+        v = v.float().masked_fill(~(pos >= 0)[:, None, :, None], 0)
+        acc = acc * keep + p @ v
+        total = total * keep + p.sum(-1, keepdim=True)
+        best = new_best
+
+    def positions(start, count, size, first):  # [B, size]: first + i where i < count, else -1
+        i = torch.arange(first, first + size, device=q.device)[None, :]
+        return torch.where(i < count, start + i, -1)
+
+    smax, cmax, rmax = (int(x) for x in lens.max(0).values)
+    if smax:
+        attend(sink_k[:, :, :smax], sink_v[:, :, :smax], positions(0, sinks, smax, 0))
+    for first in range(0, cmax, _STREAM_TOKENS):
+        last = min(first + _STREAM_TOKENS, cmax)
+        k = quantizer.decode_keys(layer, key_codes[:, :, first:last].contiguous(), sink_k.dtype)
+        v = quantizer.decode_values(layer, value_codes[:, :, first:last].contiguous(), sink_v.dtype)
+        attend(k, v, positions(sinks, coded, last - first, first))
+    if rmax:
+        attend(recent_k[:, :, :rmax], recent_v[:, :, :rmax], positions(sinks + coded, recent, rmax, 0))
+    out = acc / total.clamp_min(torch.finfo(torch.float32).tiny)
+    return out.reshape(b, hq, tq, d).to(q.dtype)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

@@ -284,9 +284,10 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     D] in q's dtype, and with return_lse the float32 log-sum-exp of the scaled scores [B, Hq, Tq]
     (to merge partial results exactly).
 
-    CPU tensors run the double-precision reference; CUDA tensors (float16/bfloat16, Tq <= 16,
-    codebooks of the bit presets) the fused kernel, which holds centroids on the 8-bit grid of
-    snap_codebook (codebooks made by KVQuantizer are on it already; others are rounded to it).
+    CPU tensors run the double-precision reference; CUDA tensors (float16/bfloat16, codebooks of
+    the bit presets) a fused kernel: for Tq <= 16 the decode kernel, which holds centroids on the
+    8-bit grid of snap_codebook (codebooks made by KVQuantizer are on it already; others are rounded
+    to it); for longer query blocks the long-query kernel (tensor-core tiles, centroids as given).
     `lengths` and `page_table` on the CPU are checked before the kernel runs; on the GPU the kernel
     clamps lengths to the capacities and page ids to the pools instead (no host synchronisation).
     max_coded, an upper bound of the coded lengths, sizes the split-KV plan (default: the code

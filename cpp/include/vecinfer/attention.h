@@ -30,7 +30,7 @@ struct AttentionShape {
   int64_t batch = 0;
   int64_t num_q_heads = 0;
   int64_t num_kv_heads = 0;
-  int64_t num_queries = 0;  // Tq, 1 to 16 on the CUDA kernel (more on the CPU)
+  int64_t num_queries = 0;  // Tq: up to 16 run the decode kernel on CUDA, more the long-query kernel
   int32_t head_dim = 0;     // 64, 128 or 256
 };
 
@@ -102,6 +102,11 @@ size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV
 // The fused kernel: float16 or bfloat16; key and value codebooks with code_bits 8 or 12 and any
 // sub_dim (the 4, 3, 2, 1.5 and 1 bit presets); every pointer on the current device, element
 // tensors and code tensors 16-byte aligned, code_capacity a multiple of 16.
+// Up to 16 queries per sequence run the decode kernel (bandwidth-bound, described below). Longer
+// query blocks (a chunked prefill, a second turn) run the long-query kernel, FlashAttention-style on
+// tensor cores: it dequantizes tiles of 64 coded tokens into shared memory in the element type
+// (centroids as given, not rounded to the grid below) and needs no workspace unless the blocks
+// would not fill the GPU (then the tokens are split and merged).
 // Centroids are held as 8 bits per element on the affine grid of each (codebook, element
 // position): lo + step * u, lo and step = (max - min) / 255 taken over the codebook's entries at
 // that position. A codebook already on its grid (snap_codebook; KVQuantizer's are) gives the

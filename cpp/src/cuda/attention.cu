@@ -1,6 +1,7 @@
 // Public entry points of the fused attention: argument checks, then dispatch to the generated
 // (element type, head_dim) slices (attention_instance.cuh).
 #include "attention_run.cuh"
+#include "prefill.h"
 #include "vecinfer/attention.h"
 #include "vecinfer/ops.h"
 
@@ -20,8 +21,8 @@ namespace {
 Status check_supported(DType dtype, int64_t num_queries, const Codebook& key, const Codebook& value) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
     return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
-  if (num_queries > 16)
-    return unsupported("q: the CUDA kernel takes at most 16 queries per sequence (Tq); split the call");
+  if (num_queries < 1) return invalid("q: at least one query per sequence");
+  if (num_queries > prefill::kMaxDecodeQueries) return prefill::supports(key, value);
   auto built = [](auto) { return Status::Ok(); };
   Status s = with_codec(key.sub_dim, key.code_bits, built);
   return s.ok() ? with_codec(value.sub_dim, value.code_bits, built) : s;
@@ -34,7 +35,9 @@ Status check_cuda_cache(DType dtype, const AttentionShape& shape, const Compress
   if (!s.ok()) return s;
   if (kv.seq_slots != nullptr && reinterpret_cast<uintptr_t>(kv.seq_slots) % 4 != 0)
     return invalid("seq_slots: data pointer must be 4-byte aligned");
-  if (shape.batch > 65535 || shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535)
+  if (shape.num_queries <= prefill::kMaxDecodeQueries &&
+      (shape.batch > 65535 ||
+       shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535))
     return unsupported("q: batch or heads beyond the kernel's grid limits (65535)");
   if (kv.code_capacity % 16 != 0)
     return invalid("key_codes/value_codes: the code capacity must be a multiple of 16 tokens (the kernel "
@@ -106,6 +109,10 @@ size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV
   if (shape.batch < 1 || shape.num_kv_heads < 1 || shape.num_q_heads % shape.num_kv_heads != 0 ||
       shape.num_queries < 1 || kv.max_coded < 0)
     return 0;
+  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+    cuda::AttentionPlan plan;
+    return cuda_detail::prefill::plan(DType::kFloat16, shape, kv, plan).ok() ? plan.workspace_bytes : 0;
+  }
   Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
   r.plan_only = true;
   // The plan does not depend on the element type beyond occupancy; float16 and bfloat16 match.
@@ -116,11 +123,15 @@ Status plan_attention(DType dtype, const AttentionShape& shape, const Compressed
   using namespace cuda_detail::attn;
   Status s = check_cuda_cache(dtype, shape, kv);
   if (!s.ok()) return s;
-  Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
-  r.plan_only = true;
-  s = dispatch(dtype, shape.head_dim, r);
+  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+    s = cuda_detail::prefill::plan(dtype, shape, kv, plan);
+  } else {
+    Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
+    r.plan_only = true;
+    s = dispatch(dtype, shape.head_dim, r);
+    plan = r.plan;
+  }
   if (!s.ok()) return s;
-  plan = r.plan;
   plan.dtype = dtype;
   plan.shape = shape;
   plan.key_sub_dim = kv.key_codebook.sub_dim;
@@ -152,6 +163,8 @@ Status run_attention(const AttentionPlan& plan, const void* q, void* out, float*
   s = check_cuda_cache(plan.dtype, plan.shape, kv);
   if (s.ok()) s = check_call(q, out, softmax_scale);
   if (!s.ok()) return s;
+  if (plan.shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries)
+    return cuda_detail::prefill::launch(plan, q, out, lse, kv, softmax_scale, workspace, workspace_bytes, stream);
   Request r = make_request(q, out, lse, plan.shape, kv, softmax_scale);
   r.planned = true;
   r.plan = plan;
@@ -168,6 +181,11 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
   Status s = check_cuda_cache(dtype, shape, kv);
   if (s.ok()) s = check_call(q, out, softmax_scale);
   if (!s.ok()) return s;
+  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+    AttentionPlan plan;
+    s = plan_attention(dtype, shape, kv, plan);
+    return s.ok() ? cuda_detail::prefill::launch(plan, q, out, lse, kv, softmax_scale, workspace, workspace_bytes, stream) : s;
+  }
   Request r = make_request(q, out, lse, shape, kv, softmax_scale);
   r.workspace = workspace;
   r.workspace_bytes = workspace_bytes;

@@ -1,0 +1,154 @@
+// Planning and launching of the long-query attention kernel (prefill_kernel.cuh). attention.cu
+// sends every call with more queries per sequence than the decode kernel takes here.
+#include <algorithm>
+
+#include "launch.cuh"
+#include "prefill.h"
+#include "prefill_kernel.cuh"
+#include "vecinfer/ops.h"
+
+namespace vecinfer::cuda_detail::prefill {
+namespace {
+
+int code_bytes(int head_dim, const Codebook& book) {
+  return static_cast<int>(code_row_bytes(head_dim, book.sub_dim, book.code_bits));
+}
+
+// The block's shared memory on the current device: with the codebooks in it when they fit.
+template <int D>
+Status shared_layout(const CompressedKV& kv, int& bytes, bool& tables) {
+  int sm_count = 0, max_shared = 0;
+  Status s = current_device(sm_count, max_shared);
+  if (!s.ok()) return s;
+  const int key_entries = 1 << kv.key_codebook.code_bits, value_entries = 1 << kv.value_codebook.code_bits;
+  bytes = Smem<D>::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, true);
+  tables = bytes <= max_shared;
+  if (!tables) bytes = Smem<D>::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, false);
+  return Status::Ok();
+}
+
+template <typename T, int D>
+Status plan_for(const AttentionShape& shape, const CompressedKV& kv, cuda::AttentionPlan& plan) {
+  using S = Shape<D>;
+  auto kernel = prefill_kernel<T, D>;
+  int bytes = 0, sm_count = 0, device = 0, blocks_per_sm = 0;
+  bool tables = false;
+  Status s = shared_layout<D>(kv, bytes, tables);
+  if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
+  if (s.ok()) s = cuda_status(cudaGetDevice(&device));
+  if (s.ok()) s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, S::kThreads, bytes));
+  if (!s.ok()) return s;
+  const int64_t group = shape.num_q_heads / shape.num_kv_heads;
+  const int64_t row_tiles = (group * shape.num_queries + S::kRows - 1) / S::kRows;
+  if (row_tiles > INT32_MAX || shape.num_kv_heads > 65535)
+    return unsupported("q: more query rows or KV heads than the kernel's grid takes");
+  // When the blocks would not fill the GPU, split the tokens over more of them: the split count
+  // (up to twice the GPU's width, at least 8 tiles each; tiles counted over the coded tokens only,
+  // all that attention_workspace_bytes sees) with the fewest waves per unit of work.
+  const int64_t blocks = shape.batch * shape.num_kv_heads * row_tiles;
+  const int64_t slots = int64_t{sm_count} * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  const int64_t tiles = (kv.max_coded + S::kN - 1) / S::kN;
+  int64_t splits = 1;
+  if (blocks < slots) {
+    const int64_t most = std::min((2 * slots + blocks - 1) / blocks, std::max<int64_t>(tiles / 8, 1));
+    double best = 1.0;  // waves per unit of work with one split: a single partial wave
+    for (int64_t s = 2; s <= most; ++s) {
+      const double cost = static_cast<double>((blocks * s + slots - 1) / slots) / s;
+      if (cost < best - 1e-9) best = cost, splits = s;
+    }
+  }
+  if (shape.batch * splits > 65535) return unsupported("q: batch beyond the kernel's grid limits (65535)");
+  plan.device = device;
+  plan.warps = S::kWarps;
+  plan.stages = 2;
+  plan.low_warps = 0;
+  plan.splits = static_cast<int>(splits);
+  plan.split_tokens = 0;
+  plan.workspace_bytes =
+      splits > 1 ? static_cast<size_t>(blocks * splits * S::kRows) * (D + 2) * sizeof(float) : 0;
+  return Status::Ok();
+}
+
+template <typename T, int D>
+Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
+                  float softmax_scale, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using S = Shape<D>;
+  const AttentionShape& shape = plan.shape;
+  if (plan.splits > 1 && (workspace == nullptr || workspace_bytes < plan.workspace_bytes || !aligned16(workspace)))
+    return invalid("workspace: too small or not 16-byte aligned (see attention_workspace_bytes)");
+  Params p{};
+  p.q = q;
+  p.out = out;
+  p.lse = lse;
+  p.partial = static_cast<float*>(workspace);
+  p.kv = kv;
+  p.batch = shape.batch;
+  p.num_q_heads = shape.num_q_heads;
+  p.num_kv_heads = shape.num_kv_heads;
+  p.num_queries = shape.num_queries;
+  p.group = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
+  p.row_tiles = static_cast<int>((p.group * shape.num_queries + S::kRows - 1) / S::kRows);
+  p.splits = plan.splits;
+  p.scale_log2 = softmax_scale * kLog2e;
+  while (kv.page_table != nullptr && (int64_t{1} << p.page_shift) < kv.page_size) ++p.page_shift;
+  p.key_row_bytes = code_bytes(D, kv.key_codebook);
+  p.value_row_bytes = code_bytes(D, kv.value_codebook);
+  auto kernel = prefill_kernel<T, D>;
+  int bytes = 0, sm_count = 0;
+  bool tables = false;
+  Status s = shared_layout<D>(kv, bytes, tables);
+  if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
+  if (!s.ok()) return s;
+  p.shared_tables = tables;
+  const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(p.num_kv_heads),
+                  static_cast<unsigned>(p.batch * p.splits));
+  kernel<<<grid, S::kThreads, bytes, stream>>>(p);
+  s = cuda_status(cudaGetLastError());
+  if (!s.ok() || plan.splits == 1) return s;
+  const int64_t rows = p.batch * p.num_kv_heads * p.row_tiles * S::kRows;
+  prefill_merge_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  return cuda_status(cudaGetLastError());
+}
+
+template <class F>
+Status with_type_and_dim(DType dtype, int head_dim, F&& f) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16)
+    return unsupported("q: the CUDA kernel takes float16 or bfloat16 (float32 runs on the CPU path)");
+  return with_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return unsupported("q: float32");
+    } else {
+      return with_head_dim(head_dim, [&](auto dim) { return f(T{}, dim); });
+    }
+  });
+}
+
+}  // namespace
+
+Status supports(const Codebook& key, const Codebook& value) {
+  const bool shapes = (key.sub_dim == 2 || key.sub_dim == 4 || key.sub_dim == 8) &&
+                      (value.sub_dim == 2 || value.sub_dim == 4 || value.sub_dim == 8) &&
+                      (key.code_bits == 8 || key.code_bits == 12) && (value.code_bits == 8 || value.code_bits == 12);
+  if (!shapes)
+    return unsupported("codebook: the long-query attention kernel supports the bit presets only (sub_dim 2, 4 "
+                       "or 8 with 8- or 12-bit codes); other shapes run on the reference path");
+  return Status::Ok();
+}
+
+Status plan(DType dtype, const AttentionShape& shape, const CompressedKV& kv, cuda::AttentionPlan& plan) {
+  return with_type_and_dim(dtype, shape.head_dim, [&](auto type_tag, auto dim) {
+    return plan_for<decltype(type_tag), decltype(dim)::value>(shape, kv, plan);
+  });
+}
+
+Status launch(const cuda::AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
+              float softmax_scale, void* workspace, size_t workspace_bytes, void* stream) {
+  if (!aligned16(q) || !aligned16(out)) return invalid("q/out: data pointers must be 16-byte aligned");
+  return with_type_and_dim(plan.dtype, plan.shape.head_dim, [&](auto type_tag, auto dim) {
+    return launch_for<decltype(type_tag), decltype(dim)::value>(plan, q, out, lse, kv, softmax_scale, workspace,
+                                                                workspace_bytes, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace vecinfer::cuda_detail::prefill

@@ -1,0 +1,670 @@
+// Attention of long query blocks (more than the decode kernel's 16 queries per sequence: a chunked
+// prefill, a second turn, a long draft) on the compressed cache: the same function as the decode
+// kernel (vecinfer/attention.h), computed the way FlashAttention computes a forward pass, since
+// with many query rows it is bound by tensor-core work rather than by bytes.
+//
+// Grid: x = tile of kRows query rows, y = KV head, z = sequence x split. The rows of a tile are
+// (query, query head) pairs of one KV head, row r = t * group + g, so every row of the block reads
+// the same keys and values. The block walks its share of the sequence's token tiles (kN tokens):
+// first the full-precision tokens (sinks, then the recent window), then the coded tokens. A coded
+// tile's code rows arrive in shared memory by cp.async (issued one tile ahead); the block then
+// dequantizes them into the same [kN][D] key and value tiles that full-precision tokens are copied
+// into, and each warp (kM tiles of 16 query rows, so that every key and value fragment read from
+// shared memory feeds kM products) runs S = Q K^T and O += P V on mma.sync m16n8k16 with operands
+// read by ldmatrix, under an online softmax. Tiles past the block's last query position
+// (causality) are not visited; tiles holding later positions are masked.
+//
+// Coded keys are centroids of the transformed key H((k - mu) / lambda); the block scores them
+// against the transformed query q' = H(q * lambda) and adds q . mu, so the scores of every part
+// are q . k (attention.h). Coded values are centroids; the value mean is added once at the end,
+// weighted by the coded tokens' share of each row's softmax. Centroids are used in the element
+// type (not on the decode kernel's 8-bit grid).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cute/arch/mma_sm80.hpp>  // mma.sync m16n8k16, fp16 and bf16
+
+#include "../common.h"
+#include "row_ops.cuh"
+#include "vecinfer/attention.h"
+
+namespace vecinfer::cuda_detail::prefill {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Per head_dim: warps, 16-row tiles per warp (each key and value fragment read from shared memory
+// serves kM of them), tokens per tile.
+template <int D>
+struct Shape {
+  static constexpr int kWarps = 4;
+  static constexpr int kM = D == 256 ? 1 : 2;  // D = 256: the accumulators of one 16-row tile fill the registers
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kM * kWarps;
+  static constexpr int kN = D == 256 ? 32 : 64;
+  static constexpr int kStride = D + 8;  // elements per shared row: ldmatrix rows fall in distinct banks
+  static constexpr int kMaxRowBytes = D / 2;  // code row bytes of the widest preset (sub_dim 2, 8 bits)
+  static constexpr int kStageBytes = kN * 2 * kMaxRowBytes + 16;  // key then value code rows (+ read slack)
+};
+
+// Shared memory of a block: query rows, one key and one value tile, two code stages, then the two
+// codebooks in the element type (their size depends on the codecs; when they do not fit, they are
+// read from global memory instead).
+template <int D>
+struct Smem {
+  using S = Shape<D>;
+  static constexpr int kQuery = 0;                                       // T [kRows][kStride]
+  static constexpr int kKeys = kQuery + S::kRows * S::kStride * 2;       // T [kN][kStride]
+  static constexpr int kValues = kKeys + S::kN * S::kStride * 2;         // T [kN][kStride]
+  static constexpr int kShift = kValues + S::kN * S::kStride * 2;        // float [kRows]: q . mu * scale_log2
+  static constexpr int kValueMean = kShift + S::kRows * 4;               // float [D]
+  static constexpr int kStages = kValueMean + D * 4;                     // uint8 [2][kStageBytes]
+  static constexpr int kTables = kStages + 2 * S::kStageBytes;           // T key table, then value table
+  static_assert(kStages % 16 == 0 && S::kStageBytes % 16 == 0 && kTables % 16 == 0, "16-byte alignment");
+  static int bytes(int key_entries, int key_sub, int value_entries, int value_sub, bool tables) {
+    return kTables + (tables ? 2 * (key_entries * key_sub + value_entries * value_sub) : 0);
+  }
+};
+
+struct Params {
+  const void* q;  // [batch, num_q_heads, num_queries, D]
+  void* out;
+  float* lse;       // [batch, num_q_heads, num_queries] or null
+  float* partial;   // splits > 1: [batch, kv heads, row tiles, splits, kRows, D + 2] (acc, then max, sum)
+  CompressedKV kv;
+  int64_t batch, num_q_heads, num_kv_heads, num_queries;
+  int group;
+  int row_tiles;
+  int splits;
+  float scale_log2;
+  int page_shift;
+  int key_row_bytes, value_row_bytes;
+  bool shared_tables;  // codebooks in shared memory (else read from kv's float32 centroids)
+};
+
+// ---- device helpers ------------------------------------------------------------------------------
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cute::SM80_16x8x16_F32F16F16F32_TN::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1],
+                                            c[2], c[3]);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1],
+                                              c[2], c[3]);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(shared)), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The lengths of sequence b's slot, clamped to the buffers' capacities.
+struct SeqLengths {
+  int64_t slot;
+  int sinks, coded, recent;
+  __device__ SeqLengths(const Params& p, int64_t b) {
+    slot = p.kv.seq_slots ? p.kv.seq_slots[b] : b;
+    const int32_t* len = p.kv.lengths + 3 * slot;
+    sinks = max(0, min(len[0], static_cast<int>(p.kv.sink_capacity)));
+    coded = max(0, static_cast<int>(min(static_cast<int64_t>(len[1]), p.kv.code_capacity)));
+    recent = max(0, min(len[2], static_cast<int>(p.kv.recent_capacity)));
+  }
+  __device__ int total() const { return sinks + coded + recent; }
+};
+
+// Copies code rows [first, first + kN) of (slot, kv head) into a stage: key rows, then value rows.
+// Rows go 16 at a time (a page holds whole groups of 16); groups past `coded` are not read.
+template <int D>
+__device__ void stage_codes(const Params& p, uint8_t* stage, int64_t slot, int64_t kv_head, int first, int coded) {
+  using S = Shape<D>;
+  const CompressedKV& kv = p.kv;
+  const int kb = p.key_row_bytes, vb = p.value_row_bytes;
+  // 16 rows of kb bytes are kb 16-byte pieces; key pieces first, then value pieces
+  const int pieces = S::kN / 16 * (kb + vb);
+  for (int i = threadIdx.x; i < pieces; i += S::kThreads) {
+    const bool key = i < S::kN / 16 * kb;
+    const int rb = key ? kb : vb;
+    const int j = key ? i : i - S::kN / 16 * kb;
+    const int group = j / rb, piece = j % rb;
+    const int row = first + 16 * group;
+    if (row >= coded) continue;
+    int64_t base_row;  // the row's index in the code tensor's [.., rows, rb] layout
+    if (kv.page_table != nullptr) {
+      int64_t page = kv.page_table[slot * kv.max_pages + (row >> p.page_shift)];
+      page = page < 0 ? 0 : (page >= kv.num_pages ? kv.num_pages - 1 : page);
+      base_row = (page * p.num_kv_heads + kv_head) * kv.page_size + (row & (kv.page_size - 1));
+    } else {
+      base_row = (slot * p.num_kv_heads + kv_head) * kv.code_capacity + row;
+    }
+    const uint8_t* src = (key ? kv.key_codes : kv.value_codes) + base_row * rb + 16 * piece;
+    uint8_t* dst = stage + (key ? 0 : S::kN * kb) + 16 * group * rb + 16 * piece;
+    cp_async16(dst, src);
+  }
+}
+
+// Centroid of `code` (kSub elements) into `dst`: copied from a shared table in the element type,
+// or converted from the float32 codebook in global memory.
+template <typename T, int kSub>
+__device__ __forceinline__ void put_centroid(T* dst, const T* table, uint32_t code) {
+  const T* c = table + code * kSub;
+  if constexpr (kSub == 2) *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(c);
+  if constexpr (kSub == 4) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(c);
+  if constexpr (kSub == 8) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(c);
+}
+template <typename T, int kSub>
+__device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_t code) {
+  const float* c = table + code * kSub;
+#pragma unroll
+  for (int e = 0; e < kSub; e += 2) {
+    const float2 x = __ldg(reinterpret_cast<const float2*>(c + e));
+    dst[e] = from_float<T>(x.x);
+    dst[e + 1] = from_float<T>(x.y);
+  }
+}
+
+// Four centroids of 8-bit codes (packed in `codes`) from a shared table into 4 * kSub consecutive
+// elements, in 16-byte stores.
+template <typename T, int kSub>
+__device__ __forceinline__ void put_four(T* dst, const T* table, uint32_t codes) {
+  if constexpr (kSub == 2) {
+    uint4 out;
+    out.x = *reinterpret_cast<const uint32_t*>(table + (codes & 0xff) * 2);
+    out.y = *reinterpret_cast<const uint32_t*>(table + (codes >> 8 & 0xff) * 2);
+    out.z = *reinterpret_cast<const uint32_t*>(table + (codes >> 16 & 0xff) * 2);
+    out.w = *reinterpret_cast<const uint32_t*>(table + (codes >> 24) * 2);
+    *reinterpret_cast<uint4*>(dst) = out;
+  } else if constexpr (kSub == 4) {
+    const uint2 c0 = *reinterpret_cast<const uint2*>(table + (codes & 0xff) * 4);
+    const uint2 c1 = *reinterpret_cast<const uint2*>(table + (codes >> 8 & 0xff) * 4);
+    const uint2 c2 = *reinterpret_cast<const uint2*>(table + (codes >> 16 & 0xff) * 4);
+    const uint2 c3 = *reinterpret_cast<const uint2*>(table + (codes >> 24) * 4);
+    reinterpret_cast<uint4*>(dst)[0] = make_uint4(c0.x, c0.y, c1.x, c1.y);
+    reinterpret_cast<uint4*>(dst)[1] = make_uint4(c2.x, c2.y, c3.x, c3.y);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      reinterpret_cast<uint4*>(dst)[e] = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * 8);
+  }
+}
+
+// Dequantizes the kN code rows of a stage into a [kN][kStride] tile.
+template <typename T, int D, int kSub, typename Table>
+__device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int code_bits, const Table* table) {
+  using S = Shape<D>;
+  constexpr int kPerRow = D / kSub;
+  if constexpr (std::is_same_v<Table, T>) {
+    if (code_bits == 8) {  // four codes a thread: one 4-byte read, 16-byte stores (rows are whole words)
+      constexpr int kQuads = kPerRow / 4;
+      for (int i = threadIdx.x; i < S::kN * kQuads; i += S::kThreads) {
+        const int token = i / kQuads, quad = i % kQuads;
+        const uint32_t codes = *reinterpret_cast<const uint32_t*>(rows + token * row_bytes + 4 * quad);
+        put_four<T, kSub>(tile + token * S::kStride + 4 * quad * kSub, table, codes);
+      }
+      return;
+    }
+  }
+  const uint32_t mask = (1u << code_bits) - 1u;
+  for (int i = threadIdx.x; i < S::kN * kPerRow; i += S::kThreads) {
+    const int token = i / kPerRow, j = i % kPerRow;
+    const int bit = j * code_bits;
+    const uint8_t* at = rows + token * row_bytes + (bit >> 3);
+    const uint32_t window = code_bits == 8 ? at[0] : (uint32_t{at[0]} | uint32_t{at[1]} << 8);
+    put_centroid<T, kSub>(tile + token * S::kStride + j * kSub, table, (window >> (bit & 7)) & mask);
+  }
+}
+
+template <typename T, int D, typename Table>
+__device__ void dequantize(T* tile, const uint8_t* rows, int row_bytes, const Codebook& book, const Table* table) {
+  if (book.sub_dim == 2) dequantize_sub<T, D, 2>(tile, rows, row_bytes, book.code_bits, table);
+  if (book.sub_dim == 4) dequantize_sub<T, D, 4>(tile, rows, row_bytes, book.code_bits, table);
+  if (book.sub_dim == 8) dequantize_sub<T, D, 8>(tile, rows, row_bytes, book.code_bits, table);
+}
+
+// Copies full-precision tokens [first, first + kN) of the sequence's sinks-then-recent stream into
+// the key and value tiles; rows past `count` become zeros (a masked column must not carry NaN).
+template <typename T, int D>
+__device__ void load_full_precision(const Params& p, T* keys, T* values, const SeqLengths& len, int64_t kv_head,
+                                    int first, int count) {
+  using S = Shape<D>;
+  const CompressedKV& kv = p.kv;
+  constexpr int kPieces = D / 8;  // 16-byte pieces per row
+  for (int i = threadIdx.x; i < S::kN * kPieces; i += S::kThreads) {
+    const int token = i / kPieces, piece = i % kPieces;
+    const int f = first + token;
+    uint4 k = make_uint4(0, 0, 0, 0), v = k;
+    if (f < count) {
+      const T *ksrc, *vsrc;
+      if (f < len.sinks) {
+        const int64_t row = (len.slot * p.num_kv_heads + kv_head) * kv.sink_capacity + f;
+        ksrc = static_cast<const T*>(kv.sink_keys) + row * D;
+        vsrc = static_cast<const T*>(kv.sink_values) + row * D;
+      } else {
+        const int64_t i_recent = f - len.sinks;
+        const int64_t ring = kv.recent_ring ? (len.coded + i_recent) % kv.recent_capacity : i_recent;
+        const int64_t row = (len.slot * p.num_kv_heads + kv_head) * kv.recent_capacity + ring;
+        ksrc = static_cast<const T*>(kv.recent_keys) + row * D;
+        vsrc = static_cast<const T*>(kv.recent_values) + row * D;
+      }
+      k = *reinterpret_cast<const uint4*>(ksrc + 8 * piece);
+      v = *reinterpret_cast<const uint4*>(vsrc + 8 * piece);
+    }
+    *reinterpret_cast<uint4*>(keys + token * S::kStride + 8 * piece) = k;
+    *reinterpret_cast<uint4*>(values + token * S::kStride + 8 * piece) = v;
+  }
+}
+
+// ---- the kernel ----------------------------------------------------------------------------------
+
+template <typename T, int D>
+__global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p) {
+  using S = Shape<D>;
+  using L = Smem<D>;
+  constexpr int kM = S::kM;
+  extern __shared__ __align__(128) uint8_t smem[];
+  T* q_tile = reinterpret_cast<T*>(smem + L::kQuery);
+  T* keys = reinterpret_cast<T*>(smem + L::kKeys);
+  T* values = reinterpret_cast<T*>(smem + L::kValues);
+  float* shift = reinterpret_cast<float*>(smem + L::kShift);
+  float* value_mean = reinterpret_cast<float*>(smem + L::kValueMean);
+  uint8_t* stages = smem + L::kStages;
+  const CompressedKV& kv = p.kv;
+  const Codebook& key_book = kv.key_codebook;
+  const Codebook& value_book = kv.value_codebook;
+  const int key_entries = 1 << key_book.code_bits, value_entries = 1 << value_book.code_bits;
+
+  const int row_tile = blockIdx.x;
+  const int64_t kv_head = blockIdx.y;
+  const int64_t b = blockIdx.z / p.splits;
+  const int split = blockIdx.z % p.splits;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows_total = p.group * static_cast<int>(p.num_queries);
+  const int first_row = row_tile * S::kRows;
+  const SeqLengths len(p, b);
+  const int n = len.total();
+  // Query t sits at position n - Tq + t; the block's rows hold queries [t_lo, t_hi].
+  const int t_lo = first_row / p.group;
+  const int t_hi = (min(first_row + S::kRows, rows_total) - 1) / p.group;
+  const int last_position = n - static_cast<int>(p.num_queries) + t_hi;  // the block sees positions <= this
+  const int first_position = n - static_cast<int>(p.num_queries) + t_lo;
+
+  // The tiles this block visits: full-precision tokens with positions <= last_position (sinks at
+  // [0, sinks), recent at [sinks + coded, n)), then coded tokens (positions sinks + j).
+  const int fp_total = len.sinks + len.recent;
+  int fp_count = last_position < len.sinks + len.coded ? min(len.sinks, last_position + 1)
+                                                         : min(fp_total, last_position + 1 - len.coded);
+  fp_count = max(fp_count, 0);
+  const int coded_count = max(0, min(len.coded, last_position + 1 - len.sinks));
+  const int fp_tiles = (fp_count + S::kN - 1) / S::kN;
+  const int coded_tiles = (coded_count + S::kN - 1) / S::kN;
+  const int tiles = fp_tiles + coded_tiles;
+  const int tile_begin = static_cast<int>(int64_t{tiles} * split / p.splits);
+  const int tile_end = static_cast<int>(int64_t{tiles} * (split + 1) / p.splits);
+
+  // Codebooks (this KV head's, or the layer's): in shared memory in the element type, or read
+  // from global memory when they do not fit. The value mean is added once at the end.
+  const float* key_src = key_book.centroids + (key_book.num_codebooks > 1 ? kv_head : 0) * int64_t{key_entries} * key_book.sub_dim;
+  const float* value_src =
+      value_book.centroids + (value_book.num_codebooks > 1 ? kv_head : 0) * int64_t{value_entries} * value_book.sub_dim;
+  T* key_table = reinterpret_cast<T*>(smem + L::kTables);
+  T* value_table = key_table + key_entries * key_book.sub_dim;
+  if (p.shared_tables) {
+    for (int i = threadIdx.x; i < key_entries * key_book.sub_dim; i += S::kThreads) key_table[i] = from_float<T>(key_src[i]);
+    for (int i = threadIdx.x; i < value_entries * value_book.sub_dim; i += S::kThreads)
+      value_table[i] = from_float<T>(value_src[i]);
+  }
+  {
+    const float* vm = kv.value_mean ? kv.value_mean + detail::table_row(kv_head, p.num_kv_heads, kv.value_mean_rows) * D
+                                    : nullptr;
+    for (int i = threadIdx.x; i < D; i += S::kThreads) value_mean[i] = vm ? vm[i] : 0.f;
+  }
+
+  // Loads the block's query rows into q_tile: raw (full-precision tiles) or transformed (coded
+  // tiles, with the shifts q . mu). A row's D / 8 lanes hold 8 elements each (row_ops.cuh).
+  const int64_t table_row = detail::table_row(kv_head, p.num_kv_heads, kv.key_transform.table_rows);
+  auto load_queries = [&](bool transformed) {
+    constexpr int kLanes = D / 8;
+    constexpr int kRowsPerPass = S::kThreads / kLanes;
+    const int sub_row = threadIdx.x / kLanes, col0 = threadIdx.x % kLanes * 8;
+    for (int r0 = 0; r0 < S::kRows; r0 += kRowsPerPass) {
+      const int r = r0 + sub_row;
+      const int global_row = min(first_row + r, rows_total - 1);
+      const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
+      const T* src = static_cast<const T*>(p.q) + ((b * p.num_q_heads + head) * p.num_queries + t) * D + col0;
+      float v[8];
+      load8(src, v);
+      if (transformed) {
+        float dot = 0.f;
+        if (kv.key_transform.mean) {
+          float mean[8];
+          load8(kv.key_transform.mean + table_row * D + col0, mean);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dot += v[i] * mean[i];
+        }
+#pragma unroll
+        for (int m = 1; m < kLanes; m <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, m);
+        if (col0 == 0) shift[r] = dot * p.scale_log2;
+        Transform query = kv.key_transform;
+        query.mean = nullptr;
+        transform_row<D>(v, query, TransformKind::kQuery, table_row, col0);
+      }
+      store8(q_tile + r * S::kStride + col0, v);
+    }
+  };
+
+  // This warp's rows: kM tiles of 16; in tile mi the lane holds rows g and g + 8.
+  const int g = lane / 4, c = lane % 4;
+  const int warp_row = warp * 16 * kM;
+  int position[kM][2];
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int global_row = min(first_row + warp_row + 16 * mi + g + 8 * h, rows_total - 1);
+      position[mi][h] = n - static_cast<int>(p.num_queries) + global_row / p.group;
+    }
+
+  float acc[kM][D / 8][4];
+  float row_max[kM][2], row_sum[kM][2], coded_sum[kM][2];  // coded_sum: the part of row_sum over coded tokens
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[mi][i][0] = acc[mi][i][1] = acc[mi][i][2] = acc[mi][i][3] = 0.f;
+    row_max[mi][0] = row_max[mi][1] = -INFINITY;
+    row_sum[mi][0] = row_sum[mi][1] = coded_sum[mi][0] = coded_sum[mi][1] = 0.f;
+  }
+
+  // Code rows of a coded tile into its stage, one tile ahead of the dequantization.
+  auto prefetch = [&](int tile) {
+    if (tile < tile_end && tile >= fp_tiles)
+      stage_codes<D>(p, stages + (tile & 1) * S::kStageBytes, len.slot, kv_head, (tile - fp_tiles) * S::kN, len.coded);
+    cp_async_commit();
+  };
+  prefetch(max(tile_begin, fp_tiles));
+  bool queries_transformed = tile_begin >= fp_tiles;
+  __syncthreads();  // tables
+  load_queries(queries_transformed);
+
+  // This lane's ldmatrix row addresses at the tiles' origins.
+  const uint32_t q_lane = smem_address(q_tile) + ((warp_row + lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16)) * 2;
+  const uint32_t k_lane = smem_address(keys) + ((lane % 8 + 8 * (lane / 16)) * S::kStride + 8 * ((lane / 8) % 2)) * 2;
+  const uint32_t v_lane = smem_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16)) * 2;
+
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const bool coded = tile >= fp_tiles;
+    int first_pos, count;  // position of the tile's first token (coded tiles); valid tokens in the tile
+    if (coded) {
+      if (!queries_transformed) {  // the full-precision tiles are done
+        __syncthreads();
+        load_queries(true);
+        queries_transformed = true;
+      }
+      cp_async_wait_all();
+      const int first = (tile - fp_tiles) * S::kN;
+      first_pos = len.sinks + first;
+      count = min(S::kN, coded_count - first);
+      __syncthreads();  // the stage has landed; every reader of the previous tile and stage is done
+      prefetch(tile + 1);
+      const uint8_t* stage = stages + (tile & 1) * S::kStageBytes;
+      if (p.shared_tables) {
+        dequantize<T, D>(keys, stage, p.key_row_bytes, key_book, key_table);
+        dequantize<T, D>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_table);
+      } else {
+        dequantize<T, D>(keys, stage, p.key_row_bytes, key_book, key_src);
+        dequantize<T, D>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_src);
+      }
+    } else {
+      const int first = tile * S::kN;
+      count = min(S::kN, fp_count - first);
+      first_pos = first;
+      __syncthreads();
+      load_full_precision<T, D>(p, keys, values, len, kv_head, first, fp_count);
+    }
+    __syncthreads();
+    // Opaque to the compiler, so that the fragment addresses below (base + constant) are formed in
+    // the loop instead of being hoisted out of it into dozens of live registers.
+    uint32_t q_base = q_lane, k_base = k_lane, v_base = v_lane;
+    asm volatile("" : "+r"(q_base), "+r"(k_base), "+r"(v_base));
+
+    // S = Q K^T for the warp's kM x 16 rows and the tile's kN tokens.
+    float s[kM][S::kN / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+      for (int j = 0; j < S::kN / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      uint32_t a[kM][4];
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi)
+        ldmatrix_x4(a[mi], q_base + (16 * mi * S::kStride + 16 * k) * 2);
+#pragma unroll
+      for (int j = 0; j < S::kN / 16; ++j) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, k_base + (16 * j * S::kStride + 16 * k) * 2);
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) {
+          Mma<T>::run(s[mi][2 * j], a[mi], bk[0], bk[1]);
+          Mma<T>::run(s[mi][2 * j + 1], a[mi], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Scale, shift, mask; online softmax.
+    const bool needs_mask = !coded || count < S::kN || first_pos + S::kN - 1 > first_position;
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < S::kN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2;
+          float x = s[mi][j][e] * p.scale_log2;
+          if (coded) x += shift[warp_row + 16 * mi + g + 8 * h];
+          if (needs_mask) {
+            const int token = 8 * j + 2 * c + (e & 1);
+            int pos;
+            if (coded) {
+              pos = first_pos + token;
+            } else {
+              const int f = tile * S::kN + token;
+              pos = f < len.sinks ? f : f + len.coded;
+            }
+            if (token >= count || pos > position[mi][h]) x = -INFINITY;
+          }
+          s[mi][j][e] = x;
+          tile_max[h] = fmaxf(tile_max[h], x);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        const float new_max = fmaxf(row_max[mi][h], tile_max[h]);
+        const float ref = new_max == -INFINITY ? 0.f : new_max;
+        const float rescale = fast_exp2(row_max[mi][h] - ref);
+        row_max[mi][h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < S::kN / 8; ++j) {
+          s[mi][j][2 * h] = fast_exp2(s[mi][j][2 * h] - ref);
+          s[mi][j][2 * h + 1] = fast_exp2(s[mi][j][2 * h + 1] - ref);
+          sum += s[mi][j][2 * h] + s[mi][j][2 * h + 1];
+        }
+        row_sum[mi][h] = row_sum[mi][h] * rescale + sum;
+        coded_sum[mi][h] = coded_sum[mi][h] * rescale + (coded ? sum : 0.f);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          acc[mi][i][2 * h] *= rescale;
+          acc[mi][i][2 * h + 1] *= rescale;
+        }
+      }
+    }
+
+    // O += P V: P's fragments are the score accumulators of two adjacent token groups.
+#pragma unroll
+    for (int kt = 0; kt < S::kN / 16; ++kt) {
+      uint32_t a[kM][4];
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        a[mi][0] = Mma<T>::pack(s[mi][2 * kt][0], s[mi][2 * kt][1]);
+        a[mi][1] = Mma<T>::pack(s[mi][2 * kt][2], s[mi][2 * kt][3]);
+        a[mi][2] = Mma<T>::pack(s[mi][2 * kt + 1][0], s[mi][2 * kt + 1][1]);
+        a[mi][3] = Mma<T>::pack(s[mi][2 * kt + 1][2], s[mi][2 * kt + 1][3]);
+      }
+#pragma unroll
+      for (int dt = 0; dt < D / 16; ++dt) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_base + (16 * kt * S::kStride + 16 * dt) * 2);
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) {
+          Mma<T>::run(acc[mi][2 * dt], a[mi], bv[0], bv[1]);
+          Mma<T>::run(acc[mi][2 * dt + 1], a[mi], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+
+  // The rows' sums over the four lanes that share them; the value mean weighted by the coded
+  // tokens' share; then the output, or this split's part.
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float& l = row_sum[mi][h];
+      float& lc = coded_sum[mi][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      lc += __shfl_xor_sync(0xffffffffu, lc, 1);
+      lc += __shfl_xor_sync(0xffffffffu, lc, 2);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        acc[mi][i][2 * h] += value_mean[8 * i + 2 * c] * lc;
+        acc[mi][i][2 * h + 1] += value_mean[8 * i + 2 * c + 1] * lc;
+      }
+    }
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int local = warp_row + 16 * mi + g + 8 * h;
+      const int global_row = first_row + local;
+      if (global_row >= rows_total) continue;
+      if (p.splits == 1) {
+        const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
+        const int64_t out_row = (b * p.num_q_heads + head) * p.num_queries + t;
+        const float inv = row_sum[mi][h] > 0.f ? 1.f / row_sum[mi][h] : 0.f;
+        T* dst = static_cast<T*>(p.out) + out_row * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          const int d = 8 * i + 2 * c;
+          dst[d] = from_float<T>(acc[mi][i][2 * h] * inv);
+          dst[d + 1] = from_float<T>(acc[mi][i][2 * h + 1] * inv);
+        }
+        if (p.lse && c == 0)
+          p.lse[out_row] = row_sum[mi][h] > 0.f ? (row_max[mi][h] + log2f(row_sum[mi][h])) / kLog2e : -INFINITY;
+      } else {
+        float* part = p.partial +
+                      ((((b * p.num_kv_heads + kv_head) * p.row_tiles + row_tile) * p.splits + split) * S::kRows + local) *
+                          (D + 2);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          const int d = 8 * i + 2 * c;
+          part[d] = acc[mi][i][2 * h];
+          part[d + 1] = acc[mi][i][2 * h + 1];
+        }
+        if (c == 0) {
+          part[D] = row_max[mi][h];
+          part[D + 1] = row_sum[mi][h];
+        }
+      }
+    }
+}
+
+// Combines the splits' parts of each query row: one warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
+  using S = Shape<D>;
+  const int64_t rows = p.batch * p.num_kv_heads * p.row_tiles * S::kRows;
+  const int64_t row = int64_t{blockIdx.x} * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int local = static_cast<int>(row % S::kRows);
+  const int64_t tile_index = row / S::kRows;  // (b, kv head, row tile)
+  const int row_tile = static_cast<int>(tile_index % p.row_tiles);
+  const int64_t kv_head = tile_index / p.row_tiles % p.num_kv_heads;
+  const int64_t b = tile_index / (p.row_tiles * p.num_kv_heads);
+  const int global_row = row_tile * S::kRows + local;
+  if (global_row >= p.group * p.num_queries) return;
+  const float* parts = p.partial + (tile_index * p.splits * S::kRows + local) * (D + 2);
+  const int64_t part_stride = int64_t{S::kRows} * (D + 2);
+  float m = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) m = fmaxf(m, parts[s * part_stride + D]);
+  const float ref = m == -INFINITY ? 0.f : m;
+  float l = 0.f;
+  for (int s = 0; s < p.splits; ++s) l += parts[s * part_stride + D + 1] * exp2f(parts[s * part_stride + D] - ref);
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
+  const int64_t out_row = (b * p.num_q_heads + head) * p.num_queries + t;
+  T* dst = static_cast<T*>(p.out) + out_row * D;
+  for (int d = lane; d < D; d += 32) {
+    float a = 0.f;
+    for (int s = 0; s < p.splits; ++s) a += parts[s * part_stride + d] * exp2f(parts[s * part_stride + D] - ref);
+    dst[d] = from_float<T>(a * inv);
+  }
+  if (p.lse && lane == 0) p.lse[out_row] = l > 0.f ? (ref + log2f(l)) / kLog2e : -INFINITY;
+}
+
+}  // namespace vecinfer::cuda_detail::prefill
