@@ -2,6 +2,7 @@
 parallelism (tp_plan "auto", two ranks under torchrun with gloo on the CPU) against one process."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,23 @@ def test_a_shard_of_a_quantizer_is_refused_by_one_process():
     with pytest.raises(ValueError, match="pass the whole model's quantizer"):
         VecInferCache(model, whole.shard(0, 2))
 
+
+def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path):
+    """bench/tp_e2e.py, the GPU benchmark's script, on the CPU path (tiny model, gloo): every phase
+    runs and the tokens under tensor parallelism equal one process's."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "tp_e2e.py")
+    out = tmp_path / "tp.json"
+    _torchrun(script, "--model", "tiny", "--prompt-tokens", "300", "--equality-tokens", "12", "--context", "400",
+              "--new-tokens", "4", "--longest-start", "2048", "--json", str(out))
+    summary = json.loads(out.read_text())
+    assert summary["world_size"] == WORLD
+    for name in ("vecinfer", "default"):
+        got = summary["equality"][name]
+        assert got["equal"] and got["tokens_tensor_parallel"] == got["tokens_one_process"]
+        assert len(got["tokens_one_process"]) == 12
+    speed = summary["speed"]
+    assert speed["prompt_tokens"] == 400 and speed["vecinfer_eager_ms_per_token"] > 0
+    # each rank holds half the KV heads: its codes are smaller than its 16-bit cache
+    assert 0 < speed["vecinfer_cache_bytes"] < speed["default_cache_bytes"]
+    for kind in ("static", "vecinfer"):
+        assert summary["longest"][kind]["max_tokens"] == 2048 and summary["longest"][kind]["ms_per_token"] > 0
