@@ -475,6 +475,9 @@ class CUDAGraphDecoder:
         from each sequence's length, so left-padded batches work;
       - or transformers' StaticCache (transformers 5: its layers count their tokens on the GPU),
         without padding: the full-precision comparison under the same graph capture.
+
+    Under tensor parallelism every rank makes its own decoder over its own cache and calls it with
+    the same tokens in the same steps: the captured step holds the ranks' collectives.
     """
 
     def __init__(self, model, cache, max_new_tokens: int):
