@@ -149,16 +149,20 @@ def full_cache_bytes(cache) -> int:
     return total
 
 
-def calibrate_on_cache(cache, tokens: int = 8192):
-    """A 2-bit default quantizer calibrated on the first `tokens` keys/values of sequence 0."""
+def calibrate_on_cache(model, cache, tokens: int = 8192):
+    """A 2-bit default quantizer calibrated on the first `tokens` keys/values of sequence 0 of
+    `model`'s cache (under tensor parallelism, of all ranks' heads: every rank gets the same one)."""
     from .config import VQConfig
-    from .hf import _cache_layer_kv, _num_cache_layers
-    from .quantizer import KVQuantizer
+    from .hf import _cache_layer_kv, _gather_heads, _num_cache_layers, calibrate_samples
+    from .hf_cache import tensor_parallel_shard
 
     kv = [_cache_layer_kv(cache, i) for i in range(_num_cache_layers(cache))]
     keys = [k[0, :, :tokens].float() for k, _ in kv]
     values = [v[0, :, :tokens].float() for _, v in kv]
-    return KVQuantizer.calibrate(keys, values, VQConfig(), progress=False)
+    shard = tensor_parallel_shard(model)
+    if shard is not None:
+        keys, values = _gather_heads(keys, shard, keys[0].device), _gather_heads(values, shard, keys[0].device)
+    return calibrate_samples(model, keys, values, VQConfig(), progress=False)
 
 
 def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: int = 0) -> Tuple[dict, object]:
@@ -183,7 +187,7 @@ def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: in
     prefill_s = time.perf_counter() - t0
     if quantizer is None:
         _log("calibrating 2-bit codebooks on the prompt's keys and values")
-        quantizer = calibrate_on_cache(fp_cache)
+        quantizer = calibrate_on_cache(model, fp_cache)
     t0 = time.perf_counter()
     codes_cache = VecInferCache.from_cache(model, quantizer, fp_cache)
     _sync(device)
@@ -215,12 +219,17 @@ def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: in
                vecinfer_cache_bytes=codes_bytes, **static)
     if device.type == "cuda":
         _log(f"B={batch} S={tokens}: {new_tokens} tokens with the VecInferCache through CUDAGraphDecoder")
-        decoder = CUDAGraphDecoder(model, codes_cache, max_new_tokens=new_tokens + 2)
-        token, _ = decode(decoder, token, 2)  # the eager step + capture, and one replay
-        _reset_peak(device)
-        _, graph_s = decode(decoder, token, new_tokens)
-        row.update(vecinfer_graph_ms_per_token=1e3 * graph_s / new_tokens, vecinfer_graph_peak_bytes=_peak(device))
-        del decoder
+        try:
+            decoder = CUDAGraphDecoder(model, codes_cache, max_new_tokens=new_tokens + 2)
+            token, _ = decode(decoder, token, 2)  # the eager step + capture, and one replay
+            _reset_peak(device)
+            _, graph_s = decode(decoder, token, new_tokens)
+            row.update(vecinfer_graph_ms_per_token=1e3 * graph_s / new_tokens,
+                       vecinfer_graph_peak_bytes=_peak(device))
+            del decoder
+        except Exception as e:  # reported like the StaticCache's (a capture that fails, under tensor parallelism say)
+            _log(f"VecInferCache + CUDA graph failed: {type(e).__name__}: {e}")
+            row.update(vecinfer_graph_error=f"{type(e).__name__}: {str(e)[:300]}")
     del codes_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -278,8 +287,9 @@ def synthetic_cache(model, quantizer, tokens: int, max_tokens: int):
     cache = VecInferCache(model, quantizer, max_tokens=max_tokens)
     cfg, device = model.config, next(model.parameters()).device
     fp_tokens = quantizer.config.sink_tokens + quantizer.config.residual
+    heads = cache.quantizer.num_kv_heads  # this rank's share under tensor parallelism
     for i in range(cfg.num_hidden_layers):
-        k = torch.randn((1, cfg.num_key_value_heads, fp_tokens, cfg.head_dim), device=device, dtype=model.dtype)
+        k = torch.randn((1, heads, fp_tokens, cfg.head_dim), device=device, dtype=model.dtype)
         codes = cache._room(i, k)
         codes.append(i, k, torch.randn_like(k))
         coded = tokens - fp_tokens

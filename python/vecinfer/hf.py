@@ -360,7 +360,11 @@ def collect_kv(model, tokenizer, texts: Union[str, Sequence[str]], max_tokens: i
     sequence starting at position 0), until `max_tokens` tokens in all, and returns the post-RoPE
     keys and values every layer stored in its cache: keys[l], values[l] float32 CPU tensors of shape
     [num_kv_heads, N, head_dim] (N = tokens collected; fewer for sliding-window layers that keep
-    only their window)."""
+    only their window).
+
+    Under transformers' tensor parallelism (a model loaded with tp_plan="auto" under torchrun)
+    every rank must call this with the same texts: each rank's layers hold its shard of the heads,
+    and the samples are all-gathered so that every rank returns all the model's heads, in order."""
     if chunk < 1 or max_tokens < 1:
         raise ValueError(f"chunk and max_tokens must be positive, got {chunk} and {max_tokens}")
     if tokenizer is None:
@@ -400,19 +404,72 @@ def collect_kv(model, tokenizer, texts: Union[str, Sequence[str]], max_tokens: i
         del out, cache
         if progress:
             _log(f"collect_kv: chunk {n + 1}/{len(chunks)} ({sum(len(c) for c in chunks[:n + 1])} tokens)")
-    return ([torch.cat(k, dim=1).contiguous() for k in keys], [torch.cat(v, dim=1).contiguous() for v in values])
+    keys = [torch.cat(k, dim=1).contiguous() for k in keys]
+    values = [torch.cat(v, dim=1).contiguous() for v in values]
+    shard = _tensor_parallel_shard(model)
+    if shard is not None:
+        keys = [x.cpu() for x in _gather_heads(keys, shard, device)]
+        values = [x.cpu() for x in _gather_heads(values, shard, device)]
+    return keys, values
+
+
+def _tensor_parallel_shard(model):
+    from .hf_cache import tensor_parallel_shard
+
+    return tensor_parallel_shard(model)
+
+
+def _gather_heads(samples: List[torch.Tensor], shard, device: torch.device) -> List[torch.Tensor]:
+    """Each rank's [local heads, N, D] samples all-gathered over the tensor-parallel group into
+    [heads, N, D] on `device`, the model's (NCCL needs GPU tensors): rank r holds heads
+    [r * local, (r + 1) * local), as tensor_parallel_shard checked."""
+    import torch.distributed as dist
+
+    out = []
+    for x in samples:
+        local = x.to(device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(shard.world_size)]
+        dist.all_gather(parts, local, group=shard.group)
+        out.append(torch.cat(parts, dim=0))
+    return out
+
+
+def calibrate_samples(model, keys, values, cfg, progress: bool = True):
+    """`KVQuantizer.calibrate(keys, values, cfg)` on samples of all of `model`'s heads (collect_kv's).
+    Under tensor parallelism every rank calls it with the same samples and gets the same quantizer:
+    the tensor-parallel rank 0's, broadcast (k-means on the same samples gives the same result on
+    every rank in practice; the broadcast makes it certain, since ranks whose codebooks differed
+    would decode differently)."""
+    from .quantizer import KVQuantizer
+
+    quantizer = KVQuantizer.calibrate(keys, values, cfg, progress=progress)
+    shard = _tensor_parallel_shard(model)
+    if shard is None:
+        return quantizer
+    import torch.distributed as dist
+
+    device = quantizer.device
+    # on the CPU: a pickled GPU tensor would come back on the sender's device index
+    box = [quantizer.to("cpu") if shard.rank == 0 else None]
+    comm = _model_device(model)
+    dist.broadcast_object_list(box, src=dist.get_global_rank(shard.group, 0), group=shard.group,
+                               device=comm if comm.type != "cpu" else None)
+    return box[0].to(device)
 
 
 def calibrate(model, tokenizer, texts: Union[str, Sequence[str]], cfg=None, max_tokens: int = 8192,
               chunk: int = 1024, progress: bool = True):
-    """collect_kv on the texts, then `vecinfer.KVQuantizer.calibrate(keys, values, cfg)`."""
+    """collect_kv on the texts, then `vecinfer.KVQuantizer.calibrate(keys, values, cfg)`.
+
+    Under transformers' tensor parallelism every rank calls it with the same arguments: the
+    samples of all heads are gathered (collect_kv) and every rank returns the same whole-model
+    quantizer (calibrate_samples; save it on one rank, VecInferCache takes each rank's heads)."""
     from .config import VQConfig
-    from .quantizer import KVQuantizer
 
     if cfg is None:
         cfg = VQConfig()
     keys, values = collect_kv(model, tokenizer, texts, max_tokens=max_tokens, chunk=chunk, progress=progress)
-    return KVQuantizer.calibrate(keys, values, cfg, progress=progress)
+    return calibrate_samples(model, keys, values, cfg, progress=progress)
 
 
 def __getattr__(name: str):
@@ -424,5 +481,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MODELS", "TEXTS", "VecInferCache", "cache_dir", "calibrate", "collect_kv", "gguf_path", "load_gguf_model",
-           "load_text", "strip_wiki_markup", "tokenize"]
+__all__ = ["MODELS", "TEXTS", "VecInferCache", "cache_dir", "calibrate", "calibrate_samples", "collect_kv", "gguf_path",
+           "load_gguf_model", "load_text", "strip_wiki_markup", "tokenize"]

@@ -14,6 +14,11 @@ function. The cache switches the model to the attention function registered here
 Called with any other cache (a DynamicCache for a full-precision comparison, say), the "vecinfer"
 function is the model's previous attention, so the model keeps working as before.
 
+Tensor parallelism: under transformers' tensor parallelism (a Llama or Qwen2-family model loaded
+with tp_plan="auto" under torchrun) each rank's attention sees its shard of the KV heads; the
+cache, given the whole model's quantizer, holds only that rank's heads with the quantizer's rows
+for them (tensor_parallel_shard says which). Keys and values are never gathered across ranks.
+
 Works with transformers 4.56+ and 5.x (their cache-layer APIs differ: both are implemented).
 Sliding-window layers (Gemma3's local layers, Qwen2 with use_sliding_window) stay in full
 precision in transformers' own sliding-window layer: they hold at most the window. A model whose
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
@@ -137,6 +142,87 @@ def _left_padding(seen: torch.Tensor) -> Optional[torch.Tensor]:
     return skip if bool(skip.any()) else None
 
 
+def _text_config(model):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _kv_shape(model) -> Tuple[int, int, int]:
+    """(layers, KV heads, head_dim) of the whole model, from its config (all ranks' heads under
+    tensor parallelism)."""
+    text = _text_config(model)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, heads, head_dim
+
+
+class TensorParallelShard(NamedTuple):
+    """This process's place in the model's tensor-parallel group: it holds KV heads
+    [rank * heads / world_size, (rank + 1) * heads / world_size)."""
+    rank: int
+    world_size: int
+    group: object  # the torch.distributed ProcessGroup of the tensor-parallel mesh
+
+
+def tensor_parallel_shard(model) -> Optional[TensorParallelShard]:
+    """This rank's shard of the KV heads when transformers' tensor parallelism split the model
+    (`from_pretrained(..., tp_plan="auto")` under torchrun), None for a model in one process.
+
+    How transformers splits the heads (verified in transformers 5.x, not assumed): the `colwise`
+    style of the Llama / Qwen2 / Mistral plans makes each attention's k_proj (and v_proj) weight,
+    [heads * head_dim, hidden], a DTensor placed Shard(0) on the 1-D tensor-parallel mesh
+    (distributed/tensor_parallel.py, ColwiseParallel.shard_param), and loads into each rank the rows
+    DTensor's placement assigns it, torch.chunk's contiguous split (distributed/sharding_utils.py,
+    DtensorShardOperation, through torch's compute_local_shape_and_global_offset). The attention
+    reshapes its local projection into heads, so rank r sees heads [r * heads / W, (r + 1) * heads / W)
+    when W divides the heads. This reads every key projection's rows off its DTensor and checks
+    exactly that; a world size that does not divide the KV heads is a ValueError (transformers would
+    give each rank a fraction of a head)."""
+    projections = [(m.layer_idx, m.k_proj.weight) for m in model.modules()
+                   if isinstance(getattr(m, "k_proj", None), torch.nn.Module) and hasattr(m, "layer_idx")]
+    tp_size = getattr(model, "_tp_size", None) or 1
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch without DTensor: no tensor parallelism either
+        return None
+    sharded = [(i, w) for i, w in projections if isinstance(w, DTensor)]
+    if not sharded:
+        if tp_size > 1:
+            raise ValueError(f"model: split over {tp_size} tensor-parallel ranks, but no attention layer has a k_proj "
+                             "weight sharded as a DTensor; VecInferCache under tensor parallelism supports models with "
+                             "separate key projections sharded by transformers' tp_plan (Llama, Qwen2, Mistral families)")
+        return None
+    if len(sharded) != len(projections):
+        raise ValueError("model: only some of its attention layers' key projections are tensor-parallel; VecInferCache "
+                         "needs every layer's KV heads split the same way")
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # how transformers loads shards
+
+    _, heads, head_dim = _kv_shape(model)
+    mesh = sharded[0][1].device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"model: its key projections are sharded over a {mesh.ndim}-D device mesh; VecInferCache "
+                         "supports tensor parallelism alone (a 1-D mesh)")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    if heads % world:
+        raise ValueError(f"tensor parallelism over {world} ranks: {world} does not divide the model's {heads} KV heads, "
+                         "so a rank would hold a fraction of a head; use a world size that divides the KV heads")
+    group = mesh.get_group()
+    if dist.get_rank(group) != rank:
+        raise ValueError(f"model: mesh rank {rank} is rank {dist.get_rank(group)} of the mesh's process group; "
+                         "VecInferCache expects them equal")
+    rows = heads // world * head_dim
+    for i, w in sharded:
+        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        if (w.device_mesh != mesh or tuple(w.placements) != (Shard(0),) or w.shape[0] != heads * head_dim
+                or (shape[0], offset[0]) != (rows, rank * rows)):
+            raise ValueError(f"model: layer {i}'s k_proj weight {list(w.shape)} is placed {tuple(w.placements)}, "
+                             f"rank {rank} holding rows [{offset[0]}, {offset[0] + shape[0]}); VecInferCache expects "
+                             f"Shard(0) with rows [{rank * rows}, {(rank + 1) * rows}) (KV heads "
+                             f"[{rank * heads // world}, {(rank + 1) * heads // world}) of {heads})")
+    return TensorParallelShard(rank, world, group)
+
+
 class _CodesLayer(CacheLayerMixin):
     """One compressed layer, as transformers sees it: its length (padding included, as transformers
     counts), the data living in the owner's QuantizedKVCache."""
@@ -180,9 +266,11 @@ class VecInferCache(Cache):
     vecinfer codes (a QuantizedKVCache) and runs decode attention on the codes.
 
     model: a transformers causal LM (Llama, Qwen2, Mistral, Gemma3 families); it is switched to
-    the "vecinfer" attention function. quantizer: calibrated on this model (vecinfer.hf.calibrate).
-    max_tokens: tokens per sequence to preallocate and never exceed; by default the cache sizes
-    itself on the prompt and doubles when full.
+    the "vecinfer" attention function. quantizer: calibrated on this model (vecinfer.hf.calibrate),
+    for all its KV heads also under tensor parallelism (the cache keeps this rank's heads:
+    `tensor_parallel` is the rank's TensorParallelShard, None in one process). max_tokens: tokens
+    per sequence to preallocate and never exceed; by default the cache sizes itself on the prompt
+    and doubles when full.
     """
 
     def __init__(self, model, quantizer: KVQuantizer, max_tokens: Optional[int] = None):
@@ -192,14 +280,18 @@ class VecInferCache(Cache):
             raise TypeError(f"model: expected a transformers model, got {type(model).__name__}")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
-        config = model.config
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        num_layers = text.num_hidden_layers
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        text = _text_config(model)
+        num_layers, heads, head_dim = _kv_shape(model)
         if (quantizer.num_layers, quantizer.num_kv_heads, quantizer.head_dim) != (num_layers, heads, head_dim):
             raise ValueError(f"quantizer: calibrated for {quantizer.num_layers} layers x {quantizer.num_kv_heads} KV "
-                             f"heads x head_dim {quantizer.head_dim}, the model has {num_layers} x {heads} x {head_dim}")
+                             f"heads x head_dim {quantizer.head_dim}, the model has {num_layers} x {heads} x {head_dim}"
+                             " (under tensor parallelism pass the whole model's quantizer: the cache takes its "
+                             "rank's heads itself)")
+        # Under tensor parallelism this rank's attention sees only its shard of the KV heads: the
+        # cache holds those, with the quantizer's rows for them.
+        self.tensor_parallel = tensor_parallel_shard(model)
+        if self.tensor_parallel is not None:
+            quantizer = quantizer.shard(self.tensor_parallel.rank, self.tensor_parallel.world_size)
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * num_layers
         layers: List[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
@@ -312,6 +404,11 @@ class VecInferCache(Cache):
     def _room(self, layer_idx: int, key: torch.Tensor) -> QuantizedKVCache:
         """The QuantizedKVCache, created on the first prompt and grown to take key's tokens."""
         b, heads, t, dim = key.shape
+        if heads != self.quantizer.num_kv_heads:
+            held = "" if self.tensor_parallel is None else (
+                f" (rank {self.tensor_parallel.rank} of {self.tensor_parallel.world_size}'s share of the KV heads)")
+            raise ValueError(f"VecInferCache: the model's attention passed {heads} KV heads, the cache holds "
+                             f"{self.quantizer.num_kv_heads}{held}")
         if self.codes is None:
             capacity = self.max_tokens or t + _GROWTH
             self.codes = QuantizedKVCache(self.quantizer, b, heads, dim, capacity, device=key.device, dtype=key.dtype,
@@ -378,6 +475,9 @@ class CUDAGraphDecoder:
         from each sequence's length, so left-padded batches work;
       - or transformers' StaticCache (transformers 5: its layers count their tokens on the GPU),
         without padding: the full-precision comparison under the same graph capture.
+
+    Under tensor parallelism every rank makes its own decoder over its own cache and calls it with
+    the same tokens in the same steps: the captured step holds the ranks' collectives.
     """
 
     def __init__(self, model, cache, max_new_tokens: int):
@@ -471,4 +571,5 @@ class CUDAGraphDecoder:
         return logits
 
 
-__all__ = ["ATTENTION_NAME", "CUDAGraphDecoder", "VecInferCache", "use_vecinfer_attention", "vecinfer_attention"]
+__all__ = ["ATTENTION_NAME", "CUDAGraphDecoder", "TensorParallelShard", "VecInferCache", "tensor_parallel_shard",
+           "use_vecinfer_attention", "vecinfer_attention"]

@@ -58,6 +58,10 @@ def _check_samples(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor])
     return shape
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _scales(x: torch.Tensor, rule: str) -> torch.Tensor:
     """Per-(head, channel) smoothing scales of samples x [H, N, D]."""
     if rule == "sqrt_max":
@@ -219,6 +223,34 @@ class KVQuantizer:
         bits += full * self.num_kv_heads * self.head_dim * 2 * 16
         bits += 8 * self.parameter_bytes() / self.num_layers
         return bits / elements
+
+    # --- tensor parallelism -----------------------------------------------------------------------
+    def heads(self, start: int, stop: int) -> "KVQuantizer":
+        """The quantizer of KV heads [start, stop) alone: what a tensor-parallel rank holding those
+        heads uses. Per-head scales and means, and per-head codebooks (granularity "head"), are
+        sliced; per-layer codebooks are shared by all heads and kept whole."""
+        if not (_is_index(start) and _is_index(stop) and 0 <= start < stop <= self.num_kv_heads):
+            raise ValueError(f"start, stop: expected 0 <= start < stop <= {self.num_kv_heads} (the KV heads), got "
+                             f"{start!r}, {stop!r}")
+        per_head = {"key_scale", "key_mean", "value_mean"}
+        if self.config.granularity == "head":
+            per_head |= {"key_codebook", "value_codebook"}
+        layers = [{name: (t[start:stop].contiguous() if t is not None and name in per_head else t)
+                   for name, t in p.items()} for p in self.layers]
+        return KVQuantizer(self.config, layers, stop - start, self.head_dim)
+
+    def shard(self, rank: int, world_size: int) -> "KVQuantizer":
+        """The quantizer of tensor-parallel rank `rank` of `world_size`, which holds the contiguous KV
+        heads [rank * H / world_size, (rank + 1) * H / world_size) (how transformers' tensor
+        parallelism splits them). ValueError when world_size does not divide the H KV heads."""
+        if not _is_index(world_size) or world_size < 1 or not _is_index(rank) or not 0 <= rank < world_size:
+            raise ValueError(f"rank, world_size: expected ints with 0 <= rank < world_size, got {rank!r}, "
+                             f"{world_size!r}")
+        if self.num_kv_heads % world_size:
+            raise ValueError(f"world_size: {world_size} ranks do not divide the {self.num_kv_heads} KV heads; each "
+                             "rank must hold whole heads (use a world size that divides the KV heads)")
+        per = self.num_kv_heads // world_size
+        return self.heads(rank * per, (rank + 1) * per)
 
     # --- persistence ---------------------------------------------------------------------------
     def to(self, device) -> "KVQuantizer":
