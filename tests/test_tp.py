@@ -102,12 +102,13 @@ def _tiny(family, heads, kv_heads, seed):
 
 
 def _torchrun(script: str, *args: str, timeout: int = 240) -> None:
-    """`torchrun --standalone --nproc-per-node 2 script args` on one CPU thread per rank; fails the
-    test with the ranks' output when it fails or hangs."""
+    """`torchrun --standalone --nproc-per-node 2 script args` on one CPU thread per rank, GPUs hidden
+    (this is the gloo/CPU proof; transformers would otherwise put rank r on cuda:r, which a machine
+    with one GPU lacks); fails the test with the ranks' output when it fails or hangs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", script, *args]
     try:
-        run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                             timeout=timeout)
+        run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+                             capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{(e.stderr or '')[-4000:]}")
     assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
