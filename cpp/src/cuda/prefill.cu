@@ -40,8 +40,11 @@ Status plan_for(const AttentionShape& shape, const CompressedKV& kv, cuda::Atten
   if (!s.ok()) return s;
   const int64_t group = shape.num_q_heads / shape.num_kv_heads;
   const int64_t row_tiles = (group * shape.num_queries + S::kRows - 1) / S::kRows;
-  if (row_tiles > INT32_MAX || shape.num_kv_heads > 65535)
-    return unsupported("q: more query rows or KV heads than the kernel's grid takes");
+  // Row indices and token positions are 32-bit in the kernel.
+  if (group * shape.num_queries > INT32_MAX || shape.num_kv_heads > 65535)
+    return unsupported("q: more query rows (query heads per KV head x queries) or KV heads than the kernel takes");
+  if (kv.sink_capacity + kv.code_capacity + kv.recent_capacity > INT32_MAX)
+    return unsupported("kv: more than 2^31 - 1 tokens per sequence");
   // When the blocks would not fill the GPU, split the tokens over more of them: the split count
   // (up to twice the GPU's width, at least 8 tiles each; tiles counted over the coded tokens only,
   // all that attention_workspace_bytes sees) with the fewest waves per unit of work.
