@@ -347,11 +347,12 @@ class QuantizedKVCache:
         return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
-        """Whether vecinfer.attention takes this call. On a GPU, what the fused kernel says it
-        supports (float16/bfloat16, at most 16 queries, the bit presets' codebooks). On the CPU (the C++
-        reference, per sequence in double precision, so a sequence's result does not depend on the
-        rest of the batch): decode steps of up to 4 queries; longer query blocks run faster through
-        codes_attention (dequantize, then attention in float32), which computes the same function."""
+        """Whether vecinfer.attention takes this call. On a GPU, what the fused kernels say they
+        support (float16/bfloat16, the bit presets' codebooks; up to 16 queries the decode kernel,
+        longer blocks the long-query kernel). On the CPU (the C++ reference, per sequence in double
+        precision, so a sequence's result does not depend on the rest of the batch): decode steps of
+        up to 4 queries; longer query blocks run faster through codes_attention (float32, streaming
+        over the codes), which computes the same function."""
         if not q.is_cuda:
             return q.dtype == self.dtype and q.shape[2] <= 4
         cfg = self.quantizer.config
