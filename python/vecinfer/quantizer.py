@@ -385,6 +385,18 @@ METHOD_OVERRIDES = {
     "vecinfer-nosink+k2.5v1.5": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 10,
                                  "value_sub_dim": 4, "value_code_bits": 6, "sink_tokens": 0},
     "kivi": {"method": "kivi", "sink_tokens": 0},
+    # levers on top of the default (issue 14), each run through the real cache and kernel path:
+    # one codebook per KV head instead of one per layer
+    "vecinfer+head": {"granularity": "head"},
+    # bits moved between keys and values at a 2.0 average, as kernel presets: keys 3 bits (4-dim
+    # sub-vectors, 4,096 centroids) and values 1 bit (8-dim, 256), or the reverse
+    "vecinfer+k3v1": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 12,
+                      "value_sub_dim": 8, "value_code_bits": 8},
+    "vecinfer+k1v3": {"key_bits": None, "value_bits": None, "key_sub_dim": 8, "key_code_bits": 8,
+                      "value_sub_dim": 4, "value_code_bits": 12},
+    # the same at a 1.5 average: keys 2 bits, values 1 bit
+    "vecinfer+k2v1": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 8,
+                      "value_sub_dim": 8, "value_code_bits": 8},
 }
 
 
@@ -396,9 +408,10 @@ def build_quantizer(method: str, keys, values, bits: float = 2, residual: int = 
     fields = {"key_bits": bits, "value_bits": bits, "residual": residual, **METHOD_OVERRIDES[method], **overrides}
     if fields.get("method") == "kivi":
         fields.pop("key_bits"), fields.pop("value_bits")
-    elif "key_sub_dim" in fields:  # explicit shapes at a fixed average: only meaningful at 2 bits
-        if float(bits) != 2:
-            raise ValueError(f"method {method!r} fixes its own bit widths (2 bits on average); got bits={bits}")
+    elif "key_sub_dim" in fields:  # explicit shapes at a fixed average: only at that average
+        average = (fields["key_code_bits"] / fields["key_sub_dim"] + fields["value_code_bits"] / fields["value_sub_dim"]) / 2
+        if float(bits) != average:
+            raise ValueError(f"method {method!r} fixes its own bit widths ({average:g} bits on average); got bits={bits}")
     cfg = VQConfig(**fields)
     return KVQuantizer.calibrate(keys, values, cfg, progress=progress)
 
