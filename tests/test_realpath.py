@@ -16,6 +16,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
+import vecinfer  # noqa: E402
 from conftest import ByteTokenizer  # noqa: E402
 from test_hf_cache import _quantizer  # noqa: E402  (codebooks calibrated on the model's own K/V)
 from vecinfer import evaluate, realpath  # noqa: E402
@@ -219,3 +220,32 @@ def test_outlier_tokens_keep_the_worst_encoded_tokens_exact(model):
     assert math.isclose(wrapped.bits_per_element(), 0.95 * 2 + 0.05 * 16)
     with pytest.raises(ValueError, match="fraction"):
         realpath.OutlierTokens(q, keys, fraction=0)
+
+
+@torch.no_grad()
+def test_query_maxima_and_query_aware_scales(model):
+    """collect_query_absmax records the post-RoPE queries' per-channel maxima (layer 0 recomputed
+    by hand here), and scale_rule "query" gives sqrt(max|k| / max|q|) per channel, up to the
+    common normalisation; without query maxima it is refused."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    tok = ByteTokenizer(VOCAB)
+    text = "a passkey is hidden in the text; find it. " * 3
+    keys, values, qmax = evaluate.collect_query_absmax(model, tok, [text], max_tokens=100, chunk=64)
+    assert len(qmax) == 2 and qmax[0].shape == (2, 64)
+    want = None
+    for piece in (tok(text)["input_ids"][:64], tok(text)["input_ids"][64:100]):
+        ids = torch.tensor([piece])
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        q = model.model.layers[0].self_attn.q_proj(h).view(1, len(piece), 4, 64).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(h, torch.arange(len(piece))[None])
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        m = q.abs().reshape(2, 2, len(piece), 64).amax(dim=(1, 2))  # KV head g: query heads 2g, 2g + 1
+        want = m if want is None else torch.maximum(want, m)
+    assert torch.allclose(qmax[0], want, rtol=1e-5, atol=1e-6)
+    cfg = vecinfer.VQConfig(scale_rule="query", kmeans_iters=1, key_mean=False)
+    q = vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False, query_absmax=qmax)
+    ratio = (keys[1].abs().amax(dim=1) / qmax[1]).sqrt()
+    assert torch.allclose(q.layers[1]["key_scale"], ratio / ratio.mean(dim=1, keepdim=True), rtol=1e-5)
+    with pytest.raises(ValueError, match="query_absmax"):
+        vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)

@@ -58,6 +58,7 @@ class _State:
     incremental: bool = False  # decoding: reuse the fake-quantized prefix of the previous step
     reference: bool = False    # explicit scores instead of torch's fused sdpa (same function, slower)
     fq_cache: Dict[int, tuple] = field(default_factory=dict)
+    query_absmax: Optional[Dict[int, torch.Tensor]] = None  # per layer [Hkv, D], when recording queries
 
 
 _ALIGN = 64  # re-quantize from a multiple of this many tokens after `lo` (token-group quantizers stay exact)
@@ -261,6 +262,12 @@ def fakequant_attention_forward(module, query, key, value, attention_mask, scali
     softcap = kwargs.get("softcap")
     quantize = state is not None and state.quantizer is not None
     out = _attend(module, query, key, value, attention_mask, scaling, dropout, state, quantize, softcap)
+    if state is not None and state.query_absmax is not None:
+        layer = int(getattr(module, "layer_idx", -1))
+        b, hq, tq, d = query.shape
+        seen = query.detach().float().abs().reshape(b, key.shape[1], hq // key.shape[1], tq, d).amax(dim=(0, 2, 3)).cpu()
+        prev = state.query_absmax.get(layer)
+        state.query_absmax[layer] = seen if prev is None else torch.maximum(prev, seen)
     if state is not None and (state.compare or state.record):
         layer = int(getattr(module, "layer_idx", -1))
         if state.record:
@@ -556,13 +563,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(method: str, keys, values, bits: float, residual: int, sink_tokens: int, progress: bool = True):
+def _build(method: str, keys, values, bits: float, residual: int, sink_tokens: int, progress: bool = True,
+           query_absmax=None):
     from . import quantizer as qmod
 
     factory = getattr(qmod, "build_quantizer", None)
     if factory is None:
         raise RuntimeError("vecinfer.quantizer.build_quantizer is missing")
     kwargs = {"sink_tokens": sink_tokens} if sink_tokens else {}
+    if query_absmax is not None:
+        kwargs["query_absmax"] = query_absmax
     try:
         import inspect
 
@@ -588,11 +598,25 @@ def needs_calibration(method: str) -> bool:
     return method != "fp" and method not in BASELINES
 
 
+@torch.no_grad()
+def collect_query_absmax(model, tokenizer, texts, max_tokens: int = 8192, chunk: int = 1024):
+    """`vecinfer.hf.collect_kv` that also records, per layer, the largest |post-RoPE query| of each
+    channel over the query heads of each KV head: (keys, values, query_absmax), query_absmax[l]
+    [num_kv_heads, head_dim] float32 (for scale_rule "query")."""
+    from .hf import collect_kv
+
+    with fake_quant_attention(model, None) as state:  # full-precision attention, queries recorded
+        state.query_absmax = {}
+        keys, values = collect_kv(model, tokenizer, texts, max_tokens=max_tokens, chunk=chunk, progress=False)
+    return keys, values, [state.query_absmax[i] for i in range(len(keys))]
+
+
 def _calibration_samples(args, model, tok, ids, report: dict, log):
-    """Post-RoPE calibration K/V for eval_main: --calib-text (or the part of --text after the
-    evaluation tokens), collected in sequences of --calib-chunk tokens; with --kv-cache FILE,
-    loaded from FILE when it holds samples of the same settings, else collected and saved there."""
-    from .hf import collect_kv, load_text
+    """Post-RoPE calibration K/V and query maxima for eval_main: --calib-text (or the part of
+    --text after the evaluation tokens), collected in sequences of --calib-chunk tokens; with
+    --kv-cache FILE, loaded from FILE when it holds samples of the same settings, else collected
+    and saved there. Returns (keys, values, query_absmax)."""
+    from .hf import load_text
 
     chunk = args.calib_chunk or max([args.window] + _int_list(args.needle))
     report["calib_chunk"] = chunk
@@ -601,9 +625,9 @@ def _calibration_samples(args, model, tok, ids, report: dict, log):
                 "tokens": args.tokens if args.calib_text == args.text else None}
     if args.kv_cache and os.path.exists(args.kv_cache):
         saved = torch.load(args.kv_cache, weights_only=True)
-        if saved.get("settings") == json.dumps(settings, sort_keys=True):
+        if saved.get("settings") == json.dumps(settings, sort_keys=True) and "queries" in saved:
             log(f"calibration K/V loaded from {args.kv_cache}")
-            return saved["keys"], saved["values"]
+            return saved["keys"], saved["values"], saved["queries"]
         log(f"{args.kv_cache} holds K/V of other settings; collecting again")
     if args.calib_text == args.text:  # calibrate on the part of the text after the evaluation tokens
         rest = ids[args.tokens: args.tokens + args.calib_tokens]
@@ -614,12 +638,13 @@ def _calibration_samples(args, model, tok, ids, report: dict, log):
     else:
         calib = [load_text(args.calib_text)]
     t0 = time.perf_counter()
-    keys, values = collect_kv(model, tok, calib, max_tokens=args.calib_tokens, chunk=chunk, progress=not args.quiet)
+    keys, values, queries = collect_query_absmax(model, tok, calib, max_tokens=args.calib_tokens, chunk=chunk)
     report["collect_seconds"] = time.perf_counter() - t0
     log(f"collected K/V of {keys[0].shape[1]} tokens x {len(keys)} layers in {report['collect_seconds']:.1f} s")
     if args.kv_cache:
-        torch.save({"settings": json.dumps(settings, sort_keys=True), "keys": keys, "values": values}, args.kv_cache)
-    return keys, values
+        torch.save({"settings": json.dumps(settings, sort_keys=True), "keys": keys, "values": values,
+                    "queries": queries}, args.kv_cache)
+    return keys, values, queries
 
 
 def eval_main(argv=None) -> int:
@@ -653,13 +678,13 @@ def eval_main(argv=None) -> int:
               "sink_tokens": args.sink_tokens, "calib_text": args.calib_text, "calib_tokens": args.calib_tokens,
               "torch_threads": torch.get_num_threads(), "methods": {}}
 
-    keys = values = None
+    keys = values = queries = None
     if any(needs_calibration(m) for m in methods):
-        keys, values = _calibration_samples(args, model, tok, ids, report, log)
+        keys, values, queries = _calibration_samples(args, model, tok, ids, report, log)
     if args.path == "real":
         from .realpath import eval_real
 
-        return eval_real(args, methods, model, tok, eval_ids, keys, values, report, log)
+        return eval_real(args, methods, model, tok, eval_ids, keys, values, queries, report, log)
 
     needles = _int_list(args.needle)
     depths = _int_list(args.needle_depths)
@@ -672,7 +697,8 @@ def eval_main(argv=None) -> int:
         if method != "fp":
             t0 = time.perf_counter()
             try:
-                quant = _build(method, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet)
+                quant = _build(method, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet,
+                               queries)
             except Exception as e:  # one bad method should not lose the others
                 log(f"{method}: building the quantizer failed: {e}")
                 report["methods"][method] = {"error": str(e)}

@@ -313,7 +313,8 @@ def retrieval(model, tok, methods: Dict[str, Callable[..., object]], context_tok
     return out
 
 
-def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, values, report: dict, log) -> int:
+def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, values, queries, report: dict,
+              log) -> int:
     """The real path of `vecinfer eval` (see evaluate.eval_main for the arguments): perplexity of
     eval_ids streamed through each method's cache (--tokens 0: none), and retrieval at the
     --retrieval lengths; prints the table, writes --json. Returns the exit status."""
@@ -353,7 +354,8 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             try:
                 if outliers and not proxy:
                     raise ValueError("outlier tokens are not in the decode kernel: measure them as proxy:" + method)
-                quant = _build(base, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet)
+                quant = _build(base, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet,
+                               queries)
                 if quant.config.method != "vq" and not proxy:
                     raise ValueError(f"method {quant.config.method!r} is a fake-quantization baseline (--path fakequant)")
             except Exception as e:  # one bad method should not lose the others
