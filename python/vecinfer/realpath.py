@@ -1,24 +1,27 @@
 """Quality through the path users run: a real model, a real KV cache object, streaming decode.
 
 Every method is a transformers Cache that the model is run with, token blocks fed one after
-another, exactly as generation feeds them:
+another, as generation feeds them:
   - "fp": transformers' DynamicCache (full precision);
-  - a vecinfer method (a `vecinfer.quantizer.METHOD_OVERRIDES` name, or a lever of `LEVERS`):
-    `VecInferCache` with a calibrated quantizer: the prefill runs in full precision and is encoded,
-    then every block of `block` tokens is appended (tokens leaving the recent window are encoded
-    once) and attends to the codes through `QuantizedKVCache.attend` (on a GPU the fused kernel;
-    on the CPU its reference);
+  - a vecinfer method (a `vecinfer.quantizer.METHOD_OVERRIDES` name: the default "vecinfer" and
+    the levers "vecinfer+head", "vecinfer+k3v1", ...): `VecInferCache` with a calibrated
+    quantizer: a prompt is attended in full precision and encoded, then every block of `block`
+    tokens is appended (tokens leaving the recent window are encoded once) and attends to the
+    codes through `QuantizedKVCache.attend` (on a GPU the fused kernel; on the CPU its reference);
   - a transformers QuantizedCache backend (`BASELINES`: "fp8", "quanto-int2", "quanto-int4",
-    "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens).
+    "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens);
+  - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
+    optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks).
 
 - `stream(model, ids, cache, prefill, block)`: feeds ids through the cache; returns the summed
   negative log-likelihood of every next token after the first and the last position's logits.
 - `perplexity(model, ids, make_cache, window, prefill, block)`: windows of `window` tokens, each a
   fresh cache.
-- `retrieval(model, tok, make_cache, context_tokens, trials, task)`: passkey ("passkey") or
-  several keys with one asked ("multikey"), at `trials` depths spread over the context, each with
-  its own random key; the prompt is streamed through the cache, then the answer is decoded
-  greedily one token at a time through it.
+- `retrieval(model, tok, methods, context_tokens, trials, task)`: passkey ("passkey") or several
+  keys with one asked ("multikey"), at `trials` depths spread over the context, each with its own
+  random key; the document is prefilled once per trial, each method's cache made from it, then the
+  question and the greedy answer are decoded against each method's cache.
+- `eval_real(...)`: the real path of `vecinfer eval`.
 """
 from __future__ import annotations
 
