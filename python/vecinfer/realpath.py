@@ -70,7 +70,8 @@ def baseline_available(name: str) -> Optional[str]:
     except (ImportError, ValueError):
         found = False
     if not found:
-        return f"{name} needs the {_BACKEND_PACKAGES[backend]} package (pip install {_BACKEND_PACKAGES[backend]})"
+        return (f"{name} needs the {_BACKEND_PACKAGES[backend]} package (pip install {_BACKEND_PACKAGES[backend]}, or "
+                'the "baselines" extra of vecinfer)')
     return None
 
 
