@@ -25,6 +25,24 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+class ByteTokenizer:
+    """Enough of a tokenizer for the model-level tests: one token per byte, ids 2 + byte % (vocab - 2)
+    (ASCII text decodes back exactly for vocab >= 128), optional BOS = 1, no EOS."""
+
+    bos_token_id = 1
+    eos_token_id = None
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + (b % (self.vocab - 2)) for b in text.encode()]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def decode(self, ids):
+        return "".join(chr(i - 2) if i >= 2 else "" for i in ids)
+
+
 def hadamard_matrix(d: int) -> torch.Tensor:
     """Orthonormal Sylvester Walsh-Hadamard matrix, float64: H[i, j] = (-1)^popcount(i & j) / sqrt(d)."""
     idx = torch.arange(d)

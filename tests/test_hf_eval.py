@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import ByteTokenizer  # noqa: E402
 from vecinfer import evaluate, hf  # noqa: E402
 
 HEAD_DIM = 64
@@ -81,20 +82,6 @@ class GroupQuantizer:
         return kq, Int4Quantizer().fake_quantize(layer, v, v)[1]
 
 
-class CharTokenizer:
-    """Enough of a tokenizer for collect_kv: bytes mod VOCAB, optional BOS."""
-
-    bos_token_id = 1
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [2 + (b % (VOCAB - 2)) for b in text.encode()]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-
 @pytest.fixture(scope="module")
 def model():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,7 +105,7 @@ def _ids(n, seed=0):
 
 @torch.no_grad()
 def test_collect_kv_shapes_and_post_rope(model):
-    tok = CharTokenizer()
+    tok = ByteTokenizer(VOCAB)
     text = "the quick brown fox jumps over the lazy dog. " * 4  # 180 chars + BOS
     keys, values = hf.collect_kv(model, tok, [text], max_tokens=100, chunk=64, progress=False)
     assert len(keys) == len(values) == LAYERS

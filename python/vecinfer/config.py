@@ -8,7 +8,7 @@ from typing import Optional
 PRESETS = {4: (2, 8), 3: (4, 12), 2: (4, 8), 1.5: (8, 12), 1: (8, 8)}
 
 METHODS = ("vq", "kivi")
-SCALE_RULES = ("sqrt_max", "max", "std")
+SCALE_RULES = ("sqrt_max", "max", "std", "query")
 GRANULARITIES = ("layer", "head")
 _FLAGS = ("smooth", "hadamard", "key_mean", "value_mean")
 # int fields and their smallest values; every int is below 2**31 (token counts are int32 in a cache)
@@ -37,7 +37,9 @@ class VQConfig:
     smooth: divide keys by per-(KV head, channel) scales; hadamard: rotate keys by Walsh-Hadamard;
     key_mean / value_mean: subtract a per-(KV head, channel) mean first (exact for attention: a
     key mean shifts all scores of a query equally, a value mean comes back out because the
-    attention weights sum to one). residual: the most recent tokens kept in full precision;
+    attention weights sum to one). scale_rule: how smoothing scales are computed from the keys
+    ("sqrt_max", "max", "std"), or "query": sqrt(max|key| / max|query|) per channel, the
+    SmoothQuant balance of key and query ranges (calibration then needs query statistics). residual: the most recent tokens kept in full precision;
     sink_tokens: the first tokens kept in full precision (default 4: on SmolLM2-135M adding
     them to the transforms took 2-bit perplexity from +17.8% to +4.0%, see QUALITY.md). granularity: one codebook per layer or
     per KV head. method "kivi" selects the KIVI-style scalar baseline (2 bits, group 32).

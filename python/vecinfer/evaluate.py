@@ -58,6 +58,7 @@ class _State:
     incremental: bool = False  # decoding: reuse the fake-quantized prefix of the previous step
     reference: bool = False    # explicit scores instead of torch's fused sdpa (same function, slower)
     fq_cache: Dict[int, tuple] = field(default_factory=dict)
+    query_absmax: Optional[Dict[int, torch.Tensor]] = None  # per layer [Hkv, D], when recording queries
 
 
 _ALIGN = 64  # re-quantize from a multiple of this many tokens after `lo` (token-group quantizers stay exact)
@@ -261,6 +262,12 @@ def fakequant_attention_forward(module, query, key, value, attention_mask, scali
     softcap = kwargs.get("softcap")
     quantize = state is not None and state.quantizer is not None
     out = _attend(module, query, key, value, attention_mask, scaling, dropout, state, quantize, softcap)
+    if state is not None and state.query_absmax is not None:
+        layer = int(getattr(module, "layer_idx", -1))
+        b, hq, tq, d = query.shape
+        seen = query.detach().float().abs().reshape(b, key.shape[1], hq // key.shape[1], tq, d).amax(dim=(0, 2, 3)).cpu()
+        prev = state.query_absmax.get(layer)
+        state.query_absmax[layer] = seen if prev is None else torch.maximum(prev, seen)
     if state is not None and (state.compare or state.record):
         layer = int(getattr(module, "layer_idx", -1))
         if state.record:
@@ -509,13 +516,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vecinfer eval",
                                 description="Perplexity, per-layer attention error and passkey retrieval of a causal "
                                             "LM with its KV cache fake-quantized by each method.")
+    p.add_argument("--path", choices=("real", "fakequant"), default="real",
+                   help="real (default): every method is the KV cache object users run (VecInferCache, "
+                        "transformers' DynamicCache and QuantizedCache), text streamed through it in blocks; "
+                        "fakequant: the fast proxy (each layer's old K/V compressed and decompressed inside "
+                        "attention, one forward per window)")
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma3-270m, a .gguf file or a HF folder")
     p.add_argument("--text", default="essays", help="essays, botchan, wiki or a text file (evaluation text)")
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (from the start of the text)")
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: window, non-overlapping)")
-    p.add_argument("--methods", default="fp,vecinfer,kivi,vq", help="comma list: fp and build_quantizer methods")
+    p.add_argument("--methods", default=None,
+                   help="comma list: fp, build_quantizer methods (vecinfer, vq, ...; kivi on the fakequant path "
+                        "only) and, on the real path, transformers QuantizedCache backends (fp8, quanto-int2, "
+                        "quanto-int4, hqq-int2, hqq-int4; skipped with a message when their package is missing). "
+                        "Default: fp,vecinfer,fp8,quanto-int2,hqq-int2 (real), fp,vecinfer,kivi,vq (fakequant)")
     p.add_argument("--bits", type=float, default=2, help="bits per element for the quantizing methods")
     p.add_argument("--residual", type=int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept in full precision")
@@ -527,19 +543,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--needle", default="", help="comma list of context lengths for passkey retrieval, e.g. 4096,8192")
     p.add_argument("--needle-depths", default="0,25,50,75,100", help="comma list of depths in percent")
     p.add_argument("--no-layer-report", action="store_true", help="skip the per-layer attention error report")
+    p.add_argument("--prefill", type=int, default=128,
+                   help="real path, perplexity: tokens of each window prefilled at once; the rest is decoded "
+                        "in blocks of --block against the cache")
+    p.add_argument("--block", type=int, default=16, help="real path: tokens per decode step (16: the GPU kernel's most)")
+    p.add_argument("--retrieval", default="",
+                   help="real path: comma list of context lengths for retrieval, e.g. 2048,4096,8192")
+    p.add_argument("--tasks", default="passkey,multikey", help="real path: retrieval tasks (passkey, multikey)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="real path: retrieval trials per task and length (depths spread over 0-100%%)")
+    p.add_argument("--keys", type=int, default=3, help="real path: keys in the multikey prompt (one asked)")
+    p.add_argument("--retrieval-methods", default=None,
+                   help="real path: the methods that run retrieval (default: all of --methods)")
+    p.add_argument("--kv-cache", default=None,
+                   help="file to keep the calibration K/V in: loaded when it holds the same settings, else written")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
-def _build(method: str, keys, values, bits: float, residual: int, sink_tokens: int, progress: bool = True):
+def _build(method: str, keys, values, bits: float, residual: int, sink_tokens: int, progress: bool = True,
+           query_absmax=None):
     from . import quantizer as qmod
 
     factory = getattr(qmod, "build_quantizer", None)
     if factory is None:
         raise RuntimeError("vecinfer.quantizer.build_quantizer is missing")
     kwargs = {"sink_tokens": sink_tokens} if sink_tokens else {}
+    if query_absmax is not None:
+        kwargs["query_absmax"] = query_absmax
     try:
         import inspect
 
@@ -558,9 +591,67 @@ def _bits(q) -> Optional[float]:
         return None
 
 
+def needs_calibration(method: str) -> bool:
+    """Whether `method` of `vecinfer eval` is a vecinfer quantizer (calibrated on the model's K/V)."""
+    from .realpath import BASELINES
+
+    return method != "fp" and method not in BASELINES
+
+
+@torch.no_grad()
+def collect_query_absmax(model, tokenizer, texts, max_tokens: int = 8192, chunk: int = 1024):
+    """`vecinfer.hf.collect_kv` that also records, per layer, the largest |post-RoPE query| of each
+    channel over the query heads of each KV head: (keys, values, query_absmax), query_absmax[l]
+    [num_kv_heads, head_dim] float32 (for scale_rule "query")."""
+    from .hf import collect_kv
+
+    with fake_quant_attention(model, None) as state:  # full-precision attention, queries recorded
+        state.query_absmax = {}
+        keys, values = collect_kv(model, tokenizer, texts, max_tokens=max_tokens, chunk=chunk, progress=False)
+    return keys, values, [state.query_absmax[i] for i in range(len(keys))]
+
+
+def _calibration_samples(args, model, tok, ids, report: dict, log):
+    """Post-RoPE calibration K/V and query maxima for eval_main: --calib-text (or the part of
+    --text after the evaluation tokens), collected in sequences of --calib-chunk tokens; with
+    --kv-cache FILE, loaded from FILE when it holds samples of the same settings, else collected
+    and saved there. Returns (keys, values, query_absmax)."""
+    from .hf import load_text
+
+    chunk = args.calib_chunk or max([args.window] + _int_list(args.needle))
+    report["calib_chunk"] = chunk
+    settings = {"model": args.model, "calib_text": args.calib_text, "calib_tokens": args.calib_tokens,
+                "calib_chunk": chunk, "text": args.text if args.calib_text == args.text else None,
+                "tokens": args.tokens if args.calib_text == args.text else None}
+    if args.kv_cache and os.path.exists(args.kv_cache):
+        saved = torch.load(args.kv_cache, weights_only=True)
+        if saved.get("settings") == json.dumps(settings, sort_keys=True) and "queries" in saved:
+            log(f"calibration K/V loaded from {args.kv_cache}")
+            return saved["keys"], saved["values"], saved["queries"]
+        log(f"{args.kv_cache} holds K/V of other settings; collecting again")
+    if args.calib_text == args.text:  # calibrate on the part of the text after the evaluation tokens
+        rest = ids[args.tokens: args.tokens + args.calib_tokens]
+        if len(rest) < min(args.calib_tokens, 1024):
+            log("warning: calibration text overlaps the evaluation tokens")
+            rest = ids[-args.calib_tokens:]
+        calib = [tok.decode(rest)]
+    else:
+        calib = [load_text(args.calib_text)]
+    t0 = time.perf_counter()
+    keys, values, queries = collect_query_absmax(model, tok, calib, max_tokens=args.calib_tokens, chunk=chunk)
+    report["collect_seconds"] = time.perf_counter() - t0
+    log(f"collected K/V of {keys[0].shape[1]} tokens x {len(keys)} layers in {report['collect_seconds']:.1f} s")
+    if args.kv_cache:
+        torch.save({"settings": json.dumps(settings, sort_keys=True), "keys": keys, "values": values,
+                    "queries": queries}, args.kv_cache)
+    return keys, values, queries
+
+
 def eval_main(argv=None) -> int:
     """`vecinfer eval ...`: prints a table and optionally writes JSON. Returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.methods is None:
+        args.methods = "fp,vecinfer,fp8,quanto-int2,hqq-int2" if args.path == "real" else "fp,vecinfer,kivi,vq"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         print("vecinfer eval: --methods is empty", file=sys.stderr)
@@ -572,7 +663,7 @@ def eval_main(argv=None) -> int:
     except ImportError:
         print("vecinfer eval needs transformers (pip install transformers gguf accelerate)", file=sys.stderr)
         return 2
-    from .hf import collect_kv, load_gguf_model, load_text, tokenize
+    from .hf import load_gguf_model, load_text, tokenize
 
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
@@ -587,23 +678,13 @@ def eval_main(argv=None) -> int:
               "sink_tokens": args.sink_tokens, "calib_text": args.calib_text, "calib_tokens": args.calib_tokens,
               "torch_threads": torch.get_num_threads(), "methods": {}}
 
-    keys = values = None
-    if any(m != "fp" for m in methods):
-        if args.calib_text == args.text:  # calibrate on the part of the text after the evaluation tokens
-            rest = ids[args.tokens: args.tokens + args.calib_tokens]
-            if len(rest) < min(args.calib_tokens, 1024):
-                log("warning: calibration text overlaps the evaluation tokens")
-                rest = ids[-args.calib_tokens:]
-            calib = [tok.decode(rest)]
-        else:
-            calib = [load_text(args.calib_text)]
-        chunk = args.calib_chunk or max([args.window] + _int_list(args.needle))
-        report["calib_chunk"] = chunk
-        t0 = time.perf_counter()
-        keys, values = collect_kv(model, tok, calib, max_tokens=args.calib_tokens, chunk=chunk,
-                                  progress=not args.quiet)
-        report["collect_seconds"] = time.perf_counter() - t0
-        log(f"collected K/V of {keys[0].shape[1]} tokens x {len(keys)} layers in {report['collect_seconds']:.1f} s")
+    keys = values = queries = None
+    if any(needs_calibration(m) for m in methods):
+        keys, values, queries = _calibration_samples(args, model, tok, ids, report, log)
+    if args.path == "real":
+        from .realpath import eval_real
+
+        return eval_real(args, methods, model, tok, eval_ids, keys, values, queries, report, log)
 
     needles = _int_list(args.needle)
     depths = _int_list(args.needle_depths)
@@ -616,7 +697,8 @@ def eval_main(argv=None) -> int:
         if method != "fp":
             t0 = time.perf_counter()
             try:
-                quant = _build(method, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet)
+                quant = _build(method, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet,
+                               queries)
             except Exception as e:  # one bad method should not lose the others
                 log(f"{method}: building the quantizer failed: {e}")
                 report["methods"][method] = {"error": str(e)}

@@ -62,9 +62,13 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _scales(x: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-(head, channel) smoothing scales of samples x [H, N, D]."""
-    if rule == "sqrt_max":
+def _scales(x: torch.Tensor, rule: str, query_absmax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-(head, channel) smoothing scales of samples x [H, N, D] ("query": with the queries'
+    per-(KV head, channel) absolute maxima query_absmax [H, D])."""
+    if rule == "query":
+        # SmoothQuant's balance (alpha 0.5): after scaling, a channel's key and query ranges are equal
+        s = (x.abs().amax(dim=1) / query_absmax.clamp_min(1e-6)).sqrt()
+    elif rule == "sqrt_max":
         s = x.abs().amax(dim=1).sqrt()
     elif rule == "max":
         s = x.abs().amax(dim=1)
@@ -101,14 +105,21 @@ class KVQuantizer:
     # --- calibration -------------------------------------------------------------------------
     @classmethod
     def calibrate(cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], cfg: VQConfig,
-                  progress: bool = True) -> "KVQuantizer":
+                  progress: bool = True, query_absmax: Optional[Sequence[torch.Tensor]] = None) -> "KVQuantizer":
         """Learns scales, means and k-means codebooks from per-layer post-RoPE samples.
 
         keys[l], values[l]: [num_kv_heads, num_tokens, head_dim]. Runs on the samples' device.
+        query_absmax[l]: [num_kv_heads, head_dim], the largest |query| per channel over the query
+        heads of each KV head (vecinfer.evaluate.collect_query_absmax); needed by scale_rule "query".
         """
         if not isinstance(cfg, VQConfig):
             raise TypeError(f"cfg: expected a vecinfer.VQConfig, got {type(cfg).__name__}")
         heads, dim = _check_samples(keys, values)
+        if cfg.smooth and cfg.scale_rule == "query" and cfg.method == "vq":
+            if query_absmax is None or len(query_absmax) != len(keys) or any(
+                    not isinstance(q, torch.Tensor) or tuple(q.shape) != (heads, dim) for q in query_absmax):
+                raise ValueError(f"query_absmax: scale_rule 'query' needs one [{heads}, {dim}] tensor of query "
+                                 f"maxima per layer ({len(keys)} layers)")
         if cfg.method == "kivi":
             return cls(cfg, [{} for _ in keys], heads, dim)
         groups = heads if cfg.granularity == "head" else 1
@@ -131,7 +142,8 @@ class KVQuantizer:
                 params["value_mean"] = v.mean(dim=1).contiguous()
                 v = v - params["value_mean"][:, None]
             if cfg.smooth:
-                params["key_scale"] = _scales(k, cfg.scale_rule)
+                params["key_scale"] = _scales(k, cfg.scale_rule,
+                                              query_absmax[i].float() if cfg.scale_rule == "query" else None)
                 k = k / params["key_scale"][:, None]
             if cfg.hadamard:
                 k = hadamard(k.contiguous())
@@ -417,20 +429,36 @@ METHOD_OVERRIDES = {
     "vecinfer-nosink+k2.5v1.5": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 10,
                                  "value_sub_dim": 4, "value_code_bits": 6, "sink_tokens": 0},
     "kivi": {"method": "kivi", "sink_tokens": 0},
+    # levers on top of the default (issue 14), each run through the real cache and kernel path:
+    # one codebook per KV head instead of one per layer
+    "vecinfer+head": {"granularity": "head"},
+    # query-aware smoothing scales (SmoothQuant's key/query range balance)
+    "vecinfer+qscale": {"scale_rule": "query"},
+    # bits moved between keys and values at a 2.0 average, as kernel presets: keys 3 bits (4-dim
+    # sub-vectors, 4,096 centroids) and values 1 bit (8-dim, 256), or the reverse
+    "vecinfer+k3v1": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 12,
+                      "value_sub_dim": 8, "value_code_bits": 8},
+    "vecinfer+k1v3": {"key_bits": None, "value_bits": None, "key_sub_dim": 8, "key_code_bits": 8,
+                      "value_sub_dim": 4, "value_code_bits": 12},
+    # the same at a 1.5 average: keys 2 bits, values 1 bit
+    "vecinfer+k2v1": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 8,
+                      "value_sub_dim": 8, "value_code_bits": 8},
 }
 
 
 def build_quantizer(method: str, keys, values, bits: float = 2, residual: int = 128, progress: bool = True,
-                    **overrides) -> KVQuantizer:
-    """A calibrated quantizer for an ablation `method` (see METHOD_OVERRIDES) at `bits` per element."""
+                    query_absmax=None, **overrides) -> KVQuantizer:
+    """A calibrated quantizer for an ablation `method` (see METHOD_OVERRIDES) at `bits` per element
+    (query_absmax: see KVQuantizer.calibrate)."""
     if method not in METHOD_OVERRIDES:
         raise ValueError(f"method: expected one of {sorted(METHOD_OVERRIDES)}, got {method!r}")
     fields = {"key_bits": bits, "value_bits": bits, "residual": residual, **METHOD_OVERRIDES[method], **overrides}
     if fields.get("method") == "kivi":
         fields.pop("key_bits"), fields.pop("value_bits")
-    elif "key_sub_dim" in fields:  # explicit shapes at a fixed average: only meaningful at 2 bits
-        if float(bits) != 2:
-            raise ValueError(f"method {method!r} fixes its own bit widths (2 bits on average); got bits={bits}")
+    elif "key_sub_dim" in fields:  # explicit shapes at a fixed average: only at that average
+        average = (fields["key_code_bits"] / fields["key_sub_dim"] + fields["value_code_bits"] / fields["value_sub_dim"]) / 2
+        if float(bits) != average:
+            raise ValueError(f"method {method!r} fixes its own bit widths ({average:g} bits on average); got bits={bits}")
     cfg = VQConfig(**fields)
-    return KVQuantizer.calibrate(keys, values, cfg, progress=progress)
+    return KVQuantizer.calibrate(keys, values, cfg, progress=progress, query_absmax=query_absmax)
 
