@@ -60,9 +60,13 @@ def baseline_available(name: str) -> Optional[str]:
     if name not in BASELINES:
         return f"unknown baseline {name!r} (known: {sorted(BASELINES)})"
     backend = BASELINES[name][0]
-    module = {"quanto": "optimum.quanto", "hqq": "hqq"}.get(backend)
-    if module is None:
+    if backend == "fp8":  # transformers' own: its fp8 layer exists in the releases that have the backend
+        import transformers.cache_utils
+
+        if not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+            return f"{name} needs a transformers release with the fp8 QuantizedCache backend (this is {transformers.__version__})"
         return None
+    module = {"quanto": "optimum.quanto", "hqq": "hqq"}.get(backend)
     import importlib.util
 
     try:
