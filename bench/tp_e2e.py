@@ -15,7 +15,10 @@ its shard), so a model in one process gets the same weights. GPUs use NCCL, CPUs
   equality  greedy tokens of a random prompt, VecInferCache under tensor parallelism against one
             process with the same quantizer (rank 0 also holds a whole copy of the model: an
             8B-shaped model fits one GPU, a 70B-shaped one does not); transformers' DynamicCache
-            the same way, as the control for tensor parallelism's own rounding
+            the same way, as the control for tensor parallelism's own rounding. Then the
+            one-process tokens are fed to the tensor-parallel model and the logits of every step
+            compared (a random-weight model's top logits are close, so bf16 greedy tokens part at
+            the first near-tie; the logits say whether the runs agree beyond rounding)
   speed     `vecinfer bench --e2e`'s run (bench_e2e.run_one) under tensor parallelism at --context
             tokens: chunked prefill into DynamicCache, a 2-bit quantizer calibrated on the prompt's
             keys and values (every rank's heads gathered) unless --quantizer is given,
@@ -120,18 +123,47 @@ def build(spec: dict, device: torch.device, dtype: torch.dtype, tensor_parallel:
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, cache, new_tokens: int):
-    """(tokens, margins): `new_tokens` greedy tokens after the prompt `ids` [1, P], and the gap
-    between the two largest logits at each (how close the choice was)."""
+def greedy(model, ids: torch.Tensor, cache, new_tokens: int, keep_logits: bool = False):
+    """(tokens, margins, logits): `new_tokens` greedy tokens after the prompt `ids` [1, P], the gap
+    between the two largest logits at each (how close the choice was), and with keep_logits the
+    float32 logits [new_tokens, V] each token was chosen from (else None)."""
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    tokens, margins = [], []
+    tokens, margins, kept = [], [], []
     for _ in range(new_tokens):
         top = logits.float().topk(2, dim=-1)
         token = top.indices[:, :1]
         tokens.append(int(token))
         margins.append(float(top.values[0, 0] - top.values[0, 1]))
+        if keep_logits:
+            kept.append(logits[0].float())
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
-    return tokens, margins
+    return tokens, margins, torch.stack(kept) if keep_logits else None
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, ids: torch.Tensor, cache, tokens: list) -> torch.Tensor:
+    """float32 logits [len(tokens), V]: after the prompt `ids`, then after each of tokens[:-1] fed
+    in turn (the logits greedy() chose `tokens` from, when the model agrees with it)."""
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    rows = [logits.float()]
+    for token in tokens[:-1]:
+        step = torch.tensor([[token]], device=ids.device)
+        rows.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1].float())
+    return torch.stack(rows)
+
+
+def _logit_agreement(tp: torch.Tensor, one: torch.Tensor, tokens: list, margins: list) -> dict:
+    """How far the tensor-parallel logits `tp` are from the one-process logits `one` (both
+    [steps, V], the same tokens fed): the largest difference against the logits' spread, and the
+    steps whose argmax differs, each with its one-process margin (a tie within rounding when the
+    margin is below twice that step's difference)."""
+    diff = (tp - one).abs().amax(dim=-1)
+    argmax = tp.argmax(dim=-1).tolist()
+    differ = [dict(step=i, margin=margins[i], max_abs_diff=float(diff[i])) for i, t in enumerate(tokens)
+              if argmax[i] != t]
+    return dict(steps=len(tokens), argmax_equal_steps=len(tokens) - len(differ), argmax_differs=differ,
+                max_abs_logit_diff=float(diff.max()), logit_std=float(one.std(dim=-1).mean()),
+                relative_diff=float(diff.max() / one.std(dim=-1).mean()))
 
 
 def _compare(a, b, margins):
@@ -166,29 +198,40 @@ def _calibrate_on_prompt(model, ids: torch.Tensor):
 
 
 def phase_equality(model, spec, device, dtype, args, quantizer):
-    """(figures, quantizer): greedy tokens under tensor parallelism against one process."""
+    """(figures, quantizer): greedy tokens under tensor parallelism against one process, then the
+    one-process tokens fed to the tensor-parallel model (teacher forcing) and the logits compared
+    step by step: greedy tokens part at the first near-tie that the two runs' rounding (different
+    reduction orders in bf16) decides differently, which says little about the rest."""
     from vecinfer.hf_cache import VecInferCache
+
+    def caches(m):
+        return {"vecinfer": VecInferCache(m, quantizer), "default": _new_dynamic_cache(m)}
 
     ids = _random_prompt(spec, args.prompt_tokens, device, seed=1)
     if quantizer is None:
         quantizer = _calibrate_on_prompt(model, ids)
     log(f"equality: {args.equality_tokens} greedy tokens after {args.prompt_tokens} prompt tokens, tensor parallel")
-    tp = {"vecinfer": greedy(model, ids, VecInferCache(model, quantizer), args.equality_tokens),
-          "default": greedy(model, ids, _new_dynamic_cache(model), args.equality_tokens)}
-    out = None
+    tp = {name: greedy(model, ids, cache, args.equality_tokens) for name, cache in caches(model).items()}
+    out, one = None, None
     if dist.get_rank() == 0:
         log("equality: the same in one process (rank 0 holds a whole copy of the model)")
         single = build(spec, device, dtype, tensor_parallel=False)
-        one = {"vecinfer": greedy(single, ids, VecInferCache(single, quantizer), args.equality_tokens),
-               "default": greedy(single, ids, _new_dynamic_cache(single), args.equality_tokens)}
+        one = {name: greedy(single, ids, cache, args.equality_tokens, keep_logits=True)
+               for name, cache in caches(single).items()}
         del single
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # the other ranks wait while rank 0 runs the single-process model, then take its tokens
+    fed = [{name: one[name][0] for name in one} if one else None]
+    dist.broadcast_object_list(fed, src=0)
+    log("equality: the one-process tokens fed to the tensor-parallel model")
+    forced = {name: teacher_forced_logits(model, ids, cache, fed[0][name]) for name, cache in caches(model).items()}
+    if dist.get_rank() == 0:
         out = {name: dict(_compare(tp[name][0], one[name][0], one[name][1]), tokens_tensor_parallel=tp[name][0],
-                          tokens_one_process=one[name][0], min_margin=min(one[name][1]))
+                          tokens_one_process=one[name][0], min_margin=min(one[name][1]),
+                          teacher_forced=_logit_agreement(forced[name], one[name][2], one[name][0], one[name][1]))
                for name in ("vecinfer", "default")}
         out.update(prompt_tokens=args.prompt_tokens, new_tokens=args.equality_tokens)
-    dist.barrier()  # the other ranks wait while rank 0 runs the single-process model
     return out, quantizer
 
 
@@ -326,6 +369,8 @@ def main(argv=None) -> int:
                         "(default the config's max_position_embeddings)")
     parser.add_argument("--timeout-min", type=float, default=10.0,
                         help="collective timeout: a rank stuck this long ends the run")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="the model's dtype on GPUs (float32 on the CPU)")
     parser.add_argument("--json", default=None, help="also write the summary here (rank 0)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -342,7 +387,7 @@ def main(argv=None) -> int:
     spec = MODELS[name]
     if name == "llama-3.1-70b" and "equality" in phases:
         parser.error("--phases equality needs the whole model on rank 0's device: use llama-3.1-8b or tiny")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     world = dist.get_world_size()
     log(f"building {name} over {world} ranks ({device.type}, {dtype})")
     t0 = time.perf_counter()

@@ -6,13 +6,17 @@
 # compute-sanitizer. The most important steps run first, so a run cut short still reports them.
 # Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--e2e] [--prebuilt DIR]
+#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--e2e|--tp] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
 #     --prefill:   build + the long-query tests (both builds) + their benchmark, Nsight Compute and
 #                  compute-sanitizer
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
+#     --tp:        (two GPUs) the tensor-parallel tests, then bench/tp_e2e.py under torchrun, the runs
+#                  named in TP_RUNS (default "8b 70b-speed 70b-longest"): the 8B-shaped model's
+#                  equality and speed at 128k, the 70B-shaped model's speed at 128k, its longest
+#                  contexts; "8b-fp16" runs the equality in fp16 (TP_TESTS=0 skips the tests)
 #     --prebuilt DIR: use packages built elsewhere instead of building here (DIR/sm90/vecinfer and
 #                  DIR/sm80/vecinfer, each with its _C module; see scripts/build_gpu_packages.sh)
 #
@@ -64,7 +68,7 @@ finish() {
 } | tee -a "$SUMMARY"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  $PY -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
@@ -147,6 +151,34 @@ if [ "$MODE" == "--prefill" ]; then
     --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_prefill.py -q -x -p no:cacheprovider \
     -k "lengths_and_dims and 65 or real_kv or paged"
   tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
+  finish
+fi
+
+if [ "$MODE" == "--tp" ]; then
+  # NVLink multicast stays off: the machine's GPUs are shared (the device tool's KINDS.md)
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  LOGS=$OUT/logs && mkdir -p "$LOGS"  # in $OUT as they are written: a run cut short still returns them
+  [ "$(nvidia-smi -L | wc -l)" -ge 2 ] || { echo "- --tp needs two GPUs" | tee -a "$SUMMARY"; status=1; finish; }
+  if [ "${TP_TESTS:-1}" = 1 ]; then
+    step "pytest (tensor parallel)" pytest_tp.log $PY -m pytest tests/test_tp.py -q -rs -p no:cacheprovider
+    tail -3 "$LOGS/pytest_tp.log" | tee -a "$SUMMARY"
+  fi
+  TORCHRUN="$PY -m torch.distributed.run --nproc-per-node 2 bench/tp_e2e.py"
+  for run in ${TP_RUNS:-8b 70b-speed 70b-longest}; do
+    case $run in
+      8b) step "torchrun x2: Llama-3.1-8B shape, equality and speed at 128k" tp_8b.log \
+            timeout 420 $TORCHRUN --model llama-3.1-8b --phases equality,speed --json "$OUT/tp_8b.json" ;;
+      8b-fp16) step "torchrun x2: Llama-3.1-8B shape in fp16, equality" tp_8b_fp16.log \
+            timeout 300 $TORCHRUN --model llama-3.1-8b --dtype float16 --phases equality --json "$OUT/tp_8b_fp16.json" ;;
+      70b-speed) step "torchrun x2: Llama-3.1-70B shape, speed at 128k" tp_70b_speed.log \
+            timeout 420 $TORCHRUN --model llama-3.1-70b --phases speed --json "$OUT/tp_70b_speed.json" ;;
+      70b-longest) step "torchrun x2: Llama-3.1-70B shape, longest contexts" tp_70b_longest.log \
+            env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 420 \
+            $TORCHRUN --model llama-3.1-70b --phases longest --json "$OUT/tp_70b_longest.json" ;;
+      *) echo "- unknown TP_RUNS entry: $run" | tee -a "$SUMMARY"; status=1 ;;
+    esac
+    grep -E "^\[tp_e2e\]|Error|error" "$LOGS/tp_${run//-/_}.log" 2>/dev/null | tail -25 >>"$SUMMARY"
+  done
   finish
 fi
 

@@ -201,6 +201,9 @@ def test_tensor_parallel_benchmark_runs_on_the_cpu(tmp_path):
         got = summary["equality"][name]
         assert got["equal"] and got["tokens_tensor_parallel"] == got["tokens_one_process"]
         assert len(got["tokens_one_process"]) == 12
+        forced = got["teacher_forced"]  # float32 on the CPU: the logits agree to rounding
+        assert forced["steps"] == 12 and forced["argmax_equal_steps"] == 12 and not forced["argmax_differs"]
+        assert forced["relative_diff"] < 1e-3, forced
     speed = summary["speed"]
     assert speed["prompt_tokens"] == 400 and speed["vecinfer_eager_ms_per_token"] > 0
     # each rank holds half the KV heads: its codes are smaller than its 16-bit cache
