@@ -380,17 +380,34 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
                              const nb::ndarray<>& recent_values, const nb::ndarray<>& key_codebook,
                              const nb::ndarray<>& value_codebook, const OptArray& key_scale,
                              const OptArray& key_mean, const OptArray& value_mean, bool hadamard, int64_t max_coded,
-                             const OptArray& page_table, const OptArray& seq_slots, bool recent_ring) {
+                             const OptArray& page_table, const OptArray& seq_slots, bool recent_ring,
+                             const OptArray& query_indptr = std::nullopt, int64_t max_queries = 0) {
   AttentionArgs a;
   a.dtype = element_dtype(q, "q");
   a.placement = placement_of(q, "q");
   const Placement& p = a.placement;
   check_contiguous(q, "q");
-  if (q.ndim() != 4) fail_value("q: expected [batch, num_q_heads, num_queries, head_dim], got " + shape_string(q));
-  const int64_t batch = int64_t(q.shape(0)), hq = int64_t(q.shape(1)), tq = int64_t(q.shape(2)),
-                d = int64_t(q.shape(3));
+  int64_t batch = 0, hq = 0, tq = 0, d = 0;
+  if (query_indptr) {  // ragged: q packed [total_queries, num_q_heads, head_dim]
+    const nb::ndarray<>& t = *query_indptr;
+    if (q.ndim() != 3)
+      fail_value("q: with query_indptr expected packed [total_queries, num_q_heads, head_dim], got " + shape_string(q));
+    if (!is_int32(t.dtype())) fail_type("query_indptr: expected an int32 tensor, got " + dtype_name(t.dtype()));
+    check_same_placement(p, t, "query_indptr");
+    check_contiguous(t, "query_indptr");
+    if (t.ndim() != 1 || t.shape(0) < 2)
+      fail_value("query_indptr: expected [batch + 1] (a batch of at least one), got " + shape_string(t));
+    if (max_queries < 1) fail_value("max_queries: must be >= 1 (the most queries of any sequence)");
+    batch = int64_t(t.shape(0)) - 1, hq = int64_t(q.shape(1)), tq = max_queries, d = int64_t(q.shape(2));
+    if (q.shape(0) < 1 || hq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
+    a.shape.query_indptr = static_cast<const int32_t*>(t.data());
+    a.shape.total_queries = int64_t(q.shape(0));
+  } else {
+    if (q.ndim() != 4) fail_value("q: expected [batch, num_q_heads, num_queries, head_dim], got " + shape_string(q));
+    batch = int64_t(q.shape(0)), hq = int64_t(q.shape(1)), tq = int64_t(q.shape(2)), d = int64_t(q.shape(3));
+    if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
+  }
   if (d != 64 && d != 128 && d != 256) fail_value("q: head_dim (last dimension) must be 64, 128 or 256, got " + shape_string(q));
-  if (batch < 1 || hq < 1 || tq < 1) fail_value("q: is empty (shape " + shape_string(q) + ")");
   a.kv = describe_cache(a.dtype, p, batch, d, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
                         recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean, hadamard,
                         max_coded, page_table, seq_slots, recent_ring);
@@ -409,8 +426,9 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
 // Workspace bytes the CUDA kernel needs: integers only, so the call is cheap.
 int64_t attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t num_queries,
                                   int32_t head_dim, int32_t key_sub_dim, int32_t key_code_bits,
-                                  int32_t value_sub_dim, int32_t value_code_bits, int64_t max_coded) {
+                                  int32_t value_sub_dim, int32_t value_code_bits, int64_t max_coded, bool ragged) {
   vecinfer::AttentionShape shape;
+  shape.total_queries = ragged ? 1 : 0;  // only its sign is read: a ragged call (attention.h)
   shape.batch = batch;
   shape.num_q_heads = num_q_heads;
   shape.num_kv_heads = num_kv_heads;
@@ -431,18 +449,23 @@ void attention(nb::ndarray<> q, nb::ndarray<> out, OptArray lse, nb::ndarray<> k
                   nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
                   OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, double scale,
                   int64_t max_coded, OptArray page_table, OptArray seq_slots, bool recent_ring, OptArray workspace,
-                  uintptr_t stream) {
+                  uintptr_t stream, OptArray query_indptr, int64_t max_queries) {
   const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
                                          recent_values, key_codebook, value_codebook, key_scale, key_mean, value_mean,
-                                         hadamard, max_coded, page_table, seq_slots, recent_ring);
+                                         hadamard, max_coded, page_table, seq_slots, recent_ring, query_indptr,
+                                         max_queries);
   check_like(out, q, "out", a.dtype, a.placement);
   float* lse_ptr = nullptr;
   if (lse) {
     if (!is_float32(lse->dtype())) fail_type("lse: expected a float32 tensor");
     check_same_placement(a.placement, *lse, "lse");
     check_contiguous(*lse, "lse");
-    if (lse->ndim() != 3 || lse->shape(0) != q.shape(0) || lse->shape(1) != q.shape(1) || lse->shape(2) != q.shape(2))
-      fail_value("lse: expected shape [batch, num_q_heads, num_queries], got " + shape_string(*lse));
+    if (query_indptr ? lse->ndim() != 2 || lse->shape(0) != q.shape(0) || lse->shape(1) != q.shape(1)
+                     : lse->ndim() != 3 || lse->shape(0) != q.shape(0) || lse->shape(1) != q.shape(1) ||
+                           lse->shape(2) != q.shape(2))
+      fail_value(std::string("lse: expected shape ") +
+                 (query_indptr ? "[total_queries, num_q_heads]" : "[batch, num_q_heads, num_queries]") + ", got " +
+                 shape_string(*lse));
     lse_ptr = static_cast<float*>(lse->data());
   }
   const float softmax_scale = static_cast<float>(scale);
@@ -534,17 +557,20 @@ class AttentionPlan {
                  nb::ndarray<> sink_keys, nb::ndarray<> sink_values, nb::ndarray<> recent_keys,
                  nb::ndarray<> recent_values, nb::ndarray<> key_codebook, nb::ndarray<> value_codebook,
                  OptArray key_scale, OptArray key_mean, OptArray value_mean, bool hadamard, int64_t max_coded,
-                 OptArray page_table, OptArray seq_slots, bool recent_ring) {
+                 OptArray page_table, OptArray seq_slots, bool recent_ring, OptArray query_indptr,
+                 int64_t max_queries) {
     const AttentionArgs a = attention_args(q, key_codes, value_codes, lengths, sink_keys, sink_values, recent_keys,
                                            recent_values, key_codebook, value_codebook, key_scale, key_mean,
-                                           value_mean, hadamard, max_coded, page_table, seq_slots, recent_ring);
+                                           value_mean, hadamard, max_coded, page_table, seq_slots, recent_ring,
+                                           query_indptr, max_queries);
     if (layers_.empty()) {
       dtype_ = a.dtype, placement_ = a.placement, shape_ = a.shape;
       if (placement_.cuda) raise_if_error(vecinfer::cuda::plan_attention(dtype_, shape_, a.kv, plan_));
     } else if (a.dtype != dtype_ || a.placement.cuda != placement_.cuda ||
                a.placement.device_id != placement_.device_id || a.shape.batch != shape_.batch ||
                a.shape.num_q_heads != shape_.num_q_heads || a.shape.num_kv_heads != shape_.num_kv_heads ||
-               a.shape.num_queries != shape_.num_queries || a.shape.head_dim != shape_.head_dim) {
+               a.shape.num_queries != shape_.num_queries || a.shape.head_dim != shape_.head_dim ||
+               a.shape.query_indptr != shape_.query_indptr || a.shape.total_queries != shape_.total_queries) {
       fail_value("add_layer: every layer of a plan takes the same q shape, dtype and device");
     }
     layers_.push_back(a.kv);
@@ -613,7 +639,8 @@ NB_MODULE(_C, m) {
         nb::arg("recent_keys"), nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"),
         nb::arg("key_scale").none(), nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"),
         nb::arg("scale"), nb::arg("max_coded"), nb::arg("page_table").none(), nb::arg("seq_slots").none(),
-        nb::arg("recent_ring"), nb::arg("workspace").none(), nb::arg("stream"));
+        nb::arg("recent_ring"), nb::arg("workspace").none(), nb::arg("stream"), nb::arg("query_indptr").none(),
+        nb::arg("max_queries"));
   m.def("append_tokens", &append_tokens, nb::arg("keys"), nb::arg("values"), nb::arg("seq_slots"), nb::arg("indptr"),
         nb::arg("max_new_tokens"), nb::arg("key_codes"), nb::arg("value_codes"), nb::arg("page_table"),
         nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"), nb::arg("ring_keys"),
@@ -626,7 +653,8 @@ NB_MODULE(_C, m) {
            nb::arg("lengths"), nb::arg("sink_keys"), nb::arg("sink_values"), nb::arg("recent_keys"),
            nb::arg("recent_values"), nb::arg("key_codebook"), nb::arg("value_codebook"), nb::arg("key_scale").none(),
            nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"), nb::arg("max_coded"),
-           nb::arg("page_table").none(), nb::arg("seq_slots").none(), nb::arg("recent_ring"))
+           nb::arg("page_table").none(), nb::arg("seq_slots").none(), nb::arg("recent_ring"),
+           nb::arg("query_indptr").none(), nb::arg("max_queries"))
       .def_prop_ro("workspace_bytes", &AttentionPlan::workspace_bytes)
       .def_prop_ro("splits", &AttentionPlan::splits)
       .def("run", &AttentionPlan::run, nb::arg("layer"), nb::arg("q"), nb::arg("out"), nb::arg("lse"),
@@ -634,7 +662,8 @@ NB_MODULE(_C, m) {
   m.def("snap_codebook", &snap_codebook, nb::arg("codebook"));
   m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
         nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),
-        nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"));
+        nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"),
+        nb::arg("ragged"));
   m.def("cuda_attention_support",
         [](int dtype, int64_t num_queries, int32_t key_sub_dim, int32_t key_code_bits, int32_t value_sub_dim,
            int32_t value_code_bits) {

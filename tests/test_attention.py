@@ -3,6 +3,7 @@ against an independent float64 reference (numpy bit unpacking, explicit Hadamard
 softmax), on random and real K/V, awkward lengths, mixed lengths in a batch, empty parts."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -56,10 +57,10 @@ class Case:
                 setattr(self, name, value.to(device))
         return self
 
-    def run(self, **kw):
+    def run(self, q=None, **kw):
         key_codes, value_codes = (self.key_pool, self.value_pool) if self.page_table is not None else \
             (self.key_codes, self.value_codes)
-        return vecinfer.attention(self.q, key_codes, value_codes, self.lengths, self.key_codebook,
+        return vecinfer.attention(self.q if q is None else q, key_codes, value_codes, self.lengths, self.key_codebook,
                                   self.value_codebook, sink_keys=self.sink_k, sink_values=self.sink_v,
                                   recent_keys=self.recent_k, recent_values=self.recent_v, key_scale=self.key_scale,
                                   key_mean=self.key_mean, value_mean=self.value_mean, hadamard=self.hadamard,
@@ -117,16 +118,19 @@ class Case:
         v = torch.cat([self.sink_v[b, :, :sinks].cpu().double(), values, self.recent_v[b, :, :recent].cpu().double()], 1)
         return k, v
 
-    def reference(self, scale=None, low_precision=None):
+    def reference(self, scale=None, low_precision=None, counts=None):
         """float64 attention (or, with low_precision=dtype, plain PyTorch at that precision on the
-        inputs rounded to it, to measure the error an unfused implementation makes)."""
-        b_, hq, tq, d = self.q.shape
+        inputs rounded to it, to measure the error an unfused implementation makes). With counts
+        (ragged queries), sequence b's queries are the first counts[b] of self.q[b], and the result
+        is packed: out [total, Hq, D], lse [total, Hq]."""
+        b_, hq, tq_max, d = self.q.shape
         scale = 1 / math.sqrt(d) if scale is None else scale
         outs, lses = [], []
         for b in range(b_):
+            tq = tq_max if counts is None else counts[b]
             k, v = self.dequantized(b)
             n = k.shape[1]
-            q = self.q[b].cpu().double().reshape(k.shape[0], self.group * tq, d)
+            q = self.q[b, :, :tq].cpu().double().reshape(k.shape[0], self.group * tq, d)
             if low_precision is not None:
                 dev = self.q.device
                 qq, kk, vv = (x.to(dev).to(low_precision) for x in (q, k, v))
@@ -142,25 +146,38 @@ class Case:
             else:
                 outs.append((torch.softmax(s, -1) @ v).reshape(hq, tq, d))
                 lses.append(torch.logsumexp(s, -1).reshape(hq, tq))
+        if counts is not None:  # packed: [count, Hq, ...] per sequence
+            out = torch.cat([o.transpose(0, 1) for o in outs])
+            lse = torch.cat([x.transpose(0, 1) for x in lses]) if lses else None
+            return (out, lse) if low_precision is None else out
         out = torch.stack(outs)
         return (out, torch.stack(lses)) if low_precision is None else out
 
+    def packed_queries(self, counts):
+        """(q packed [total, Hq, D], query_indptr int32 [B + 1]) of the first counts[b] queries of
+        each sequence, on q's device."""
+        q = torch.cat([self.q[b, :, :c].transpose(0, 1) for b, c in enumerate(counts)]).contiguous()
+        indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.q.device)
+        return q, indptr
 
-def check(case, device, scale=None):
+
+def check(case, device, scale=None, counts=None):
     """The op on `device` against the float64 reference, by FlashAttention's rule: error at most
-    twice plain PyTorch's at the same precision, plus a floor. Poisoned output, NaN check, LSE."""
+    twice plain PyTorch's at the same precision, plus a floor. Poisoned output, NaN check, LSE.
+    With counts (ragged queries), sequence b attends with its first counts[b] queries, packed."""
     case.to(device)
-    poison = torch.full_like(case.q, float("nan"))
-    out, lse = case.run(scale=scale, return_lse=True, out=poison)
-    assert out.data_ptr() == poison.data_ptr()
-    ref, ref_lse = case.reference(scale)
+    q, indptr = case.packed_queries(counts) if counts is not None else (case.q, None)
+    poison = torch.full_like(q, float("nan"))
+    out, lse = case.run(q=q, query_indptr=indptr, scale=scale, return_lse=True, out=poison)
+    assert out.data_ptr() == poison.data_ptr() and lse.shape == q.shape[:-1]
+    ref, ref_lse = case.reference(scale, counts=counts)
     got = out.double().cpu()
     assert not torch.isnan(got).any(), "NaN in the output (unwritten or poisoned)"
     err = float((got - ref).abs().max())
     if case.dtype == torch.float32:
         bound = 1e-5 * max(1.0, float(ref.abs().max()))
     else:
-        torch_err = float((case.reference(scale, low_precision=case.dtype) - ref).abs().max())
+        torch_err = float((case.reference(scale, low_precision=case.dtype, counts=counts) - ref).abs().max())
         bound = 2 * torch_err + 2e-3 * max(1.0, float(ref.abs().max()))
     assert err <= bound, f"max error {err:.3e} > bound {bound:.3e}"
     lse_err = float((lse.double().cpu() - ref_lse).abs().max())
@@ -198,6 +215,31 @@ def test_paged_codes_rejects_bad_page_ids(gen):
     case.key_pool, case.value_pool = case.key_pool[:, :, :12].contiguous(), case.value_pool[:, :, :12].contiguous()
     with pytest.raises(ValueError, match="power of two"):
         case.run()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5], [1, 1, 1], [0, 7, 2]])
+def test_cpu_ragged_queries(gen, counts):
+    """Packed queries with query_indptr: each sequence attends with its own number of queries
+    (none included), causal at the end of its own sequence."""
+    case = Case(gen, batch=3, d=64, tq=7, dtype=torch.float32, lengths=[4, 40, 9, 0, 17, 7, 2, 30, 1])
+    check(case, "cpu", counts=counts)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_ragged_queries_reject_bad_indptr(gen, device):
+    case = Case(gen, batch=2, d=64, tq=4, lengths=[4, 40, 9, 0, 17, 7]).to(device)
+    q, indptr = case.packed_queries([4, 2])
+    for bad, match in [([1, 4, 6], "rise from 0"), ([0, 4, 5], "rise from 0"), ([0, 5, 4], "never falling"),
+                       ([0, 7, 6], "never falling")]:
+        with pytest.raises(ValueError, match=match):
+            case.run(q=q, query_indptr=torch.tensor(bad, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="int32"):
+        case.run(q=q, query_indptr=indptr.long())
+    with pytest.raises(ValueError, match="packed"):
+        case.run(q=case.q, query_indptr=indptr)
+    with pytest.raises(ValueError, match="fewer tokens than its queries"):
+        case.lengths[1] = torch.tensor([0, 1, 0], dtype=torch.int32)
+        case.run(q=q, query_indptr=indptr)
 
 
 @pytest.mark.parametrize("group,tq", [(1, 1), (4, 3), (16, 2)])

@@ -136,6 +136,21 @@ def test_append_then_run_equals_reference(quantizer, gen, device, sinks, residua
                 tol = 2e-3 if dtype == torch.float16 else 1e-4
                 torch.testing.assert_close(out[i].cpu().double(), ref, atol=tol, rtol=tol)
             assert not torch.isnan(lse).any()
+    # ragged: each sequence its own number of queries (none for one), packed [sum, Hq, D]
+    counts = [2, 0, 25, 1]
+    plan = cache.plan_attention(seqs, num_q_heads=4, num_queries=counts)
+    q = torch.randn((sum(counts), 4, 64), generator=gen).to(dtype).to(device)
+    for layer in cache.layers:
+        lse = torch.full((sum(counts), 4), float("nan"), device=device)
+        out = plan.run(layer, q, out=torch.full_like(q, float("nan")), lse=lse)
+        start = 0
+        for s, c in zip(seqs, counts):
+            k, v = model.expected_kv(s, layer)
+            ref = _attention64(q[start:start + c].transpose(0, 1).cpu(), k, v)
+            tol = 2e-3 if dtype == torch.float16 else 1e-4
+            torch.testing.assert_close(out[start:start + c].transpose(0, 1).cpu().double(), ref, atol=tol, rtol=tol)
+            start += c
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
 
 
 def test_fork_shares_full_pages_and_copies_the_partial_one(quantizer, gen):

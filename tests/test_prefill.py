@@ -74,6 +74,25 @@ def test_real_kv(gen, d):
     check(real_kv_case(gen, d, tq=48, recent=32), "cuda")
 
 
+@needs_cuda
+@pytest.mark.parametrize("counts,lengths", [
+    ([1, 40, 0, 17], [4, 700, 128, 0, 65, 5, 4, 300, 20, 2, 64, 30]),  # the mask reaches sequence 1's codes
+    ([5, 16, 1, 2], [4, 200, 128, 0, 1, 16, 4, 64, 1, 1, 0, 1]),      # all <= 16: still the long-query kernel
+    ([130, 3, 0, 64], [4, 500, 128, 0, 300, 3, 4, 10, 10, 2, 999, 64]),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ragged_queries(gen, counts, lengths, dtype):
+    """Packed queries with query_indptr: every sequence its own number of queries (none included)."""
+    check(Case(gen, batch=4, d=128, dtype=dtype, tq=max(counts), lengths=lengths), "cuda", counts=counts)
+
+
+@needs_cuda
+def test_ragged_queries_split_and_paged(gen):
+    # one short and one long query block over ~30k tokens: split over many blocks, merged; paged codes
+    case = Case(gen, batch=2, hkv=2, group=4, d=64, tq=70, lengths=[4, 30011, 128, 1, 1000, 9], capacity=30016)
+    check(case.page(gen, 64), "cuda", counts=[70, 9])
+
+
 def _cache_with_prompt(gen, device, dtype, prompt=900):
     keys = [torch.randn((2, 600, 128), generator=gen) + 2 * torch.randn((2, 1, 128), generator=gen)]
     values = [torch.randn((2, 600, 128), generator=gen)]

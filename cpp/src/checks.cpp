@@ -115,6 +115,9 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
     return invalid("q: batch, heads and queries must all be at least 1");
   if (shape.num_q_heads % shape.num_kv_heads != 0)
     return invalid("q: the number of query heads must be a multiple of the number of KV heads");
+  if (shape.query_indptr == nullptr ? shape.total_queries != 0 : shape.total_queries < 1)
+    return invalid("query_indptr: ragged queries need total_queries >= 1 (the packed rows of q); without "
+                   "query_indptr total_queries must be 0");
   if (kv.lengths == nullptr) return invalid("lengths: null pointer");
   if (kv.num_slots < 0 || (kv.seq_slots != nullptr && kv.num_slots < 1))
     return invalid("seq_slots: num_slots (rows of the per-sequence buffers) must be >= 1");
@@ -128,6 +131,7 @@ Status check_attention(const AttentionShape& shape, const CompressedKV& kv) {
     return invalid("recent_keys/recent_values: null pointer");
   const bool paged = kv.page_table != nullptr;
   if (!product_fits({shape.batch, shape.num_q_heads, shape.num_queries, shape.head_dim, 4}) ||
+      !product_fits({shape.total_queries, shape.num_q_heads, shape.head_dim, 4}) ||
       !product_fits({shape.batch, shape.num_kv_heads, kv.sink_capacity, shape.head_dim, 4}) ||
       !product_fits({shape.batch, shape.num_kv_heads, kv.recent_capacity, shape.head_dim, 4}) ||
       !product_fits({paged ? kv.num_pages : shape.batch, shape.num_kv_heads,

@@ -266,7 +266,8 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
               key_scale: Optional[Tensor] = None, key_mean: Optional[Tensor] = None,
               value_mean: Optional[Tensor] = None, hadamard: bool = True, scale: Optional[float] = None,
               return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None,
-              page_table: Optional[Tensor] = None, recent_ring: bool = False):
+              page_table: Optional[Tensor] = None, recent_ring: bool = False,
+              query_indptr: Optional[Tensor] = None):
     """Attention of q [B, Hq, Tq, D] over a compressed cache, without dequantizing it to memory.
 
     Per sequence b, lengths[b] = (sinks, coded, recent) (int32 [B, 3]): positions [0, sinks) are
@@ -292,6 +293,13 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     clamps lengths to the capacities and page ids to the pools instead (no host synchronisation).
     max_coded, an upper bound of the coded lengths, sizes the split-KV plan (default: the code
     capacity). `out` may be given (q's shape and dtype).
+
+    Ragged query blocks (sequences with different numbers of queries, as a chunked prefill of
+    several sequences has them): q packed [total_queries, Hq, D] with query_indptr (int32 [B + 1],
+    on q's device): the queries of sequence b are rows query_indptr[b]:query_indptr[b + 1] of q,
+    the last positions of its sequence (a sequence may have none). out has q's shape, lse is
+    [total_queries, Hq]. query_indptr is read on the host once to check it and size the call (a
+    synchronisation when it is on the GPU). On CUDA every ragged call runs the long-query kernel.
     """
     for name, t in (("q", q), ("key_codes", key_codes), ("value_codes", value_codes), ("lengths", lengths),
                     ("key_codebook", key_codebook), ("value_codebook", value_codebook)):
@@ -303,10 +311,17 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         if name.startswith(("sink", "recent")) and t is not None and t.dim() != 4:
             raise ValueError(f"{name}: expected [batch, num_kv_heads, tokens, head_dim], got {list(t.shape)}")
     _check_out(out)
-    if q.dim() != 4 or key_codes.dim() != 4:
-        raise ValueError(f"q and key_codes: expected 4-D tensors [B, heads, tokens, ...], got {list(q.shape)} "
-                         f"and {list(key_codes.shape)}")
-    b, hkv, d = q.shape[0], key_codes.shape[1], q.shape[-1]
+    if key_codes.dim() != 4:
+        raise ValueError(f"key_codes: expected a 4-D tensor [B, heads, tokens, bytes], got {list(key_codes.shape)}")
+    if query_indptr is None:
+        if q.dim() != 4:
+            raise ValueError(f"q: expected a 4-D tensor [B, heads, queries, head_dim], got {list(q.shape)}")
+        counts = None
+        b, num_queries = q.shape[0], q.shape[2]
+    else:
+        counts = _query_counts(query_indptr, q)
+        b, num_queries = counts.numel(), int(counts.max())
+    hkv, d = key_codes.shape[1], q.shape[-1]
     if page_table is None and key_codes.shape[0] != b:  # before lengths is compared with b
         raise ValueError(f"key_codes: holds {key_codes.shape[0]} sequences, q {b}")
 
@@ -335,8 +350,8 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         if bool((lengths > caps).any()):
             raise ValueError(f"lengths: a sequence holds more tokens than the buffers' capacity "
                              f"(sinks {caps[0]}, coded {caps[1]}, recent {caps[2]})")
-        if bool((lengths.sum(1) < q.shape[2]).any()):
-            raise ValueError(f"lengths: a sequence holds fewer tokens than the {q.shape[2]} queries")
+        if bool((lengths.sum(1) < (num_queries if counts is None else counts)).any()):
+            raise ValueError("lengths: a sequence holds fewer tokens than its queries")
         if max_coded is None:
             max_coded = int(lengths[:, 1].max())
         if q.is_cuda:
@@ -347,7 +362,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     scale = 1.0 / d ** 0.5 if scale is None else _check_real(scale, "scale")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
     args = [q.detach(), out, lse, key_codes.detach(), value_codes.detach(), lengths,
             *(t.detach() for t in parts), key_codebook.detach(), value_codebook.detach(),
             None if key_scale is None else key_scale.detach(), None if key_mean is None else key_mean.detach(),
@@ -360,11 +375,34 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             def shape(cb):  # (sub_dim, code_bits); a malformed codebook is reported by the binding
                 return (int(cb.shape[2]), max(int(cb.shape[1]) - 1, 0).bit_length()) if cb.dim() == 3 else (0, 0)
 
-            nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, q.shape[2], d, *shape(key_codebook),
-                                                  *shape(value_codebook), max_coded)
+            nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, num_queries, d,
+                                                  *shape(key_codebook), *shape(value_codebook), max_coded,
+                                                  counts is not None)
             workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
-        _C.attention(*args, workspace, _stream(q))
+        _C.attention(*args, workspace, _stream(q), None if query_indptr is None else query_indptr.detach(),
+                     num_queries)
     return (out, lse) if return_lse else out
+
+
+def _query_counts(query_indptr: Tensor, q: Tensor) -> Tensor:
+    """The queries per sequence (int64, on the CPU) of a ragged call, after checking query_indptr
+    against the packed q [total_queries, Hq, D]."""
+    _check_tensor(query_indptr, "query_indptr")
+    if q.dim() != 3:
+        raise ValueError(f"q: with query_indptr expected packed [total_queries, heads, head_dim], got {list(q.shape)}")
+    if query_indptr.dtype != torch.int32 or query_indptr.dim() != 1 or query_indptr.numel() < 2:
+        raise ValueError(f"query_indptr: expected an int32 tensor [B + 1] (B >= 1), got {query_indptr.dtype} "
+                         f"{list(query_indptr.shape)}")
+    if query_indptr.device != q.device:
+        raise ValueError(f"query_indptr: must be on q's device ({q.device}), got {query_indptr.device}")
+    indptr = query_indptr.cpu().long()
+    counts = indptr[1:] - indptr[:-1]
+    if int(indptr[0]) != 0 or int(indptr[-1]) != q.shape[0] or bool((counts < 0).any()):
+        raise ValueError(f"query_indptr: must rise from 0 to {q.shape[0]} (the rows of q), never falling; got "
+                         f"{indptr.tolist()[:8]}{' ...' if indptr.numel() > 8 else ''}")
+    if q.shape[0] < 1:
+        raise ValueError("q: holds no queries")
+    return counts
 
 
 def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor):

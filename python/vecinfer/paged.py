@@ -27,7 +27,8 @@ Thread safety: none; one cache is driven from one thread.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import itertools
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -85,10 +86,14 @@ class AttentionPlan:
     """Decode attention over a fixed batch of sequences of a PagedKVCache: the split-KV schedule and
     workspace, made once; `run(layer, q)` launches without planning, allocating or synchronising."""
 
-    def __init__(self, cache: "PagedKVCache", seqs: List[int], num_q_heads: int, num_queries: int, max_coded: int,
-                 scale: Optional[float]):
+    def __init__(self, cache: "PagedKVCache", seqs: List[int], num_q_heads: int, counts: List[int], max_coded: int,
+                 scale: Optional[float], ragged: bool):
         self.cache, self.seqs = cache, seqs
-        self.shape = (len(seqs), num_q_heads, num_queries, cache.head_dim)
+        # dense [B, Hq, Tq, D], or ragged: packed [total, Hq, D] with the sequences' rows at query_indptr
+        self.shape = (sum(counts), num_q_heads, cache.head_dim) if ragged else \
+            (len(seqs), num_q_heads, counts[0], cache.head_dim)
+        self.query_indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32,
+                                         device=cache.device) if ragged else None
         self.scale = cache.head_dim ** -0.5 if scale is None else float(scale)
         self.generation = cache._generation
         self.seq_slots = torch.tensor(seqs, dtype=torch.int32, device=cache.device)
@@ -102,7 +107,8 @@ class AttentionPlan:
                                      cache._lengths[layer], cache._sink_k[layer], cache._sink_v[layer],
                                      cache._ring_k[layer], cache._ring_v[layer], p["key_codebook"],
                                      p["value_codebook"], p["key_scale"], p["key_mean"], p["value_mean"],
-                                     cfg.hadamard, max_coded, cache._page_table, self.seq_slots, True)
+                                     cfg.hadamard, max_coded, cache._page_table, self.seq_slots, True,
+                                     self.query_indptr, max(counts))
         self._layer_index = {layer: i for i, layer in enumerate(cache.layers)}
         self.workspace = (torch.empty(max(self._plan.workspace_bytes, 16), dtype=torch.uint8, device=cache.device)
                           if cache.device.type == "cuda" else None)
@@ -112,7 +118,8 @@ class AttentionPlan:
         """Attention of q [B, Hq, Tq, D] (the planned shape, the cache's dtype and device,
         contiguous) over layer `layer` of the planned sequences; the Tq queries are each sequence's
         last Tq tokens. Writes `out` (allocated when not given) and, when given, `lse` (float32
-        [B, Hq, Tq], natural-log log-sum-exp of the scaled scores)."""
+        [B, Hq, Tq], natural-log log-sum-exp of the scaled scores). A ragged plan takes q packed
+        [total, Hq, D] (sequence i's queries after those of sequences 0..i-1) and lse [total, Hq]."""
         if self.generation != self.cache._generation:
             raise ValueError("plan: a sequence was added, forked or freed since this plan was made; plan again")
         index = self._layer_index.get(layer)
@@ -124,7 +131,7 @@ class AttentionPlan:
         else:
             _check_buffer("out", out, self.shape, self.cache.dtype, self.cache.device)
         if lse is not None:
-            _check_buffer("lse", lse, self.shape[:3], torch.float32, self.cache.device)
+            _check_buffer("lse", lse, self.shape[:-1], torch.float32, self.cache.device)
         ws = self.workspace
         self._plan.run(index, q.data_ptr(), out.data_ptr(), 0 if lse is None else lse.data_ptr(), self.scale,
                        0 if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(),
@@ -363,26 +370,35 @@ class PagedKVCache:
 
     # ---- attention ----------------------------------------------------------------------------
 
-    def plan_attention(self, seqs: Sequence[int], num_q_heads: int, num_queries: int = 1,
+    def plan_attention(self, seqs: Sequence[int], num_q_heads: int, num_queries: Union[int, Sequence[int]] = 1,
                        max_tokens: Optional[int] = None, scale: Optional[float] = None) -> AttentionPlan:
         """A decode plan for the sequences `seqs` (q's batch order): split-KV schedule and workspace
         for up to `max_tokens` tokens per sequence (default max_tokens_per_seq; a plan stays valid as
-        sequences grow up to it, e.g. across graph replays)."""
+        sequences grow up to it, e.g. across graph replays). num_queries: the queries of every
+        sequence (q [B, Hq, Tq, D]), or one count per sequence (ragged, e.g. a chunked prefill of
+        several requests: q packed [sum, Hq, D]; on a GPU the long-query kernel runs)."""
         seqs = list(seqs)
         if not seqs:
             raise ValueError("seqs: expected at least one sequence")
         for s in seqs:
             self._check_seq(s)
         _positive_int("num_q_heads", num_q_heads)
-        _positive_int("num_queries", num_queries)
+        ragged = not isinstance(num_queries, int)
+        if ragged:
+            counts = list(num_queries)
+            if len(counts) != len(seqs) or not all(isinstance(c, int) and c >= 0 for c in counts) or not any(counts):
+                raise ValueError(f"num_queries: expected an int or one count >= 0 per sequence ({len(seqs)}), "
+                                 f"not all zero; got {num_queries!r}")
+        else:
+            counts = [_positive_int("num_queries", num_queries)] * len(seqs)
         if num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads: {num_q_heads} is not a multiple of the {self.num_kv_heads} KV heads")
-        short = [s for s in seqs if self.length(s) < num_queries]
+        short = [s for s, c in zip(seqs, counts) if self.length(s) < c]
         if short:
             raise ValueError(f"num_queries: {num_queries} queries, but sequences {short} hold fewer tokens")
         most = self.max_tokens_per_seq if max_tokens is None else _positive_int("max_tokens", max_tokens)
         max_coded = min(self.max_pages_per_seq * self.page_size, max(most - self.sink_tokens, 0))
-        return AttentionPlan(self, seqs, num_q_heads, num_queries, max_coded, scale)
+        return AttentionPlan(self, seqs, num_q_heads, counts, max_coded, scale, ragged)
 
     def nbytes(self) -> int:
         """Bytes the cache holds on its device (pools, windows, sinks, tables) and the quantizer's tables."""

@@ -32,6 +32,17 @@ struct AttentionShape {
   int64_t num_kv_heads = 0;
   int64_t num_queries = 0;  // Tq: up to 16 run the decode kernel on CUDA, more the long-query kernel
   int32_t head_dim = 0;     // 64, 128 or 256
+  // Ragged query blocks (a chunked prefill of several sequences with different chunk lengths).
+  // null: every sequence has num_queries queries, q and out [batch, num_q_heads, num_queries,
+  // head_dim], lse [batch, num_q_heads, num_queries]. Otherwise q and out are packed
+  // [total_queries, num_q_heads, head_dim] and lse [total_queries, num_q_heads]: the queries of
+  // sequence b are rows [query_indptr[b], query_indptr[b + 1]), the last positions of its sequence,
+  // causal among themselves; num_queries is the most any sequence has (a sequence may have none).
+  // query_indptr is int32 [batch + 1] on q's device, from 0 to total_queries, non-decreasing. On
+  // CUDA every ragged call runs the long-query kernel, which clamps the counts to [0, num_queries]
+  // and the rows to the packed tensor (no host synchronisation); the CPU reference rejects them.
+  const int32_t* query_indptr = nullptr;
+  int64_t total_queries = 0;
 };
 
 // One layer of a compressed cache: where its parts live and how they were encoded. The attention
@@ -121,7 +132,9 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
 // run_attention launches with that
 // schedule: no re-planning, no allocation, no host synchronisation, so it can be captured in a
 // CUDA graph. kv of a run must have the plan's shapes (any layer of the cache: the pointers may
-// differ); lengths may grow on the device up to max_coded coded tokens between runs.
+// differ); lengths may grow on the device up to max_coded coded tokens between runs. A ragged plan
+// keeps the shape's query_indptr buffer: its contents may change between runs (within num_queries
+// and total_queries).
 struct AttentionPlan {
   DType dtype = DType::kFloat16;
   AttentionShape shape;

@@ -53,14 +53,20 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
   if (s.ok()) s = check_codebook_values(kv.key_codebook);
   if (s.ok()) s = check_codebook_values(kv.value_codebook);
   if (!s.ok()) return s;
+  const int32_t* indptr = shape.query_indptr;
+  if (indptr != nullptr && (indptr[0] != 0 || indptr[shape.batch] != shape.total_queries))
+    return invalid("query_indptr: must start at 0 and end at total_queries (the rows of q)");
   for (int64_t b = 0; b < shape.batch; ++b) {
+    const int64_t queries = indptr ? int64_t{indptr[b + 1]} - indptr[b] : shape.num_queries;
+    if (queries < 0 || queries > shape.num_queries)
+      return invalid("query_indptr: a sequence's query count is negative or above num_queries");
     const int64_t slot = kv.seq_slots ? kv.seq_slots[b] : b;
     if (slot < 0 || slot >= num_slots) return invalid("seq_slots: a slot outside [0, num_slots)");
     const int32_t* len = kv.lengths + 3 * slot;
     if (len[0] < 0 || len[1] < 0 || len[2] < 0) return invalid("lengths: negative length");
     if (len[0] > kv.sink_capacity || len[1] > kv.code_capacity || len[2] > kv.recent_capacity)
       return invalid("lengths: a sequence holds more tokens than its buffers' capacity");
-    if (int64_t{len[0]} + len[1] + len[2] < shape.num_queries)
+    if (int64_t{len[0]} + len[1] + len[2] < queries)
       return invalid("lengths: a sequence holds fewer tokens than the number of queries");
     if (kv.page_table != nullptr)
       for (int64_t i = 0; i < (int64_t{len[1]} + kv.page_size - 1) / kv.page_size; ++i) {
@@ -69,7 +75,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
       }
   }
   const int d = shape.head_dim;
-  const int64_t hkv = shape.num_kv_heads, group = shape.num_q_heads / hkv, tq = shape.num_queries;
+  const int64_t hkv = shape.num_kv_heads, group = shape.num_q_heads / hkv, hq = shape.num_q_heads;
   const int64_t key_bytes = code_row_bytes(d, kv.key_codebook.sub_dim, kv.key_codebook.code_bits);
   const int64_t value_bytes = code_row_bytes(d, kv.value_codebook.sub_dim, kv.value_codebook.code_bits);
 #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -113,9 +119,11 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
         }
       }
       std::vector<double> scores(n), acc(d), query(d);
+      const int64_t tq = indptr ? int64_t{indptr[b + 1]} - indptr[b] : shape.num_queries;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t t = 0; t < tq; ++t) {
-          const int64_t row = ((b * shape.num_q_heads) + h * group + g) * tq + t;
+          // dense [B, Hq, Tq, D] or packed [total_queries, Hq, D]
+          const int64_t row = indptr ? (indptr[b] + t) * hq + h * group + g : (b * hq + h * group + g) * tq + t;
           const int64_t visible = n - tq + t + 1;  // causal among the Tq queries
           for (int i = 0; i < d; ++i) query[i] = load(dtype, q, row * d + i);
           double max_score = -std::numeric_limits<double>::infinity();

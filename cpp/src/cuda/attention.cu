@@ -32,10 +32,11 @@ Status check_supported(DType dtype, int64_t num_queries, const Codebook& key, co
 Status check_cuda_cache(DType dtype, const AttentionShape& shape, const CompressedKV& kv) {
   Status s = check_attention(shape, kv);
   if (s.ok()) s = check_supported(dtype, shape.num_queries, kv.key_codebook, kv.value_codebook);
+  if (s.ok() && prefill::runs(shape)) s = prefill::supports(kv.key_codebook, kv.value_codebook);
   if (!s.ok()) return s;
   if (kv.seq_slots != nullptr && reinterpret_cast<uintptr_t>(kv.seq_slots) % 4 != 0)
     return invalid("seq_slots: data pointer must be 4-byte aligned");
-  if (shape.num_queries <= prefill::kMaxDecodeQueries &&
+  if (!prefill::runs(shape) &&
       (shape.batch > 65535 ||
        shape.num_kv_heads * ((shape.num_q_heads / shape.num_kv_heads * shape.num_queries + kRows - 1) / kRows) > 65535))
     return unsupported("q: batch or heads beyond the kernel's grid limits (65535)");
@@ -109,7 +110,7 @@ size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV
   if (shape.batch < 1 || shape.num_kv_heads < 1 || shape.num_q_heads % shape.num_kv_heads != 0 ||
       shape.num_queries < 1 || kv.max_coded < 0)
     return 0;
-  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+  if (cuda_detail::prefill::runs(shape)) {
     cuda::AttentionPlan plan;
     return cuda_detail::prefill::plan(DType::kFloat16, shape, kv, plan).ok() ? plan.workspace_bytes : 0;
   }
@@ -123,7 +124,7 @@ Status plan_attention(DType dtype, const AttentionShape& shape, const Compressed
   using namespace cuda_detail::attn;
   Status s = check_cuda_cache(dtype, shape, kv);
   if (!s.ok()) return s;
-  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+  if (cuda_detail::prefill::runs(shape)) {
     s = cuda_detail::prefill::plan(dtype, shape, kv, plan);
   } else {
     Request r = make_request(nullptr, nullptr, nullptr, shape, kv, 1.f);
@@ -163,7 +164,7 @@ Status run_attention(const AttentionPlan& plan, const void* q, void* out, float*
   s = check_cuda_cache(plan.dtype, plan.shape, kv);
   if (s.ok()) s = check_call(q, out, softmax_scale);
   if (!s.ok()) return s;
-  if (plan.shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries)
+  if (cuda_detail::prefill::runs(plan.shape))
     return cuda_detail::prefill::launch(plan, q, out, lse, kv, softmax_scale, workspace, workspace_bytes, stream);
   Request r = make_request(q, out, lse, plan.shape, kv, softmax_scale);
   r.planned = true;
@@ -181,7 +182,7 @@ Status attention(DType dtype, const void* q, void* out, float* lse, const Attent
   Status s = check_cuda_cache(dtype, shape, kv);
   if (s.ok()) s = check_call(q, out, softmax_scale);
   if (!s.ok()) return s;
-  if (shape.num_queries > cuda_detail::prefill::kMaxDecodeQueries) {
+  if (cuda_detail::prefill::runs(shape)) {
     AttentionPlan plan;
     s = plan_attention(dtype, shape, kv, plan);
     return s.ok() ? cuda_detail::prefill::launch(plan, q, out, lse, kv, softmax_scale, workspace, workspace_bytes, stream) : s;

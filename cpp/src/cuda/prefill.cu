@@ -89,6 +89,8 @@ Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, flo
   p.num_q_heads = shape.num_q_heads;
   p.num_kv_heads = shape.num_kv_heads;
   p.num_queries = shape.num_queries;
+  p.query_indptr = shape.query_indptr;
+  p.total_queries = shape.total_queries;
   p.group = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
   p.row_tiles = static_cast<int>((p.group * shape.num_queries + S::kRows - 1) / S::kRows);
   p.splits = plan.splits;

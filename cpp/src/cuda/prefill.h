@@ -9,6 +9,11 @@ namespace vecinfer::cuda_detail::prefill {
 // Queries per sequence up to which the decode kernel runs; longer blocks run the prefill kernel.
 constexpr int64_t kMaxDecodeQueries = 16;
 
+// Whether a call runs this kernel: long query blocks, and every ragged call (attention.h).
+inline bool runs(const AttentionShape& shape) {
+  return shape.num_queries > kMaxDecodeQueries || shape.query_indptr != nullptr || shape.total_queries > 0;
+}
+
 // Whether the kernel takes these codebook shapes.
 Status supports(const Codebook& key, const Codebook& value);
 // Fills the schedule fields of `plan` (device, warps, splits, workspace_bytes) for these shapes;

@@ -3,7 +3,8 @@
 // kernel (vecinfer/attention.h), computed the way FlashAttention computes a forward pass, since
 // with many query rows it is bound by tensor-core work rather than by bytes.
 //
-// Grid: x = tile of kRows query rows, y = KV head, z = sequence x split. The rows of a tile are
+// Grid: x = tile of kRows query rows (of the longest sequence's; with ragged queries a sequence's
+// blocks past its own rows return at once), y = KV head, z = sequence x split. The rows of a tile are
 // (query, query head) pairs of one KV head, row r = t * group + g, so every row of the block reads
 // the same keys and values. The block walks its share of the sequence's token tiles (kN tokens):
 // first the full-precision tokens (sinks, then the recent window), then the coded tokens. A coded
@@ -72,12 +73,14 @@ struct Smem {
 };
 
 struct Params {
-  const void* q;  // [batch, num_q_heads, num_queries, D]
+  const void* q;  // [batch, num_q_heads, num_queries, D], or packed [total_queries, num_q_heads, D]
   void* out;
-  float* lse;       // [batch, num_q_heads, num_queries] or null
+  float* lse;       // [batch, num_q_heads, num_queries] or [total_queries, num_q_heads], or null
   float* partial;   // splits > 1: [batch, kv heads, row tiles, splits, kRows, D + 2] (acc, then max, sum)
   CompressedKV kv;
-  int64_t batch, num_q_heads, num_kv_heads, num_queries;
+  int64_t batch, num_q_heads, num_kv_heads, num_queries;  // num_queries: the most of any sequence
+  const int32_t* query_indptr;  // ragged queries: [batch + 1] (attention.h), or null
+  int64_t total_queries;
   int group;
   int row_tiles;
   int splits;
@@ -164,6 +167,24 @@ struct SeqLengths {
   }
   __device__ int total() const { return sinks + coded + recent; }
 };
+
+// Sequence b's queries (attention.h): the packed row of its first query (ragged), and how many it
+// has. Ragged counts are clamped to [0, num_queries] and to the packed rows. Recomputed where
+// needed (two cached loads) rather than kept in registers through the main loop.
+__device__ __forceinline__ int64_t first_query(const Params& p, int64_t b) {
+  return min(max(static_cast<int64_t>(p.query_indptr[b]), int64_t{0}), p.total_queries);
+}
+__device__ __forceinline__ int query_count(const Params& p, int64_t b) {
+  if (p.query_indptr == nullptr) return static_cast<int>(p.num_queries);
+  const int64_t first = first_query(p, b);
+  const int64_t end = min(max(static_cast<int64_t>(p.query_indptr[b + 1]), first), p.total_queries);
+  return static_cast<int>(min(end - first, p.num_queries));
+}
+// The row (of D elements in q and out; the element of lse) of query t of query head `head`.
+__device__ __forceinline__ int64_t query_row(const Params& p, int64_t b, int64_t head, int64_t t) {
+  return p.query_indptr ? (first_query(p, b) + t) * p.num_q_heads + head
+                        : (b * p.num_q_heads + head) * p.num_queries + t;
+}
 
 // Copies code rows [first, first + kN) of (slot, kv head) into a stage: key rows, then value rows.
 // Rows go 16 at a time (a page holds whole groups of 16); groups past `coded` are not read.
@@ -330,15 +351,17 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
   const int64_t b = blockIdx.z / p.splits;
   const int split = blockIdx.z % p.splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rows_total = p.group * static_cast<int>(p.num_queries);
+  const int queries = query_count(p, b);
+  const int rows_total = p.group * queries;
   const int first_row = row_tile * S::kRows;
+  if (first_row >= rows_total) return;  // a sequence with fewer queries than the longest (ragged)
   const SeqLengths len(p, b);
   const int n = len.total();
   // Query t sits at position n - Tq + t; the block's rows hold queries [t_lo, t_hi].
   const int t_lo = first_row / p.group;
   const int t_hi = (min(first_row + S::kRows, rows_total) - 1) / p.group;
-  const int last_position = n - static_cast<int>(p.num_queries) + t_hi;  // the block sees positions <= this
-  const int first_position = n - static_cast<int>(p.num_queries) + t_lo;
+  const int last_position = n - queries + t_hi;  // the block sees positions <= this
+  const int first_position = n - queries + t_lo;
 
   // The tiles this block visits: full-precision tokens with positions <= last_position (sinks at
   // [0, sinks), recent at [sinks + coded, n)), then coded tokens (positions sinks + j).
@@ -382,7 +405,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
       const int r = r0 + sub_row;
       const int global_row = min(first_row + r, rows_total - 1);
       const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
-      const T* src = static_cast<const T*>(p.q) + ((b * p.num_q_heads + head) * p.num_queries + t) * D + col0;
+      const T* src = static_cast<const T*>(p.q) + query_row(p, b, head, t) * D + col0;
       float v[8];
       load8(src, v);
       if (transformed) {
@@ -413,7 +436,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int global_row = min(first_row + warp_row + 16 * mi + g + 8 * h, rows_total - 1);
-      position[mi][h] = n - static_cast<int>(p.num_queries) + global_row / p.group;
+      position[mi][h] = n - queries + global_row / p.group;
     }
 
   float acc[kM][D / 8][4];
@@ -604,7 +627,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
       if (global_row >= rows_total) continue;
       if (p.splits == 1) {
         const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
-        const int64_t out_row = (b * p.num_q_heads + head) * p.num_queries + t;
+        const int64_t out_row = query_row(p, b, head, t);
         const float inv = row_sum[mi][h] > 0.f ? 1.f / row_sum[mi][h] : 0.f;
         T* dst = static_cast<T*>(p.out) + out_row * D;
 #pragma unroll
@@ -647,7 +670,7 @@ __global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
   const int64_t kv_head = tile_index / p.row_tiles % p.num_kv_heads;
   const int64_t b = tile_index / (p.row_tiles * p.num_kv_heads);
   const int global_row = row_tile * S::kRows + local;
-  if (global_row >= p.group * p.num_queries) return;
+  if (global_row >= p.group * query_count(p, b)) return;
   const float* parts = p.partial + (tile_index * p.splits * S::kRows + local) * (D + 2);
   const int64_t part_stride = int64_t{S::kRows} * (D + 2);
   float m = -INFINITY;
@@ -657,7 +680,7 @@ __global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
   for (int s = 0; s < p.splits; ++s) l += parts[s * part_stride + D + 1] * exp2f(parts[s * part_stride + D] - ref);
   const float inv = l > 0.f ? 1.f / l : 0.f;
   const int64_t t = global_row / p.group, head = kv_head * p.group + global_row % p.group;
-  const int64_t out_row = (b * p.num_q_heads + head) * p.num_queries + t;
+  const int64_t out_row = query_row(p, b, head, t);
   T* dst = static_cast<T*>(p.out) + out_row * D;
   for (int d = lane; d < D; d += 32) {
     float a = 0.f;
