@@ -86,7 +86,7 @@ Request make_request(const void* q, void* out, float* lse, const AttentionShape&
   p.group = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
   p.row_tiles = static_cast<int>((p.group * shape.num_queries + kRows - 1) / kRows);
   p.scale_log2 = softmax_scale * kLog2e;
-  while (kv.page_table != nullptr && (int64_t{1} << p.page_shift) < kv.page_size) ++p.page_shift;
+  p.page_shift = page_shift(kv.page_table != nullptr, kv.page_size);
   r.key_sub = kv.key_codebook.sub_dim;
   r.key_bits = kv.key_codebook.code_bits;
   r.value_sub = kv.value_codebook.sub_dim;

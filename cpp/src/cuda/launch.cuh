@@ -15,6 +15,13 @@
 
 namespace vecinfer::cuda_detail {
 
+// log2 of a paged cache's page size (a power of two: check_attention); 0 for contiguous codes.
+inline int page_shift(bool paged, int64_t page_size) {
+  int shift = 0;
+  while (paged && (int64_t{1} << shift) < page_size) ++shift;
+  return shift;
+}
+
 template <class F>
 Status with_dtype(DType dtype, F&& f) {
   switch (dtype) {

@@ -95,7 +95,7 @@ Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, flo
   p.row_tiles = static_cast<int>((p.group * shape.num_queries + S::kRows - 1) / S::kRows);
   p.splits = plan.splits;
   p.scale_log2 = softmax_scale * kLog2e;
-  while (kv.page_table != nullptr && (int64_t{1} << p.page_shift) < kv.page_size) ++p.page_shift;
+  p.page_shift = page_shift(kv.page_table != nullptr, kv.page_size);
   p.key_row_bytes = code_bytes(D, kv.key_codebook);
   p.value_row_bytes = code_bytes(D, kv.value_codebook);
   auto kernel = prefill_kernel<T, D>;
