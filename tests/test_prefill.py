@@ -4,6 +4,8 @@ reference of test_attention: tile edges, every head_dim, dtype, group and bit pr
 lengths, causal masks reaching into the codes, pages, splits, real K/V, poisoned outputs."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -91,6 +93,34 @@ def test_ragged_queries_split_and_paged(gen):
     # one short and one long query block over ~30k tokens: split over many blocks, merged; paged codes
     case = Case(gen, batch=2, hkv=2, group=4, d=64, tq=70, lengths=[4, 30011, 128, 1, 1000, 9], capacity=30016)
     check(case.page(gen, 64), "cuda", counts=[70, 9])
+
+
+@needs_cuda
+def test_ragged_queries_in_a_cuda_graph(gen):
+    """With max_queries given, a ragged call reads nothing on the host: it is captured in a CUDA
+    graph, and its replays equal the eager call, also after the counts change in place."""
+    case = Case(gen, batch=3, d=128, tq=40, lengths=[4, 300, 128, 0, 65, 5, 4, 64, 30]).to("cuda")
+    case.lengths = case.lengths.cuda()
+    q, indptr = case.packed_queries([40, 0, 20])
+    out = torch.full_like(q, float("nan"))
+
+    def run(**kw):
+        return case.run(q=q, query_indptr=indptr, max_queries=40, max_coded=300, **kw)
+
+    expected = run().clone()
+    torch.testing.assert_close(expected, case.run(q=q, query_indptr=indptr), atol=2e-3, rtol=2e-3)  # read on the host
+    run(out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out=out)
+    for counts in ([40, 0, 20], [20, 20, 20]):  # the same rows of q, other counts
+        indptr.copy_(torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32))
+        expected = run().clone()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
 
 
 def _cache_with_prompt(gen, device, dtype, prompt=900):

@@ -18,6 +18,7 @@ the number of cached tokens (batch x context) with matplotlib, if it is installe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -248,6 +249,40 @@ PREFILL_SHAPES = [("Tq=2048 S=128k", 2048, 131072, 1.0), ("Tq=512 S=128k", 512, 
                   ("Tq=2048 S=32k", 2048, 32768, None), ("Tq=64 S=32k", 64, 32768, None)]
 
 
+# Ragged batches of 8 sequences of 32k tokens: query counts per sequence
+RAGGED_BATCHES = [("1 chunk of 512 + 7 decodes", [512] + [1] * 7), ("8 decodes", [1] * 8),
+                  ("8 chunks of 128", [128] * 8)]
+
+
+def ragged() -> list:
+    """A batch whose sequences have different numbers of queries, as one ragged call (q packed,
+    query_indptr: the long-query kernel) against one dense call per run of equal counts (the decode
+    kernel for single queries), both as CUDA-graph replays of the whole batch."""
+    hq, hkv, d, s = 32, 8, 128, 32768
+    inp = vecinfer_inputs(8, s, hq, hkv, d, 1, 2, 2)
+    per_seq = ("key_codes", "value_codes", "lengths", "sink_keys", "sink_values", "recent_keys", "recent_values")
+    cache = {k: v for k, v in inp.items() if k != "q"}
+    rows = []
+    for label, counts in RAGGED_BATCHES:
+        q = torch.randn((sum(counts), hq, d), device="cuda", dtype=torch.float16)
+        indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device="cuda")
+        one = graph_time_ms([lambda: vecinfer.attention(q, **cache, query_indptr=indptr, max_queries=max(counts))],
+                            replays=5, iters=5)
+        calls, start = [], 0
+        for count, run in itertools.groupby(counts):
+            n = len(list(run))
+            part = {k: (v[start:start + n] if k in per_seq else v) for k, v in cache.items()}
+            qd = torch.randn((n, hq, count, d), device="cuda", dtype=torch.float16)
+            calls.append(lambda qd=qd, part=part: vecinfer.attention(qd, **part))
+            start += n
+        separate = graph_time_ms(calls, replays=5, iters=5) * len(calls)
+        rows.append({"batch": label, "counts": counts, "tokens": s, "ragged_us": 1e3 * one,
+                     "dense_calls": len(calls), "dense_us": 1e3 * separate})
+        print(f"{label:28s} {1e3 * one:10.1f} {1e3 * separate:12.1f} ({len(calls)} call{'s' if len(calls) > 1 else ''})",
+              flush=True)
+    return rows
+
+
 def prefill(json_path=None) -> int:
     """Long query blocks on the compressed cache (Llama-3.1-8B attention, 2-bit, B = 1): the
     long-query kernel over S tokens (the last Tq of them the queries, causal among themselves)
@@ -288,9 +323,14 @@ def prefill(json_path=None) -> int:
               "q_bytes": inp["q"].numel() * 2}
     print(f"\n2,048 queries over 1M tokens: cache {cache / 2**20:.0f} MiB, the call allocates {extra / 2**20:.1f} MiB "
           f"more (q and out are {memory['q_bytes'] / 2**20:.0f} MiB each)")
+    del inp, out
+    torch.cuda.empty_cache()
+    print(f"\nragged batches (8 sequences of 32k tokens)\n{'batch':28s} {'ragged us':>10s} {'dense us':>12s}")
+    ragged_rows = ragged()
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows, "memory": memory}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows, "memory": memory, "ragged": ragged_rows},
+                      f, indent=1)
     return 0
 
 

@@ -267,7 +267,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
               value_mean: Optional[Tensor] = None, hadamard: bool = True, scale: Optional[float] = None,
               return_lse: bool = False, max_coded: Optional[int] = None, out: Optional[Tensor] = None,
               page_table: Optional[Tensor] = None, recent_ring: bool = False,
-              query_indptr: Optional[Tensor] = None):
+              query_indptr: Optional[Tensor] = None, max_queries: Optional[int] = None):
     """Attention of q [B, Hq, Tq, D] over a compressed cache, without dequantizing it to memory.
 
     Per sequence b, lengths[b] = (sinks, coded, recent) (int32 [B, 3]): positions [0, sinks) are
@@ -298,8 +298,11 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     several sequences has them): q packed [total_queries, Hq, D] with query_indptr (int32 [B + 1],
     on q's device): the queries of sequence b are rows query_indptr[b]:query_indptr[b + 1] of q,
     the last positions of its sequence (a sequence may have none). out has q's shape, lse is
-    [total_queries, Hq]. query_indptr is read on the host once to check it and size the call (a
-    synchronisation when it is on the GPU). On CUDA every ragged call runs the long-query kernel.
+    [total_queries, Hq]. query_indptr is read on the host to check it and size the call (a
+    synchronisation when it is on the GPU), unless it is on the GPU and max_queries (at least every
+    sequence's count) is given: then nothing is read and the kernel clamps the counts to
+    max_queries and the rows to q (as lengths are clamped), so the call can be captured in a CUDA
+    graph. On CUDA every ragged call runs the long-query kernel.
     """
     for name, t in (("q", q), ("key_codes", key_codes), ("value_codes", value_codes), ("lengths", lengths),
                     ("key_codebook", key_codebook), ("value_codebook", value_codebook)):
@@ -313,11 +316,16 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     _check_out(out)
     if key_codes.dim() != 4:
         raise ValueError(f"key_codes: expected a 4-D tensor [B, heads, tokens, bytes], got {list(key_codes.shape)}")
+    counts = None  # the queries per sequence, when known on the host
     if query_indptr is None:
         if q.dim() != 4:
             raise ValueError(f"q: expected a 4-D tensor [B, heads, queries, head_dim], got {list(q.shape)}")
-        counts = None
         b, num_queries = q.shape[0], q.shape[2]
+    elif max_queries is not None and query_indptr.is_cuda:
+        _check_indptr(query_indptr, q)
+        b, num_queries = query_indptr.numel() - 1, _check_int(max_queries, "max_queries")
+        if num_queries < 1:
+            raise ValueError(f"max_queries: expected >= 1, got {num_queries}")
     else:
         counts = _query_counts(query_indptr, q)
         b, num_queries = counts.numel(), int(counts.max())
@@ -350,7 +358,9 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         if bool((lengths > caps).any()):
             raise ValueError(f"lengths: a sequence holds more tokens than the buffers' capacity "
                              f"(sinks {caps[0]}, coded {caps[1]}, recent {caps[2]})")
-        if bool((lengths.sum(1) < (num_queries if counts is None else counts)).any()):
+        # every sequence holds its queries (ragged counts unread on the host: the kernel's clamps)
+        queries = num_queries if query_indptr is None else counts if counts is not None else 0
+        if bool((lengths.sum(1) < queries).any()):
             raise ValueError("lengths: a sequence holds fewer tokens than its queries")
         if max_coded is None:
             max_coded = int(lengths[:, 1].max())
@@ -377,16 +387,15 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
 
             nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, num_queries, d,
                                                   *shape(key_codebook), *shape(value_codebook), max_coded,
-                                                  counts is not None)
+                                                  query_indptr is not None)
             workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
         _C.attention(*args, workspace, _stream(q), None if query_indptr is None else query_indptr.detach(),
                      num_queries)
     return (out, lse) if return_lse else out
 
 
-def _query_counts(query_indptr: Tensor, q: Tensor) -> Tensor:
-    """The queries per sequence (int64, on the CPU) of a ragged call, after checking query_indptr
-    against the packed q [total_queries, Hq, D]."""
+def _check_indptr(query_indptr: Tensor, q: Tensor) -> None:
+    """query_indptr's type, shape and device against the packed q [total_queries, Hq, D]."""
     _check_tensor(query_indptr, "query_indptr")
     if q.dim() != 3:
         raise ValueError(f"q: with query_indptr expected packed [total_queries, heads, head_dim], got {list(q.shape)}")
@@ -395,13 +404,19 @@ def _query_counts(query_indptr: Tensor, q: Tensor) -> Tensor:
                          f"{list(query_indptr.shape)}")
     if query_indptr.device != q.device:
         raise ValueError(f"query_indptr: must be on q's device ({q.device}), got {query_indptr.device}")
+    if q.shape[0] < 1:
+        raise ValueError("q: holds no queries")
+
+
+def _query_counts(query_indptr: Tensor, q: Tensor) -> Tensor:
+    """The queries per sequence (int64, on the CPU) of a ragged call, after checking query_indptr
+    against the packed q [total_queries, Hq, D]."""
+    _check_indptr(query_indptr, q)
     indptr = query_indptr.cpu().long()
     counts = indptr[1:] - indptr[:-1]
     if int(indptr[0]) != 0 or int(indptr[-1]) != q.shape[0] or bool((counts < 0).any()):
         raise ValueError(f"query_indptr: must rise from 0 to {q.shape[0]} (the rows of q), never falling; got "
                          f"{indptr.tolist()[:8]}{' ...' if indptr.numel() > 8 else ''}")
-    if q.shape[0] < 1:
-        raise ValueError("q: holds no queries")
     return counts
 
 
