@@ -11,7 +11,9 @@ another, as generation feeds them:
   - a transformers QuantizedCache backend (`BASELINES`: "fp8", "quanto-int2", "quanto-int4",
     "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens);
   - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
-    optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks).
+    optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks) or
+    a fixed budget of full-precision tokens chosen by a score as they leave the window
+    (`KeptTokens`, "proxy:<method>+keep-<rule>-<percent>", e.g. "proxy:vecinfer+keep-novel-1").
 
 - `stream(model, ids, cache, prefill, block)`: feeds ids through the cache; returns the summed
   negative log-likelihood of every next token after the first and the last position's logits.
