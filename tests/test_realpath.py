@@ -255,3 +255,95 @@ def test_query_maxima_and_query_aware_scales(model):
     assert torch.allclose(q.layers[1]["key_scale"], ratio / ratio.mean(dim=1, keepdim=True), rtol=1e-5)
     with pytest.raises(ValueError, match="query_absmax"):
         vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+
+
+@torch.no_grad()
+def test_kept_tokens_novel_keeps_the_tokens_unlike_their_neighbours(model):
+    """Rule "novel": in a run of near-identical keys, the few tokens whose keys differ from the mean
+    of the keys before them are the budget kept (exactly them, returned in full precision); the
+    others are the inner quantizer's codes, unchanged."""
+    q = _quantizer(model, residual=0, sink_tokens=0)
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 2, 1, 64, generator=gen)
+    k = base + 0.05 * torch.randn(1, 2, 200, 64, generator=gen)
+    novel = [50, 51, 120, 181]
+    k[:, :, novel] = 3 * torch.randn(1, 2, 4, 64, generator=gen)
+    v = torch.randn(1, 2, 200, 64, generator=gen)
+    kept = realpath.KeptTokens(q, "novel", fraction=0.02, window=32)  # round(0.02 * 200) = 4 tokens
+    k_out, v_out = kept.fake_quantize(1, k, v)
+    exact = (k_out == k).all(dim=-1).all(dim=1)[0] & (v_out == v).all(dim=-1).all(dim=1)[0]
+    assert exact.nonzero().flatten().tolist() == novel
+    assert (kept.kept, kept.seen) == (4, 200)
+    k_hat, v_hat = q.fake_quantize(1, k, v)
+    assert torch.equal(k_out[:, :, ~exact], k_hat[:, :, ~exact]) and torch.equal(v_out[:, :, ~exact], v_hat[:, :, ~exact])
+    assert math.isclose(kept.bits_per_element(), 0.98 * q.bits_per_element() + 0.02 * 16)
+    # with context: positions [100, 200) of the same keys, a new sequence, the window before 100 seen
+    kept = realpath.KeptTokens(q, "novel", fraction=0.02, window=32)
+    k_out, _ = kept.fake_quantize_range(1, k, v, 100, 200)  # 2 tokens of 100
+    exact = (k_out == k[:, :, 100:]).all(dim=-1).all(dim=1)[0]
+    assert (exact.nonzero().flatten() + 100).tolist() == [120, 181]
+
+
+def test_kept_tokens_stream_with_a_fixed_budget(model):
+    """The selection streams (a token displaces the lowest-scoring kept one) under a budget fixed
+    by the sequence's first call: early high scores survive later low ones, later high ones
+    displace them, and a continuation call grows the budget only with the fraction."""
+    q = _quantizer(model, residual=0, sink_tokens=0)
+
+    class Scored(realpath.KeptTokens):
+        def scores(self, layer, key, value, k_hat, v_hat, lo, hi):
+            return key[:, 0, lo:hi, 0]  # the score is the first channel of head 0
+
+    k = torch.zeros(1, 2, 60, 64)
+    k[0, 0, :, 0] = torch.arange(60.0).remainder(7)  # low scores everywhere ...
+    k[0, 0, [2, 3, 40], 0] = torch.tensor([50.0, 60.0, 55.0])  # ... but these
+    v = torch.zeros_like(k)
+    kept = Scored(q, "kerr", fraction=0.05)  # 3 of the first call's 50 positions
+    k_out, _ = kept.fake_quantize_range(1, k, v, 0, 50)
+    assert (k_out == k[:, :, :50]).all(dim=-1).all(dim=1)[0].nonzero().flatten().tolist() == [2, 3, 40]
+    k[0, 0, 55, 0] = 58.0
+    k_out, _ = kept.fake_quantize_range(1, k, v, 48, 60)  # continues: 60 taken, budget 3; 55 displaces 2
+    assert ((k_out == k[:, :, 48:]).all(dim=-1).all(dim=1)[0].nonzero().flatten() + 48).tolist() == [55]
+    assert sorted(p for _, p in kept._state[1][4][0]) == [3, 40, 55]
+    with pytest.raises(ValueError, match="rule"):
+        realpath.KeptTokens(q, "largest", 0.02)
+
+
+@torch.no_grad()
+def test_kept_tokens_attn_keeps_the_tokens_the_window_attends_to(model):
+    """Rule "attn": the token that the queries of its recent window attend to is kept; a query
+    beyond the window does not count; queries arrive through observe_query (as the fake-quant
+    attention function passes them), a call at position 0 starting a new sequence."""
+    q = _quantizer(model, residual=0, sink_tokens=0)
+    gen = torch.Generator().manual_seed(6)
+    k = torch.randn(1, 2, 100, 64, generator=gen)
+    v = torch.randn(1, 2, 100, 64, generator=gen)
+    queries = torch.zeros(1, 4, 100, 64)  # 4 query heads, 2 per KV head; zero queries attend uniformly
+    queries[:, :2, 30:40] = 4 * k[:, :1, 30:31]  # KV head 0's queries 30..39 look at token 30
+    queries[:, :, 90:] = 4 * k[:, :1, 60:61].repeat(1, 4, 1, 1)  # 30 positions after 60: beyond its window of 16
+    kept = realpath.KeptTokens(q, "attn", fraction=0.01, window=16)  # one token of 100
+    kept.observe_query(0, torch.randn(1, 4, 7, 64), 7)  # another layer, another sequence: ignored
+    kept.observe_query(1, queries[:, :, :60], 60)
+    kept.observe_query(1, queries[:, :, 60:], 100)
+    assert torch.equal(kept.queries[1], queries)
+    k_out, v_out = kept.fake_quantize(1, k, v)
+    exact = (k_out == k).all(dim=-1).all(dim=1)[0]
+    assert exact.nonzero().flatten().tolist() == [30]
+    assert torch.equal(v_out[:, :, 30], v[:, :, 30])
+    kept.observe_query(1, queries[:, :, :5], 5)  # a new sequence
+    assert kept.queries[1].shape[2] == 5
+
+
+@torch.no_grad()
+def test_kept_tokens_in_the_proxy_retrieval(model):
+    """proxy:<method>+keep-<rule>-<percent> runs through retrieval (the "attn" rule sees the
+    document's queries through an extra observing pass) and keeps its budget."""
+    q = _quantizer(model, residual=8, sink_tokens=2)
+    tok = ByteTokenizer(VOCAB)
+    for rule in ("attn", "kerr"):
+        kept = realpath.KeptTokens(q, rule, fraction=0.05)
+        make = realpath.proxy_factory(model, kept)
+        assert (getattr(make, "observe", None) is not None) == (rule == "attn")
+        res = realpath.retrieval(model, tok, {"p": make}, 150, trials=2, max_new_tokens=2)
+        assert len(res["p"]) == 2
+        assert kept.seen > 0 and 0.03 < kept.kept_fraction() <= 0.06

@@ -59,6 +59,7 @@ class _State:
     reference: bool = False    # explicit scores instead of torch's fused sdpa (same function, slower)
     fq_cache: Dict[int, tuple] = field(default_factory=dict)
     query_absmax: Optional[Dict[int, torch.Tensor]] = None  # per layer [Hkv, D], when recording queries
+    observer: object = None  # observer.observe_query(layer, query, key_length) before each attention call
 
 
 _ALIGN = 64  # re-quantize from a multiple of this many tokens after `lo` (token-group quantizers stay exact)
@@ -74,7 +75,11 @@ def _fake_quantize(state: _State, module, key, value, lo: int, hi: int):
     start = lo
     if cached is not None and cached[0] == lo and lo <= cached[1] <= hi and cached[2].shape[2] == cached[1] - lo:
         start = lo + ((cached[1] - lo) // _ALIGN) * _ALIGN
-    kq, vq = state.quantizer.fake_quantize(layer, key[:, :, start:hi], value[:, :, start:hi])
+    ranged = getattr(state.quantizer, "fake_quantize_range", None)
+    if ranged is not None:  # a quantizer that looks at the neighbouring positions (realpath.KeptTokens)
+        kq, vq = ranged(layer, key, value, start, hi)
+    else:
+        kq, vq = state.quantizer.fake_quantize(layer, key[:, :, start:hi], value[:, :, start:hi])
     if start > lo:
         kq = torch.cat([cached[2][:, :, : start - lo], kq], dim=2)
         vq = torch.cat([cached[3][:, :, : start - lo], vq], dim=2)
@@ -261,6 +266,8 @@ def fakequant_attention_forward(module, query, key, value, attention_mask, scali
     state = _STACK[-1] if _STACK else None
     softcap = kwargs.get("softcap")
     quantize = state is not None and state.quantizer is not None
+    if state is not None and state.observer is not None:  # e.g. realpath.KeptTokens's attention statistic
+        state.observer.observe_query(int(getattr(module, "layer_idx", -1)), query.detach(), key.shape[2])
     out = _attend(module, query, key, value, attention_mask, scaling, dropout, state, quantize, softcap)
     if state is not None and state.query_absmax is not None:
         layer = int(getattr(module, "layer_idx", -1))
@@ -337,6 +344,8 @@ def fake_quant_attention(model, quantizer=None, residual: Optional[int] = None, 
         raise ValueError(f"residual and sink_tokens must be >= 0, got {residual} and {sink_tokens}")
     state = _State(quantizer=quantizer, residual=residual, sink_tokens=sink_tokens, compare=compare, record=record,
                    incremental=incremental)
+    if hasattr(quantizer, "observe_query"):
+        state.observer = quantizer
     previous = model.config._attn_implementation
     _set_attn(model, ATTN_NAME)
     _STACK.append(state)

@@ -11,7 +11,9 @@ another, as generation feeds them:
   - a transformers QuantizedCache backend (`BASELINES`: "fp8", "quanto-int2", "quanto-int4",
     "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens);
   - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
-    optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks).
+    optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks) or
+    a fixed budget of full-precision tokens chosen by a score as they leave the window
+    (`KeptTokens`, "proxy:<method>+keep-<rule>-<percent>", e.g. "proxy:vecinfer+keep-novel-1").
 
 - `stream(model, ids, cache, prefill, block)`: feeds ids through the cache; returns the summed
   negative log-likelihood of every next token after the first and the last position's logits.
@@ -26,6 +28,7 @@ another, as generation feeds them:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import random
 import sys
@@ -158,6 +161,169 @@ class OutlierTokens:
         return (1 - self.fraction) * self.inner.bits_per_element() + self.fraction * 16
 
 
+KEEP_RULES = ("kerr", "verr", "novel", "vnovel", "kvnovel", "attn")
+
+
+class KeptTokens:
+    """The fake-quantization proxy of a lever the decode kernel does not have: a fixed budget of
+    tokens kept in full precision, chosen by a score computable when a token leaves the recent
+    window (its codes would not be read; the kernel would read it as it reads the sink tokens).
+
+    Per layer (all KV heads of the layer together), the tokens with the largest score stay exact,
+    round(fraction * n) of the n compressed so far, selected as they leave the window (see
+    `fake_quantize_range`). Scores of token j, summed over KV heads:
+      - "kerr":   ||k_j - k_hat_j||^2 / ||k_j||^2 (key encoding error relative to the key's norm);
+      - "verr":   ||v_j - v_hat_j||^2 (value encoding error);
+      - "novel":  ||k_j - m_j||^2 / ||k_j||^2, m_j the mean key of the `window` positions before j
+                  (how far the key is from what came just before it);
+      - "vnovel": the same for the values; "kvnovel": the sum of the two;
+      - "attn":   the softmax attention the queries i in [j, j + window) give to j (averaged over
+                  the query heads of each KV head; queries seen through `observe_query`, as the
+                  fake-quant attention function passes them; H2O / SnapKV-like heavy hitters).
+    `kept` / `seen` count the tokens of every call (a re-quantized tail is counted again)."""
+
+    def __init__(self, quantizer, rule: str, fraction: float = 0.02, window: Optional[int] = None):
+        if rule not in KEEP_RULES:
+            raise ValueError(f"rule: expected one of {KEEP_RULES}, got {rule!r}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
+        self.inner, self.config, self.rule, self.fraction = quantizer, quantizer.config, rule, fraction
+        self.window = int(window if window is not None else (quantizer.config.residual or 128))
+        self.queries: Dict[int, torch.Tensor] = {}  # layer -> [B, Hq, T, D], positions 0..T-1
+        self._state: Dict[int, list] = {}  # layer -> the streaming selection of the current sequence
+        self.kept = self.seen = 0
+
+    def observe_query(self, layer: int, query: torch.Tensor, key_length: int) -> None:
+        """The queries of positions [key_length - Tq, key_length) (a call starting at 0 starts a sequence)."""
+        if self.rule != "attn":
+            return
+        b, h, tq, d = query.shape
+        start = key_length - tq
+        prev = self.queries.get(layer)
+        if start == 0 or prev is None:
+            prev = query.new_zeros(b, h, 0, d, dtype=torch.float32)
+        if prev.shape[2] > start:
+            prev = prev[:, :, :start]
+        elif prev.shape[2] < start:  # positions not seen: zero queries (they weigh nothing)
+            prev = torch.cat([prev, prev.new_zeros(b, h, start - prev.shape[2], d)], dim=2)
+        self.queries[layer] = torch.cat([prev, query.float()], dim=2)
+
+    @torch.no_grad()
+    def observe_prompt(self, model, ids: Sequence[int]) -> None:
+        """Runs `ids` through the model (full-precision attention) to see the prompt's queries."""
+        if self.rule != "attn":
+            return
+        from .evaluate import fake_quant_attention
+
+        with fake_quant_attention(model, None) as state:
+            state.observer = self
+            model(input_ids=torch.as_tensor([list(ids)], device=_device(model)), use_cache=False, logits_to_keep=1)
+
+    def _mean_before(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """[B, H, hi - lo, D]: the mean of x over the `window` positions before each of [lo, hi)."""
+        a = max(0, lo - self.window)
+        c = torch.cumsum(torch.cat([x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3]), x[:, :, a:hi]], dim=2), dim=2)
+        j = torch.arange(lo, hi, device=x.device)
+        first = (j - self.window).clamp(min=a)
+        n = (j - first).clamp(min=1).to(x.dtype)[:, None]
+        return (c[:, :, j - a] - c[:, :, first - a]) / n
+
+    def _novelty(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        xs = x[:, :, lo:hi]
+        d = ((xs - self._mean_before(x, lo, hi)) ** 2).sum(-1) / (xs ** 2).sum(-1).clamp(min=1e-12)
+        if lo == 0:
+            d[:, :, 0] = 0.0  # nothing before it
+        return d.sum(1)  # [B, n]
+
+    def _attention(self, layer: int, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        q = self.queries.get(layer)
+        b, hkv, tk, d = key.shape
+        if q is None:
+            return key.new_zeros(b, hi - lo)
+        qe = min(q.shape[2], hi + self.window - 1, tk)  # queries [lo, qe) can see [lo, hi) in their window
+        if qe <= lo:
+            return key.new_zeros(b, hi - lo)
+        g = q.shape[1] // hkv
+        qs = q[:, :, lo:qe].reshape(b, hkv, g * (qe - lo), d)
+        s = torch.matmul(qs, key[:, :, :qe].transpose(-1, -2)).view(b, hkv, g, qe - lo, qe) * d ** -0.5
+        i = torch.arange(lo, qe, device=key.device)[:, None]
+        j = torch.arange(qe, device=key.device)[None, :]
+        p = torch.softmax(s.masked_fill(j > i, float("-inf")), dim=-1)[..., lo:hi]  # [B, Hkv, G, nq, hi - lo]
+        inwin = (j[:, lo:hi] <= i) & (j[:, lo:hi] > i - self.window)
+        seen = (q[:, :, lo:qe].abs().sum(dim=(1, 3)) > 0).to(p.dtype)  # queries never observed weigh nothing
+        return (p * inwin * seen[:, None, None, :, None]).sum(dim=3).mean(dim=2).sum(dim=1)
+
+    def scores(self, layer: int, key: torch.Tensor, value: torch.Tensor, k_hat, v_hat, lo: int, hi: int):
+        """[B, hi - lo] the rule's score of positions [lo, hi) (key, value: all positions, [B, Hkv, T, D])."""
+        k, v = key.float(), value.float()
+        if self.rule == "kerr":
+            ks = k[:, :, lo:hi]
+            return (((ks - k_hat.float()) ** 2).sum(-1) / (ks ** 2).sum(-1).clamp(min=1e-12)).sum(1)
+        if self.rule == "verr":
+            return ((v[:, :, lo:hi] - v_hat.float()) ** 2).sum(dim=(1, 3))
+        if self.rule == "novel":
+            return self._novelty(k, lo, hi)
+        if self.rule == "vnovel":
+            return self._novelty(v, lo, hi)
+        if self.rule == "kvnovel":
+            return self._novelty(k, lo, hi) + self._novelty(v, lo, hi)
+        return self._attention(layer, k, lo, hi)
+
+    def fake_quantize_range(self, layer: int, key: torch.Tensor, value: torch.Tensor, lo: int, hi: int):
+        """(k_hat, v_hat) of positions [lo, hi) of key / value [B, Hkv, T, D], the kept ones exact.
+
+        The budget is fixed per sequence: round(fraction * n) tokens, n the positions of the
+        first call of the sequence (a prompt, a perplexity window: what a cache sized for its
+        context would reserve), growing as round(fraction * positions taken) only beyond that.
+        The selection streams, as an encoder would: positions are taken in order as they leave
+        the window; each enters the kept set, and while the set holds more than the budget, its
+        lowest-scoring token leaves it (and would be encoded then). With a fixed budget this
+        keeps exactly the top-budget scores of the sequence. A call starting at or before the
+        first position of the last sequence starts a new one; a later call continues it from the
+        last position taken (a re-quantized tail that the caller reuses keeps the selection it
+        had then)."""
+        k, v = key[:, :, lo:hi], value[:, :, lo:hi]
+        k_hat, v_hat = self.inner.fake_quantize(layer, k, v)
+        b = k.shape[0]
+        state = self._state.get(layer)
+        if state is None or lo <= state[0] or state[2] != b:
+            # first, end, batch, positions taken, heaps, the sequence's budget fixed by its first call
+            state = [lo, lo, b, 0, [[] for _ in range(b)], int(self.fraction * (hi - lo) + 0.5)]
+            self._state[layer] = state
+        first, end, _, taken, heaps, fixed = state
+        if hi > end:
+            score = self.scores(layer, key, value, None, None, end, hi) if self.rule not in ("kerr", "verr") else \
+                self.scores(layer, key, value, k_hat[:, :, end - lo:], v_hat[:, :, end - lo:], end, hi)
+            score = score.tolist()
+            for t in range(hi - end):
+                taken += 1
+                budget = max(fixed, int(self.fraction * taken + 0.5))
+                for r in range(b):
+                    heapq.heappush(heaps[r], (score[r][t], end + t))
+                    while len(heaps[r]) > budget:
+                        heapq.heappop(heaps[r])
+            state[1], state[3] = hi, taken
+        keep = torch.zeros(b, 1, hi - lo, 1, dtype=torch.bool, device=k.device)
+        for r in range(b):
+            pos = [p - lo for _, p in heaps[r] if lo <= p < hi]
+            if pos:
+                keep[r, 0, pos] = True
+        self.kept += int(keep.sum())
+        self.seen += b * (hi - lo)
+        return torch.where(keep, k, k_hat), torch.where(keep, v, v_hat)
+
+    def fake_quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Positions 0..T-1 of k / v [B, Hkv, T, D] all compressed (no context before them)."""
+        return self.fake_quantize_range(layer, k, v, 0, k.shape[2])
+
+    def kept_fraction(self) -> float:
+        return self.kept / max(self.seen, 1)
+
+    def bits_per_element(self) -> float:
+        f = self.kept / self.seen if self.seen else self.fraction
+        return (1 - f) * self.inner.bits_per_element() + f * 16
+
+
 def proxy_factory(model, quantizer) -> Callable[..., object]:
     """The fake-quantization proxy as a retrieval method: `make(prefilled)` copies the prefilled
     prompt into a full-precision DynamicCache, and `make.context()` is the block (evaluate's
@@ -169,6 +335,8 @@ def proxy_factory(model, quantizer) -> Callable[..., object]:
 
     def make_proxy(prefilled=None):
         return make(prefilled)
+    if getattr(quantizer, "rule", None) == "attn":  # KeptTokens: a rule that needs the prompt's queries
+        make_proxy.observe = lambda ids: quantizer.observe_prompt(model, ids)
     make_proxy.context = lambda: fake_quant_attention(model, quantizer, incremental=True)
     make_proxy.quantizer = quantizer
     return make_proxy
@@ -310,6 +478,8 @@ def retrieval(model, tok, methods: Dict[str, Callable[..., object]], context_tok
               logits_to_keep=1)
         for name, make in methods.items():
             t0 = time.perf_counter()
+            if getattr(make, "observe", None) is not None:  # KeptTokens "attn": the document's queries
+                make.observe(ids[:question_at])
             with getattr(make, "context", contextlib.nullcontext)():  # the proxy's attention
                 text = answer(model, tok, ids[question_at:], make(prefilled), block, max_new_tokens)
             out[name].append({"task": task, "context_tokens": len(ids), "depth": depth, "key": key,
@@ -339,6 +509,7 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
     retrieving = methods if args.retrieval_methods is None else \
         [m.strip() for m in args.retrieval_methods.split(",") if m.strip()]
     factories: Dict[str, Callable[..., object]] = {}
+    built: Dict[str, object] = {}
     for method in methods:
         row: dict = {}
         report["methods"][method] = row
@@ -358,12 +529,19 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             base = method[len("proxy:"):] if proxy else method
             outliers = base.endswith("+outliers")
             base = base[:-len("+outliers")] if outliers else base
+            keep = None  # "+keep-<rule>-<percent>": KeptTokens (proxy only)
+            if "+keep-" in base:
+                base, spec = base.split("+keep-", 1)
+                rule, _, pct = spec.partition("-")
+                keep = (rule, float(pct or 2) / 100)
             t0 = time.perf_counter()
             try:
-                if outliers and not proxy:
-                    raise ValueError("outlier tokens are not in the decode kernel: measure them as proxy:" + method)
-                quant = _build(base, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet,
-                               queries)
+                if (outliers or keep) and not proxy:
+                    raise ValueError("outlier / kept tokens are not in the decode kernel: measure them as proxy:" + method)
+                if base not in built:  # one calibration per base method, shared by its levers
+                    built[base] = _build(base, keys, values, args.bits, args.residual, args.sink_tokens,
+                                         not args.quiet, queries)
+                quant = built[base]
                 if quant.config.method != "vq" and not proxy:
                     raise ValueError(f"method {quant.config.method!r} is a fake-quantization baseline (--path fakequant)")
             except Exception as e:  # one bad method should not lose the others
@@ -373,6 +551,8 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             row["config"] = quant.config.to_dict()
             if outliers:
                 quant = OutlierTokens(quant, keys, 0.01)
+            if keep:
+                quant = KeptTokens(quant, keep[0], keep[1])
             row["calibrate_seconds"] = time.perf_counter() - t0
             row["bits_per_element"] = _bits(quant)
             if proxy:
@@ -407,8 +587,9 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
                 _write_json(args.json, report)
     for m, make in factories.items():  # how many tokens the outlier proxies kept in full precision
         quant = getattr(make, "quantizer", None)
-        if isinstance(quant, OutlierTokens):
+        if isinstance(quant, (OutlierTokens, KeptTokens)):
             report["methods"][m]["outlier_fraction"] = quant.kept / max(quant.seen, 1)
+            report["methods"][m]["bits_per_element"] = _bits(quant)  # with the fraction actually kept
     fp = report["methods"].get("fp", {}).get("ppl")
     for row in report["methods"].values():
         if fp is not None and "ppl" in row:
@@ -445,5 +626,5 @@ def format_real_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BASELINES", "TASKS", "answer", "baseline_available", "cache_factory", "eval_real", "format_real_table",
+__all__ = ["BASELINES", "KEEP_RULES", "KeptTokens", "TASKS", "answer", "baseline_available", "cache_factory", "eval_real", "format_real_table",
            "perplexity", "retrieval", "retrieval_prompt", "stream"]
