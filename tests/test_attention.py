@@ -237,6 +237,12 @@ def test_ragged_queries_reject_bad_indptr(gen, device):
         case.run(q=q, query_indptr=indptr.long())
     with pytest.raises(ValueError, match="packed"):
         case.run(q=case.q, query_indptr=indptr)
+    with pytest.raises(ValueError, match="max_queries"):
+        case.run(q=q, query_indptr=indptr, max_queries=0)
+    with pytest.raises(ValueError, match="without query_indptr"):
+        case.run(max_queries=4)
+    with pytest.raises(TypeError, match="max_queries"):
+        case.run(q=q, query_indptr=indptr, max_queries=4.0)
     with pytest.raises(ValueError, match="fewer tokens than its queries"):
         case.lengths[1] = torch.tensor([0, 1, 0], dtype=torch.int32)
         case.run(q=q, query_indptr=indptr)

@@ -223,6 +223,14 @@ def test_bad_calls_raise_and_leave_the_cache_unchanged(quantizer, gen):
     plan = cache.plan_attention([a], 4)
     with pytest.raises(ValueError, match="queries"):
         cache.plan_attention([a], 4, num_queries=4)
+    for counts in ([2, 1], [-1], [0], [True], [1.0]):  # ragged: one count >= 0 per sequence, not all zero
+        with pytest.raises(ValueError, match="num_queries"):
+            cache.plan_attention([a], 4, num_queries=counts)
+    with pytest.raises(ValueError, match="hold fewer tokens"):
+        cache.plan_attention([a], 4, num_queries=[4])
+    ragged = cache.plan_attention([a], 4, num_queries=[2])
+    with pytest.raises(ValueError, match=r"expected a contiguous"):
+        ragged.run(0, torch.randn(1, 4, 2, 64))  # the dense shape: a ragged plan takes q packed [2, 4, 64]
     with pytest.raises(ValueError, match="multiple"):
         cache.plan_attention([a], 3)
     with pytest.raises(ValueError, match=r"expected a contiguous"):

@@ -316,6 +316,9 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
     _check_out(out)
     if key_codes.dim() != 4:
         raise ValueError(f"key_codes: expected a 4-D tensor [B, heads, tokens, bytes], got {list(key_codes.shape)}")
+    if max_queries is not None and (_check_int(max_queries, "max_queries") < 1 or query_indptr is None):
+        raise ValueError(f"max_queries: expected an int >= 1 with query_indptr, got {max_queries!r}"
+                         f"{'' if query_indptr is not None else ' without query_indptr'}")
     counts = None  # the queries per sequence, when known on the host
     if query_indptr is None:
         if q.dim() != 4:
@@ -323,9 +326,7 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
         b, num_queries = q.shape[0], q.shape[2]
     elif max_queries is not None and query_indptr.is_cuda:
         _check_indptr(query_indptr, q)
-        b, num_queries = query_indptr.numel() - 1, _check_int(max_queries, "max_queries")
-        if num_queries < 1:
-            raise ValueError(f"max_queries: expected >= 1, got {num_queries}")
+        b, num_queries = query_indptr.numel() - 1, max_queries
     else:
         counts = _query_counts(query_indptr, q)
         b, num_queries = counts.numel(), int(counts.max())

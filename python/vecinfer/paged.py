@@ -386,7 +386,8 @@ class PagedKVCache:
         ragged = not isinstance(num_queries, int)
         if ragged:
             counts = list(num_queries)
-            if len(counts) != len(seqs) or not all(isinstance(c, int) and c >= 0 for c in counts) or not any(counts):
+            if len(counts) != len(seqs) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                   for c in counts) or not any(counts):
                 raise ValueError(f"num_queries: expected an int or one count >= 0 per sequence ({len(seqs)}), "
                                  f"not all zero; got {num_queries!r}")
         else:
