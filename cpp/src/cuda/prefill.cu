@@ -15,25 +15,26 @@ int code_bytes(int head_dim, const Codebook& book) {
 }
 
 // The block's shared memory on the current device: with the codebooks in it when they fit.
-template <int D>
+template <int D, bool kHopper>
 Status shared_layout(const CompressedKV& kv, int& bytes, bool& tables) {
   int sm_count = 0, max_shared = 0;
   Status s = current_device(sm_count, max_shared);
   if (!s.ok()) return s;
   const int key_entries = 1 << kv.key_codebook.code_bits, value_entries = 1 << kv.value_codebook.code_bits;
-  bytes = Smem<D>::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, true);
+  using L = Smem<D, kHopper>;
+  bytes = L::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, true);
   tables = bytes <= max_shared;
-  if (!tables) bytes = Smem<D>::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, false);
+  if (!tables) bytes = L::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, false);
   return Status::Ok();
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kHopper>
 Status plan_for(const AttentionShape& shape, const CompressedKV& kv, cuda::AttentionPlan& plan) {
-  using S = Shape<D>;
-  auto kernel = prefill_kernel<T, D>;
+  using S = Shape<D, kHopper>;
+  auto kernel = prefill_kernel<T, D, kHopper>;
   int bytes = 0, sm_count = 0, device = 0, blocks_per_sm = 0;
   bool tables = false;
-  Status s = shared_layout<D>(kv, bytes, tables);
+  Status s = shared_layout<D, kHopper>(kv, bytes, tables);
   if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
   if (s.ok()) s = cuda_status(cudaGetDevice(&device));
   if (s.ok()) s = cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, S::kThreads, bytes));
@@ -72,10 +73,10 @@ Status plan_for(const AttentionShape& shape, const CompressedKV& kv, cuda::Atten
   return Status::Ok();
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kHopper>
 Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
                   float softmax_scale, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  using S = Shape<D>;
+  using S = Shape<D, kHopper>;
   const AttentionShape& shape = plan.shape;
   if (plan.splits > 1 && (workspace == nullptr || workspace_bytes < plan.workspace_bytes || !aligned16(workspace)))
     return invalid("workspace: too small or not 16-byte aligned (see attention_workspace_bytes)");
@@ -98,10 +99,10 @@ Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, flo
   p.page_shift = page_shift(kv.page_table != nullptr, kv.page_size);
   p.key_row_bytes = code_bytes(D, kv.key_codebook);
   p.value_row_bytes = code_bytes(D, kv.value_codebook);
-  auto kernel = prefill_kernel<T, D>;
+  auto kernel = prefill_kernel<T, D, kHopper>;
   int bytes = 0, sm_count = 0;
   bool tables = false;
-  Status s = shared_layout<D>(kv, bytes, tables);
+  Status s = shared_layout<D, kHopper>(kv, bytes, tables);
   if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
   if (!s.ok()) return s;
   p.shared_tables = tables;
@@ -111,8 +112,18 @@ Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, flo
   s = cuda_status(cudaGetLastError());
   if (!s.ok() || plan.splits == 1) return s;
   const int64_t rows = p.batch * p.num_kv_heads * p.row_tiles * S::kRows;
-  prefill_merge_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  prefill_merge_kernel<T, D, kHopper><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   return cuda_status(cudaGetLastError());
+}
+
+// Whether the current device runs the Hopper variant: the code it loaded for the kernel was built
+// for sm_90a (an sm_80-only build on a Hopper GPU runs its sm_80 PTX, compiled at load: ptxVersion 80).
+template <typename T, int D>
+Status hopper_variant(bool& hopper) {
+  cudaFuncAttributes attributes{};
+  Status s = cuda_status(cudaFuncGetAttributes(&attributes, prefill_kernel<T, D, true>));
+  hopper = s.ok() && attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
+  return s;
 }
 
 template <class F>
@@ -129,6 +140,18 @@ Status with_type_and_dim(DType dtype, int head_dim, F&& f) {
   });
 }
 
+// Calls f(T{}, integral_constant<int, D>, bool_constant<kHopper>) for the dtype, head_dim and the
+// variant the device runs.
+template <class F>
+Status with_variant(DType dtype, int head_dim, F&& f) {
+  return with_type_and_dim(dtype, head_dim, [&](auto type_tag, auto dim) {
+    bool hopper = false;
+    Status s = hopper_variant<decltype(type_tag), decltype(dim)::value>(hopper);
+    if (!s.ok()) return s;
+    return hopper ? f(type_tag, dim, std::true_type{}) : f(type_tag, dim, std::false_type{});
+  });
+}
+
 }  // namespace
 
 Status supports(const Codebook& key, const Codebook& value) {
@@ -142,17 +165,17 @@ Status supports(const Codebook& key, const Codebook& value) {
 }
 
 Status plan(DType dtype, const AttentionShape& shape, const CompressedKV& kv, cuda::AttentionPlan& plan) {
-  return with_type_and_dim(dtype, shape.head_dim, [&](auto type_tag, auto dim) {
-    return plan_for<decltype(type_tag), decltype(dim)::value>(shape, kv, plan);
+  return with_variant(dtype, shape.head_dim, [&](auto type_tag, auto dim, auto hopper) {
+    return plan_for<decltype(type_tag), decltype(dim)::value, decltype(hopper)::value>(shape, kv, plan);
   });
 }
 
 Status launch(const cuda::AttentionPlan& plan, const void* q, void* out, float* lse, const CompressedKV& kv,
               float softmax_scale, void* workspace, size_t workspace_bytes, void* stream) {
   if (!aligned16(q) || !aligned16(out)) return invalid("q/out: data pointers must be 16-byte aligned");
-  return with_type_and_dim(plan.dtype, plan.shape.head_dim, [&](auto type_tag, auto dim) {
-    return launch_for<decltype(type_tag), decltype(dim)::value>(plan, q, out, lse, kv, softmax_scale, workspace,
-                                                                workspace_bytes, static_cast<cudaStream_t>(stream));
+  return with_variant(plan.dtype, plan.shape.head_dim, [&](auto type_tag, auto dim, auto hopper) {
+    return launch_for<decltype(type_tag), decltype(dim)::value, decltype(hopper)::value>(
+        plan, q, out, lse, kv, softmax_scale, workspace, workspace_bytes, static_cast<cudaStream_t>(stream));
   });
 }
 

@@ -20,6 +20,13 @@
 // are q . k (attention.h). Coded values are centroids; the value mean is added once at the end,
 // weighted by the coded tokens' share of each row's softmax. Centroids are used in the element
 // type (not on the decode kernel's 8-bit grid).
+//
+// Two variants, one source. Ampere (kHopper false): 4 warps, each kM x 16 rows, mma.sync on
+// operands read by ldmatrix from row-padded tiles. Hopper (kHopper true, sm_90a): one warpgroup
+// holding 64 rows (wgmma's M), S = Q K^T by wgmma with both operands in shared memory and
+// O += P V by wgmma with P in registers, the tiles in wgmma's 128-byte-swizzled layout; up to
+// three blocks per multiprocessor overlap one block's dequantization with another's products.
+// The host runs the Hopper variant where its sm_90a code is what the device loads (prefill.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,7 +36,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cute/arch/mma_sm80.hpp>  // mma.sync m16n8k16, fp16 and bf16
+#include <cute/arch/mma_sm80.hpp>       // mma.sync m16n8k16, fp16 and bf16
+#include <cute/arch/mma_sm90_gmma.hpp>  // wgmma (sm_90a), fp16 and bf16
+#include <utility>
 
 #include "../common.h"
 #include "row_ops.cuh"
@@ -39,34 +48,60 @@ namespace vecinfer::cuda_detail::prefill {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Per head_dim: warps, 16-row tiles per warp (each key and value fragment read from shared memory
-// serves kM of them), tokens per tile.
-template <int D>
+// Per head_dim and variant: warps, row tiles per warp (each dequantized key and value tile serves
+// all of them; Ampere: kM tiles of 16 rows per warp, each fragment read by ldmatrix feeding kM
+// products; Hopper: kM tiles of 64 rows per warpgroup, the warp holding 16 rows of each), tokens
+// per tile, blocks per multiprocessor asked of the register allocator.
+template <int D, bool kHopper>
 struct Shape {
   static constexpr int kWarps = 4;
-  static constexpr int kM = D == 256 ? 1 : 2;  // D = 256: the accumulators of one 16-row tile fill the registers
+  // D = 256: the accumulators of one row tile fill the registers
+  static constexpr int kM = D == 256 ? 1 : 2;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16 * kM * kWarps;
+  static constexpr int kRows = 16 * kM * kWarps;  // Hopper: kM tiles of 64 rows, one per wgmma
   static constexpr int kN = D == 256 ? 32 : 64;
-  static constexpr int kStride = D + 8;  // elements per shared row: ldmatrix rows fall in distinct banks
+  static constexpr int kMinBlocks = 2;
   static constexpr int kMaxRowBytes = D / 2;  // code row bytes of the widest preset (sub_dim 2, 8 bits)
   static constexpr int kStageBytes = kN * 2 * kMaxRowBytes + 16;  // key then value code rows (+ read slack)
 };
 
+// Element offset of (row, col) in a [kTileRows][D] tile of 16-bit elements. Ampere: rows padded
+// by 8 elements, so that ldmatrix's eight rows fall in distinct banks. Hopper: wgmma's 128-byte
+// swizzle: panels of 64 columns ([kTileRows][64], 128-byte rows, panel after panel), and in row r
+// the 16-byte chunk c of a panel row sits at chunk c ^ (r % 8). In both, 8 columns from a multiple
+// of 8 are contiguous (one 16-byte store).
+template <int D, int kTileRows, bool kHopper>
+struct TileLayout {
+  static constexpr int kElems = kHopper ? kTileRows * D : kTileRows * (D + 8);
+  static constexpr int kPanelBytes = kTileRows * 128;  // Hopper: bytes between 64-column panels
+  __device__ static int at(int row, int col) {
+    if constexpr (kHopper) {
+      return col / 64 * (kTileRows * 64) + row * 64 + ((col / 8 ^ row) % 8) * 8 + col % 8;
+    } else {
+      return row * (D + 8) + col;
+    }
+  }
+};
+
 // Shared memory of a block: query rows, one key and one value tile, two code stages, then the two
 // codebooks in the element type (their size depends on the codecs; when they do not fit, they are
-// read from global memory instead).
-template <int D>
+// read from global memory instead). The tiles start 1024-byte aligned (Hopper: the swizzle's period;
+// dynamic shared memory starts at the window's 1024-aligned base when the kernel has no static
+// shared memory).
+template <int D, bool kHopper>
 struct Smem {
-  using S = Shape<D>;
-  static constexpr int kQuery = 0;                                       // T [kRows][kStride]
-  static constexpr int kKeys = kQuery + S::kRows * S::kStride * 2;       // T [kN][kStride]
-  static constexpr int kValues = kKeys + S::kN * S::kStride * 2;         // T [kN][kStride]
-  static constexpr int kShift = kValues + S::kN * S::kStride * 2;        // float [kRows]: q . mu * scale_log2
-  static constexpr int kValueMean = kShift + S::kRows * 4;               // float [D]
-  static constexpr int kStages = kValueMean + D * 4;                     // uint8 [2][kStageBytes]
-  static constexpr int kTables = kStages + 2 * S::kStageBytes;           // T key table, then value table
+  using S = Shape<D, kHopper>;
+  using QueryTile = TileLayout<D, S::kRows, kHopper>;
+  using KVTile = TileLayout<D, S::kN, kHopper>;
+  static constexpr int kQuery = 0;                                 // T QueryTile
+  static constexpr int kKeys = kQuery + QueryTile::kElems * 2;     // T KVTile
+  static constexpr int kValues = kKeys + KVTile::kElems * 2;       // T KVTile
+  static constexpr int kShift = kValues + KVTile::kElems * 2;      // float [kRows]: q . mu * scale_log2
+  static constexpr int kValueMean = kShift + S::kRows * 4;         // float [D]
+  static constexpr int kStages = kValueMean + D * 4;               // uint8 [2][kStageBytes]
+  static constexpr int kTables = kStages + 2 * S::kStageBytes;     // T key table, then value table
   static_assert(kStages % 16 == 0 && S::kStageBytes % 16 == 0 && kTables % 16 == 0, "16-byte alignment");
+  static_assert(!kHopper || (kKeys % 1024 == 0 && kValues % 1024 == 0), "swizzled tiles 1024-byte aligned");
   static int bytes(int key_entries, int key_sub, int value_entries, int value_sub, bool tables) {
     return kTables + (tables ? 2 * (key_entries * key_sub + value_entries * value_sub) : 0);
   }
@@ -130,6 +165,15 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The A fragment of tokens [16 kt, 16 kt + 16) from the score accumulators (n8 groups 2 kt, 2 kt + 1).
+template <typename T, int R>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&a)[4], const float (&s)[R][4], int kt) {
+  a[0] = Mma<T>::pack(s[2 * kt][0], s[2 * kt][1]);
+  a[1] = Mma<T>::pack(s[2 * kt][2], s[2 * kt][3]);
+  a[2] = Mma<T>::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+  a[3] = Mma<T>::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -148,10 +192,79 @@ __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
+// f(integral_constant<int, i>) for i = 0 .. N - 1, so that register arrays are indexed by constants.
+template <class F, int... I>
+__device__ __forceinline__ void unrolled_each(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+__device__ __forceinline__ void unrolled(F&& f) {
+  unrolled_each(f, std::make_integer_sequence<int, N>{});
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// ---- wgmma (Hopper) ------------------------------------------------------------------------------
+
+namespace gmma = cute::SM90::GMMA;
+
+// S = Q K^T over 16 elements of D: m64 nN k16, A (Q) and B (K) both K-major in shared memory.
+template <typename T, int N>
+using GmmaScores = std::conditional_t<
+    std::is_same_v<T, __half>,
+    std::conditional_t<N == 32, gmma::MMA_64x32x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>,
+                       gmma::MMA_64x64x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>>,
+    std::conditional_t<N == 32, gmma::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>,
+                       gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>>>;
+// O += P V over 16 tokens: m64 nD k16, A (P) in registers, B (V, [token][D]) N-major in shared memory.
+template <typename T, int D>
+using GmmaValues = std::conditional_t<
+    std::is_same_v<T, __half>,
+    std::conditional_t<D == 64, gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>,
+                       std::conditional_t<D == 128, gmma::MMA_64x128x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>,
+                                          gmma::MMA_64x256x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>>>,
+    std::conditional_t<D == 64, gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>,
+                       std::conditional_t<D == 128, gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>,
+                                          gmma::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>>>>;
+
+// The accumulator fragment of an m64nN wgmma is the mma.sync m16n8 fragment of the thread's warp,
+// repeated over N / 8: register 4 j + e of [N / 8][4].
+template <class Op, int R, size_t... I>
+__device__ __forceinline__ void gmma_ss(uint64_t a, uint64_t b, float (&d)[R][4], gmma::ScaleOut scale,
+                                        std::index_sequence<I...>) {
+  Op::fma(a, b, d[I / 4][I % 4]..., scale);
+}
+template <class Op, int R, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[R][4], std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], b, d[I / 4][I % 4]...);
+}
+
+// The descriptor of the operand `bytes` further on: a 32-bit add to the start field (shared
+// addresses stay below 2^18, so the 14-bit field does not carry).
+__device__ __forceinline__ uint64_t advance(uint64_t descriptor, uint32_t bytes) {
+  const uint32_t low = static_cast<uint32_t>(descriptor) + (bytes >> 4);
+  return (descriptor & 0xffffffff00000000ull) | low;
+}
+
+// Keeps the compiler from moving register accesses across an asynchronous wgmma.
+template <int R>
+__device__ __forceinline__ void fence_registers(float (&d)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) cute::warpgroup_fence_operand(d[i][e]);
+}
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled operand starting at `address`: 8-row
+// groups 1024 bytes apart; `leading`: bytes between 64-column panels along N (N-major operands;
+// K-major operands take 16, unused).
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t leading) {
+  return uint64_t{(address & 0x3FFFFu) >> 4} | uint64_t{leading >> 4} << 16 | uint64_t{1024 >> 4} << 32 |
+         uint64_t{1} << 62;
 }
 
 // The lengths of sequence b's slot, clamped to the buffers' capacities.
@@ -188,18 +301,20 @@ __device__ __forceinline__ int64_t query_row(const Params& p, int64_t b, int64_t
 
 // Copies code rows [first, first + kN) of (slot, kv head) into a stage: key rows, then value rows.
 // Rows go 16 at a time (a page holds whole groups of 16); groups past `coded` are not read.
-template <int D>
+template <class S>
 __device__ void stage_codes(const Params& p, uint8_t* stage, int64_t slot, int64_t kv_head, int first, int coded) {
-  using S = Shape<D>;
   const CompressedKV& kv = p.kv;
   const int kb = p.key_row_bytes, vb = p.value_row_bytes;
   // 16 rows of kb bytes are kb 16-byte pieces; key pieces first, then value pieces
   const int pieces = S::kN / 16 * (kb + vb);
+  // j / rb as a multiply-high: exact for j < 2^16 and rb < 2^8 (code rows are at most 128 bytes)
+  const uint32_t key_inverse = 0xffffffffu / kb + 1, value_inverse = 0xffffffffu / vb + 1;
   for (int i = threadIdx.x; i < pieces; i += S::kThreads) {
     const bool key = i < S::kN / 16 * kb;
     const int rb = key ? kb : vb;
     const int j = key ? i : i - S::kN / 16 * kb;
-    const int group = j / rb, piece = j % rb;
+    const int group = static_cast<int>(__umulhi(static_cast<uint32_t>(j), key ? key_inverse : value_inverse));
+    const int piece = j - group * rb;
     const int row = first + 16 * group;
     if (row >= coded) continue;
     int64_t base_row;  // the row's index in the code tensor's [.., rows, rb] layout
@@ -236,43 +351,47 @@ __device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_
   }
 }
 
-// Four centroids of 8-bit codes (packed in `codes`) from a shared table into 4 * kSub consecutive
-// elements, in 16-byte stores.
-template <typename T, int kSub>
-__device__ __forceinline__ void put_four(T* dst, const T* table, uint32_t codes) {
+// Four centroids of 8-bit codes (packed in `codes`) from a shared table into columns
+// [col, col + 4 * kSub) of a tile's row, in 16-byte stores.
+template <typename T, int kSub, class Layout>
+__device__ __forceinline__ void put_four(T* tile, int row, int col, const T* table, uint32_t codes) {
+  auto chunk = [&](int e) { return reinterpret_cast<uint4*>(tile + Layout::at(row, col + 8 * e)); };
   if constexpr (kSub == 2) {
     uint4 out;
     out.x = *reinterpret_cast<const uint32_t*>(table + (codes & 0xff) * 2);
     out.y = *reinterpret_cast<const uint32_t*>(table + (codes >> 8 & 0xff) * 2);
     out.z = *reinterpret_cast<const uint32_t*>(table + (codes >> 16 & 0xff) * 2);
     out.w = *reinterpret_cast<const uint32_t*>(table + (codes >> 24) * 2);
-    *reinterpret_cast<uint4*>(dst) = out;
+    *chunk(0) = out;
   } else if constexpr (kSub == 4) {
     const uint2 c0 = *reinterpret_cast<const uint2*>(table + (codes & 0xff) * 4);
     const uint2 c1 = *reinterpret_cast<const uint2*>(table + (codes >> 8 & 0xff) * 4);
     const uint2 c2 = *reinterpret_cast<const uint2*>(table + (codes >> 16 & 0xff) * 4);
     const uint2 c3 = *reinterpret_cast<const uint2*>(table + (codes >> 24) * 4);
-    reinterpret_cast<uint4*>(dst)[0] = make_uint4(c0.x, c0.y, c1.x, c1.y);
-    reinterpret_cast<uint4*>(dst)[1] = make_uint4(c2.x, c2.y, c3.x, c3.y);
+    *chunk(0) = make_uint4(c0.x, c0.y, c1.x, c1.y);
+    *chunk(1) = make_uint4(c2.x, c2.y, c3.x, c3.y);
   } else {
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      reinterpret_cast<uint4*>(dst)[e] = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * 8);
+      *chunk(e) = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * 8);
   }
 }
 
-// Dequantizes the kN code rows of a stage into a [kN][kStride] tile.
-template <typename T, int D, int kSub, typename Table>
+// Dequantizes the kN code rows of a stage into a [kN][D] tile laid out by Layout.
+template <typename T, int D, class S, class Layout, int kSub, typename Table>
 __device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int code_bits, const Table* table) {
-  using S = Shape<D>;
   constexpr int kPerRow = D / kSub;
   if constexpr (std::is_same_v<Table, T>) {
     if (code_bits == 8) {  // four codes a thread: one 4-byte read, 16-byte stores (rows are whole words)
       constexpr int kQuads = kPerRow / 4;
-      for (int i = threadIdx.x; i < S::kN * kQuads; i += S::kThreads) {
-        const int token = i / kQuads, quad = i % kQuads;
+      static_assert(S::kN * kQuads % S::kThreads == 0, "whole passes");
+      static_assert(S::kThreads % kQuads == 0, "a thread's quad is the same in every pass");
+      const int quad = threadIdx.x % kQuads;
+#pragma unroll
+      for (int pass = 0; pass < S::kN * kQuads / S::kThreads; ++pass) {
+        const int token = threadIdx.x / kQuads + pass * (S::kThreads / kQuads);
         const uint32_t codes = *reinterpret_cast<const uint32_t*>(rows + token * row_bytes + 4 * quad);
-        put_four<T, kSub>(tile + token * S::kStride + 4 * quad * kSub, table, codes);
+        put_four<T, kSub, Layout>(tile, token, 4 * quad * kSub, table, codes);
       }
       return;
     }
@@ -283,27 +402,30 @@ __device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int 
     const int bit = j * code_bits;
     const uint8_t* at = rows + token * row_bytes + (bit >> 3);
     const uint32_t window = code_bits == 8 ? at[0] : (uint32_t{at[0]} | uint32_t{at[1]} << 8);
-    put_centroid<T, kSub>(tile + token * S::kStride + j * kSub, table, (window >> (bit & 7)) & mask);
+    put_centroid<T, kSub>(tile + Layout::at(token, j * kSub), table, (window >> (bit & 7)) & mask);
   }
 }
 
-template <typename T, int D, typename Table>
+template <typename T, int D, class S, class Layout, typename Table>
 __device__ void dequantize(T* tile, const uint8_t* rows, int row_bytes, const Codebook& book, const Table* table) {
-  if (book.sub_dim == 2) dequantize_sub<T, D, 2>(tile, rows, row_bytes, book.code_bits, table);
-  if (book.sub_dim == 4) dequantize_sub<T, D, 4>(tile, rows, row_bytes, book.code_bits, table);
-  if (book.sub_dim == 8) dequantize_sub<T, D, 8>(tile, rows, row_bytes, book.code_bits, table);
+  if (book.sub_dim == 2) dequantize_sub<T, D, S, Layout, 2>(tile, rows, row_bytes, book.code_bits, table);
+  if (book.sub_dim == 4) dequantize_sub<T, D, S, Layout, 4>(tile, rows, row_bytes, book.code_bits, table);
+  if (book.sub_dim == 8) dequantize_sub<T, D, S, Layout, 8>(tile, rows, row_bytes, book.code_bits, table);
 }
 
 // Copies full-precision tokens [first, first + kN) of the sequence's sinks-then-recent stream into
 // the key and value tiles; rows past `count` become zeros (a masked column must not carry NaN).
-template <typename T, int D>
+template <typename T, int D, class S, class Layout>
 __device__ void load_full_precision(const Params& p, T* keys, T* values, const SeqLengths& len, int64_t kv_head,
                                     int first, int count) {
-  using S = Shape<D>;
   const CompressedKV& kv = p.kv;
   constexpr int kPieces = D / 8;  // 16-byte pieces per row
-  for (int i = threadIdx.x; i < S::kN * kPieces; i += S::kThreads) {
-    const int token = i / kPieces, piece = i % kPieces;
+  static_assert(S::kN * kPieces % S::kThreads == 0, "whole passes");
+  static_assert(S::kThreads % kPieces == 0, "a thread's piece is the same in every pass");
+  const int piece = threadIdx.x % kPieces;
+#pragma unroll
+  for (int pass = 0; pass < S::kN * kPieces / S::kThreads; ++pass) {
+    const int token = threadIdx.x / kPieces + pass * (S::kThreads / kPieces);
     const int f = first + token;
     uint4 k = make_uint4(0, 0, 0, 0), v = k;
     if (f < count) {
@@ -322,19 +444,21 @@ __device__ void load_full_precision(const Params& p, T* keys, T* values, const S
       k = *reinterpret_cast<const uint4*>(ksrc + 8 * piece);
       v = *reinterpret_cast<const uint4*>(vsrc + 8 * piece);
     }
-    *reinterpret_cast<uint4*>(keys + token * S::kStride + 8 * piece) = k;
-    *reinterpret_cast<uint4*>(values + token * S::kStride + 8 * piece) = v;
+    *reinterpret_cast<uint4*>(keys + Layout::at(token, 8 * piece)) = k;
+    *reinterpret_cast<uint4*>(values + Layout::at(token, 8 * piece)) = v;
   }
 }
 
 // ---- the kernel ----------------------------------------------------------------------------------
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p) {
-  using S = Shape<D>;
-  using L = Smem<D>;
+template <typename T, int D, bool kHopper>
+__device__ __forceinline__ void prefill_block(const Params& p) {
+  using S = Shape<D, kHopper>;
+  using L = Smem<D, kHopper>;
+  using QueryLayout = typename L::QueryTile;
+  using KVLayout = typename L::KVTile;
   constexpr int kM = S::kM;
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(1024) uint8_t smem[];
   T* q_tile = reinterpret_cast<T*>(smem + L::kQuery);
   T* keys = reinterpret_cast<T*>(smem + L::kKeys);
   T* values = reinterpret_cast<T*>(smem + L::kValues);
@@ -423,19 +547,24 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
         query.mean = nullptr;
         transform_row<D>(v, query, TransformKind::kQuery, table_row, col0);
       }
-      store8(q_tile + r * S::kStride + col0, v);
+      store8(q_tile + QueryLayout::at(r, col0), v);
     }
   };
 
-  // This warp's rows: kM tiles of 16; in tile mi the lane holds rows g and g + 8.
+  // This warp's rows: 16 in each of the kM row tiles; in tile mi the lane holds rows g and g + 8 of
+  // them (Ampere: the warp's tiles are consecutive; Hopper: tile mi is rows [64 mi, 64 mi + 64),
+  // the warp's 16 of them at 16 warp).
   const int g = lane / 4, c = lane % 4;
   const int warp_row = warp * 16 * kM;
+  auto local_row = [&](int mi, int h) {
+    return (kHopper ? 64 * mi + 16 * warp : warp_row + 16 * mi) + g + 8 * h;
+  };
   int position[kM][2];
 #pragma unroll
   for (int mi = 0; mi < kM; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int global_row = min(first_row + warp_row + 16 * mi + g + 8 * h, rows_total - 1);
+      const int global_row = min(first_row + local_row(mi, h), rows_total - 1);
       position[mi][h] = n - queries + global_row / p.group;
     }
 
@@ -452,7 +581,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
   // Code rows of a coded tile into its stage, one tile ahead of the dequantization.
   auto prefetch = [&](int tile) {
     if (tile < tile_end && tile >= fp_tiles)
-      stage_codes<D>(p, stages + (tile & 1) * S::kStageBytes, len.slot, kv_head, (tile - fp_tiles) * S::kN, len.coded);
+      stage_codes<S>(p, stages + (tile & 1) * S::kStageBytes, len.slot, kv_head, (tile - fp_tiles) * S::kN, len.coded);
     cp_async_commit();
   };
   prefetch(max(tile_begin, fp_tiles));
@@ -460,10 +589,20 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
   __syncthreads();  // tables
   load_queries(queries_transformed);
 
-  // This lane's ldmatrix row addresses at the tiles' origins.
-  const uint32_t q_lane = smem_address(q_tile) + ((warp_row + lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16)) * 2;
-  const uint32_t k_lane = smem_address(keys) + ((lane % 8 + 8 * (lane / 16)) * S::kStride + 8 * ((lane / 8) % 2)) * 2;
-  const uint32_t v_lane = smem_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * S::kStride + 8 * (lane / 16)) * 2;
+  // Ampere: this lane's ldmatrix row addresses at the tiles' origins (rows of kStride elements).
+  constexpr int kStride = D + 8;
+  const uint32_t q_lane = smem_address(q_tile) + ((warp_row + lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
+  const uint32_t k_lane = smem_address(keys) + ((lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2)) * 2;
+  const uint32_t v_lane = smem_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
+
+  // Hopper: the tiles' wgmma descriptors (K-major Q and K, N-major V), advanced by constants below.
+  const uint64_t q_descriptor = smem_descriptor(smem_address(q_tile), 16);
+  const uint64_t k_descriptor = smem_descriptor(smem_address(keys), 16);
+  const uint64_t v_descriptor = smem_descriptor(smem_address(values), KVLayout::kPanelBytes);
+
+  // The scores. Declared outside the loop: wgmma overwrites them (scale-out zero) and asks for no
+  // zeroing before each tile.
+  float s[kM][S::kN / 8][4] = {};
 
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const bool coded = tile >= fp_tiles;
@@ -482,62 +621,38 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
       prefetch(tile + 1);
       const uint8_t* stage = stages + (tile & 1) * S::kStageBytes;
       if (p.shared_tables) {
-        dequantize<T, D>(keys, stage, p.key_row_bytes, key_book, key_table);
-        dequantize<T, D>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_table);
+        dequantize<T, D, S, KVLayout>(keys, stage, p.key_row_bytes, key_book, key_table);
+        dequantize<T, D, S, KVLayout>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_table);
       } else {
-        dequantize<T, D>(keys, stage, p.key_row_bytes, key_book, key_src);
-        dequantize<T, D>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_src);
+        dequantize<T, D, S, KVLayout>(keys, stage, p.key_row_bytes, key_book, key_src);
+        dequantize<T, D, S, KVLayout>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_src);
       }
     } else {
       const int first = tile * S::kN;
       count = min(S::kN, fp_count - first);
       first_pos = first;
       __syncthreads();
-      load_full_precision<T, D>(p, keys, values, len, kv_head, first, fp_count);
+      load_full_precision<T, D, S, KVLayout>(p, keys, values, len, kv_head, first, fp_count);
     }
+    // wgmma reads the tiles through the async proxy: order this thread's stores before it.
+    if constexpr (kHopper) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    // Opaque to the compiler, so that the fragment addresses below (base + constant) are formed in
-    // the loop instead of being hoisted out of it into dozens of live registers.
-    uint32_t q_base = q_lane, k_base = k_lane, v_base = v_lane;
-    asm volatile("" : "+r"(q_base), "+r"(k_base), "+r"(v_base));
-
-    // S = Q K^T for the warp's kM x 16 rows and the tile's kN tokens.
-    float s[kM][S::kN / 8][4];
-#pragma unroll
-    for (int mi = 0; mi < kM; ++mi)
-#pragma unroll
-      for (int j = 0; j < S::kN / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
-#pragma unroll
-    for (int k = 0; k < D / 16; ++k) {
-      uint32_t a[kM][4];
-#pragma unroll
-      for (int mi = 0; mi < kM; ++mi)
-        ldmatrix_x4(a[mi], q_base + (16 * mi * S::kStride + 16 * k) * 2);
-#pragma unroll
-      for (int j = 0; j < S::kN / 16; ++j) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, k_base + (16 * j * S::kStride + 16 * k) * 2);
-#pragma unroll
-        for (int mi = 0; mi < kM; ++mi) {
-          Mma<T>::run(s[mi][2 * j], a[mi], bk[0], bk[1]);
-          Mma<T>::run(s[mi][2 * j + 1], a[mi], bk[2], bk[3]);
-        }
-      }
-    }
-
-    // Scale, shift, mask; online softmax.
+    // Scale, shift, mask, online softmax of row tile mi: its scores become probabilities, its
+    // accumulators are rescaled.
     const bool needs_mask = !coded || count < S::kN || first_pos + S::kN - 1 > first_position;
-#pragma unroll
-    for (int mi = 0; mi < kM; ++mi) {
+    auto softmax_tile = [&](auto mi_constant, auto masked) {
+      constexpr int mi = decltype(mi_constant)::value;
+      float shift_row[2];
       float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) shift_row[h] = coded ? shift[local_row(mi, h)] : 0.f;
 #pragma unroll
       for (int j = 0; j < S::kN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
-          float x = s[mi][j][e] * p.scale_log2;
-          if (coded) x += shift[warp_row + 16 * mi + g + 8 * h];
-          if (needs_mask) {
+          float x = fmaf(s[mi][j][e], p.scale_log2, shift_row[h]);
+          if constexpr (decltype(masked)::value) {
             const int token = 8 * j + 2 * c + (e & 1);
             int pos;
             if (coded) {
@@ -551,13 +666,14 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
           s[mi][j][e] = x;
           tile_max[h] = fmaxf(tile_max[h], x);
         }
+      float rescale[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
         const float new_max = fmaxf(row_max[mi][h], tile_max[h]);
         const float ref = new_max == -INFINITY ? 0.f : new_max;
-        const float rescale = fast_exp2(row_max[mi][h] - ref);
+        rescale[h] = fast_exp2(row_max[mi][h] - ref);
         row_max[mi][h] = new_max;
         float sum = 0.f;
 #pragma unroll
@@ -566,35 +682,106 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
           s[mi][j][2 * h + 1] = fast_exp2(s[mi][j][2 * h + 1] - ref);
           sum += s[mi][j][2 * h] + s[mi][j][2 * h + 1];
         }
-        row_sum[mi][h] = row_sum[mi][h] * rescale + sum;
-        coded_sum[mi][h] = coded_sum[mi][h] * rescale + (coded ? sum : 0.f);
+        row_sum[mi][h] = row_sum[mi][h] * rescale[h] + sum;
+        coded_sum[mi][h] = coded_sum[mi][h] * rescale[h] + (coded ? sum : 0.f);
+      }
+      // Once the running maxima settle, no row's grows and every rescale is 1: skip the products.
+      if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
-          acc[mi][i][2 * h] *= rescale;
-          acc[mi][i][2 * h + 1] *= rescale;
+          acc[mi][i][0] *= rescale[0];
+          acc[mi][i][1] *= rescale[0];
+          acc[mi][i][2] *= rescale[1];
+          acc[mi][i][3] *= rescale[1];
         }
       }
-    }
-
-    // O += P V: P's fragments are the score accumulators of two adjacent token groups.
-#pragma unroll
-    for (int kt = 0; kt < S::kN / 16; ++kt) {
-      uint32_t a[kM][4];
-#pragma unroll
-      for (int mi = 0; mi < kM; ++mi) {
-        a[mi][0] = Mma<T>::pack(s[mi][2 * kt][0], s[mi][2 * kt][1]);
-        a[mi][1] = Mma<T>::pack(s[mi][2 * kt][2], s[mi][2 * kt][3]);
-        a[mi][2] = Mma<T>::pack(s[mi][2 * kt + 1][0], s[mi][2 * kt + 1][1]);
-        a[mi][3] = Mma<T>::pack(s[mi][2 * kt + 1][2], s[mi][2 * kt + 1][3]);
+    };
+    // Tiles that reach no mask (every token valid and before the block's first query) skip its tests.
+    auto softmax = [&](auto mi) {
+      if (needs_mask) {
+        softmax_tile(mi, std::true_type{});
+      } else {
+        softmax_tile(mi, std::false_type{});
       }
+    };
+
+    if constexpr (kHopper) {
+      // S = Q K^T of every row tile, each its own wgmma group; then per row tile: wait for its S
+      // (the groups complete in order), softmax, O += P V as one more group. Row tile 0's softmax
+      // runs while the tensor cores compute row tile 1's S, tile 1's while they compute tile 0's PV.
+      unrolled<kM>([&](auto mi) {
+        fence_registers(s[mi]);
+        cute::warpgroup_arrive();
 #pragma unroll
-      for (int dt = 0; dt < D / 16; ++dt) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_base + (16 * kt * S::kStride + 16 * dt) * 2);
+        for (int k = 0; k < D / 16; ++k) {  // 16 columns: a 32-byte step inside a 64-column panel
+          const uint64_t a = advance(q_descriptor, mi * 64 * 128 + k / 4 * QueryLayout::kPanelBytes + k % 4 * 32);
+          const uint64_t b = advance(k_descriptor, k / 4 * KVLayout::kPanelBytes + k % 4 * 32);
+          gmma_ss<GmmaScores<T, S::kN>>(a, b, s[mi], k == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One,
+                                        std::make_index_sequence<S::kN / 2>{});
+        }
+        cute::warpgroup_commit_batch();
+      });
+      unrolled<kM>([&](auto mi) {
+        cute::warpgroup_wait<kM - 1>();
+        fence_registers(s[mi]);
+        softmax(mi);
+        // P's fragments for 16 tokens (wgmma's A layout is mma.sync's): the score accumulators
+        // of two adjacent token groups.
+        uint32_t a[S::kN / 16][4];
 #pragma unroll
-        for (int mi = 0; mi < kM; ++mi) {
-          Mma<T>::run(acc[mi][2 * dt], a[mi], bv[0], bv[1]);
-          Mma<T>::run(acc[mi][2 * dt + 1], a[mi], bv[2], bv[3]);
+        for (int kt = 0; kt < S::kN / 16; ++kt) pack_probabilities<T>(a[kt], s[mi], kt);
+        fence_registers(acc[mi]);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kt = 0; kt < S::kN / 16; ++kt)  // 16 tokens: two 8-row groups of every panel
+          gmma_rs<GmmaValues<T, D>>(a[kt], advance(v_descriptor, kt * 2048), acc[mi],
+                                    std::make_index_sequence<D / 2>{});
+        cute::warpgroup_commit_batch();
+      });
+      cute::warpgroup_wait<0>();
+      unrolled<kM>([&](auto mi) { fence_registers(acc[mi]); });
+    } else {
+      // Opaque to the compiler, so that the fragment addresses below (base + constant) are formed
+      // in the loop instead of being hoisted out of it into dozens of live registers.
+      uint32_t q_base = q_lane, k_base = k_lane, v_base = v_lane;
+      asm volatile("" : "+r"(q_base), "+r"(k_base), "+r"(v_base));
+      // S = Q K^T for the warp's kM x 16 rows and the tile's kN tokens.
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+        for (int j = 0; j < S::kN / 8; ++j) s[mi][j][0] = s[mi][j][1] = s[mi][j][2] = s[mi][j][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) ldmatrix_x4(a[mi], q_base + (16 * mi * kStride + 16 * k) * 2);
+#pragma unroll
+        for (int j = 0; j < S::kN / 16; ++j) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, k_base + (16 * j * kStride + 16 * k) * 2);
+#pragma unroll
+          for (int mi = 0; mi < kM; ++mi) {
+            Mma<T>::run(s[mi][2 * j], a[mi], bk[0], bk[1]);
+            Mma<T>::run(s[mi][2 * j + 1], a[mi], bk[2], bk[3]);
+          }
+        }
+      }
+      unrolled<kM>(softmax);
+      // O += P V, P's fragments packed from the score accumulators as above.
+#pragma unroll
+      for (int kt = 0; kt < S::kN / 16; ++kt) {
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) pack_probabilities<T>(a[mi], s[mi], kt);
+#pragma unroll
+        for (int dt = 0; dt < D / 16; ++dt) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, v_base + (16 * kt * kStride + 16 * dt) * 2);
+#pragma unroll
+          for (int mi = 0; mi < kM; ++mi) {
+            Mma<T>::run(acc[mi][2 * dt], a[mi], bv[0], bv[1]);
+            Mma<T>::run(acc[mi][2 * dt + 1], a[mi], bv[2], bv[3]);
+          }
         }
       }
     }
@@ -622,7 +809,7 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
   for (int mi = 0; mi < kM; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int local = warp_row + 16 * mi + g + 8 * h;
+      const int local = local_row(mi, h);
       const int global_row = first_row + local;
       if (global_row >= rows_total) continue;
       if (p.splits == 1) {
@@ -656,10 +843,21 @@ __global__ void __launch_bounds__(Shape<D>::kThreads, 2) prefill_kernel(Params p
     }
 }
 
+// Each variant is compiled only for the targets that run it: the Hopper one for sm_90a, the
+// Ampere one for the others (prefill.cu picks by the code the device loaded).
+template <typename T, int D, bool kHopper>
+__global__ void __launch_bounds__(Shape<D, kHopper>::kThreads, Shape<D, kHopper>::kMinBlocks) prefill_kernel(Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kHopper) prefill_block<T, D, true>(p);
+#elif defined(__CUDA_ARCH__)
+  if constexpr (!kHopper) prefill_block<T, D, false>(p);
+#endif
+}
+
 // Combines the splits' parts of each query row: one warp per row.
-template <typename T, int D>
+template <typename T, int D, bool kHopper>
 __global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
-  using S = Shape<D>;
+  using S = Shape<D, kHopper>;
   const int64_t rows = p.batch * p.num_kv_heads * p.row_tiles * S::kRows;
   const int64_t row = int64_t{blockIdx.x} * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
