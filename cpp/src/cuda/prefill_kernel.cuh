@@ -49,18 +49,19 @@ namespace vecinfer::cuda_detail::prefill {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Per head_dim and variant: warps, row tiles per warp (each dequantized key and value tile serves
-// all of them; Ampere: kM tiles of 16 rows per warp, each fragment read by ldmatrix feeding kM
-// products; Hopper: kM tiles of 64 rows per warpgroup, the warp holding 16 rows of each), tokens
-// per tile, blocks per multiprocessor asked of the register allocator.
+// all of them; Ampere: 4 warps, kM tiles of 16 rows per warp, each fragment read by ldmatrix
+// feeding kM products; Hopper: 2 warpgroups, kM tiles of 64 rows per warpgroup, the warp holding
+// 16 rows of each), tokens per tile, blocks per multiprocessor asked of the register allocator.
 template <int D, bool kHopper>
 struct Shape {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarpgroups = kHopper ? 2 : 1;  // Hopper: two warpgroups share every dequantized tile
+  static constexpr int kWarps = 4 * kWarpgroups;
   // D = 256: the accumulators of one row tile fill the registers
   static constexpr int kM = D == 256 ? 1 : 2;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16 * kM * kWarps;  // Hopper: kM tiles of 64 rows, one per wgmma
+  static constexpr int kRows = 16 * kM * kWarps;  // Hopper: kM tiles of 64 rows per warpgroup, one per wgmma
   static constexpr int kN = D == 256 ? 32 : 64;
-  static constexpr int kMinBlocks = 2;
+  static constexpr int kMinBlocks = kHopper ? 1 : 2;
   static constexpr int kMaxRowBytes = D / 2;  // code row bytes of the widest preset (sub_dim 2, 8 bits)
   static constexpr int kStageBytes = kN * 2 * kMaxRowBytes + 16;  // key then value code rows (+ read slack)
 };
@@ -352,10 +353,13 @@ __device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_
 }
 
 // Four centroids of 8-bit codes (packed in `codes`) from a shared table into columns
-// [col, col + 4 * kSub) of a tile's row, in 16-byte stores.
+// [col, col + 4 * kSub) of a tile's row, in 16-byte stores. With more than one store, each starts
+// at the column's 64-column panel (rotating): in the swizzled layout the threads of a row then
+// store to distinct bank groups instead of two panels' threads sharing them.
 template <typename T, int kSub, class Layout>
 __device__ __forceinline__ void put_four(T* tile, int row, int col, const T* table, uint32_t codes) {
   auto chunk = [&](int e) { return reinterpret_cast<uint4*>(tile + Layout::at(row, col + 8 * e)); };
+  const int rotation = col / 64;
   if constexpr (kSub == 2) {
     uint4 out;
     out.x = *reinterpret_cast<const uint32_t*>(table + (codes & 0xff) * 2);
@@ -364,16 +368,19 @@ __device__ __forceinline__ void put_four(T* tile, int row, int col, const T* tab
     out.w = *reinterpret_cast<const uint32_t*>(table + (codes >> 24) * 2);
     *chunk(0) = out;
   } else if constexpr (kSub == 4) {
-    const uint2 c0 = *reinterpret_cast<const uint2*>(table + (codes & 0xff) * 4);
-    const uint2 c1 = *reinterpret_cast<const uint2*>(table + (codes >> 8 & 0xff) * 4);
-    const uint2 c2 = *reinterpret_cast<const uint2*>(table + (codes >> 16 & 0xff) * 4);
-    const uint2 c3 = *reinterpret_cast<const uint2*>(table + (codes >> 24) * 4);
-    *chunk(0) = make_uint4(c0.x, c0.y, c1.x, c1.y);
-    *chunk(1) = make_uint4(c2.x, c2.y, c3.x, c3.y);
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {
+      const int e = (step + rotation) & 1;  // chunk e: codes 2 e and 2 e + 1
+      const uint2 lo = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e) & 0xff) * 4);
+      const uint2 hi = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e + 8) & 0xff) * 4);
+      *chunk(e) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
   } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
+    for (int step = 0; step < 4; ++step) {
+      const int e = (step + rotation) & 3;
       *chunk(e) = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * 8);
+    }
   }
 }
 
@@ -384,12 +391,12 @@ __device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int 
   if constexpr (std::is_same_v<Table, T>) {
     if (code_bits == 8) {  // four codes a thread: one 4-byte read, 16-byte stores (rows are whole words)
       constexpr int kQuads = kPerRow / 4;
-      static_assert(S::kN * kQuads % S::kThreads == 0, "whole passes");
       static_assert(S::kThreads % kQuads == 0, "a thread's quad is the same in every pass");
       const int quad = threadIdx.x % kQuads;
 #pragma unroll
-      for (int pass = 0; pass < S::kN * kQuads / S::kThreads; ++pass) {
+      for (int pass = 0; pass < (S::kN * kQuads + S::kThreads - 1) / S::kThreads; ++pass) {
         const int token = threadIdx.x / kQuads + pass * (S::kThreads / kQuads);
+        if (S::kN * kQuads % S::kThreads != 0 && token >= S::kN) break;
         const uint32_t codes = *reinterpret_cast<const uint32_t*>(rows + token * row_bytes + 4 * quad);
         put_four<T, kSub, Layout>(tile, token, 4 * quad * kSub, table, codes);
       }
@@ -414,18 +421,19 @@ __device__ void dequantize(T* tile, const uint8_t* rows, int row_bytes, const Co
 }
 
 // Copies full-precision tokens [first, first + kN) of the sequence's sinks-then-recent stream into
-// the key and value tiles; rows past `count` become zeros (a masked column must not carry NaN).
+// the key and value tiles (either may be null: not filled); rows past `count` become zeros (a
+// masked column must not carry NaN).
 template <typename T, int D, class S, class Layout>
 __device__ void load_full_precision(const Params& p, T* keys, T* values, const SeqLengths& len, int64_t kv_head,
                                     int first, int count) {
   const CompressedKV& kv = p.kv;
   constexpr int kPieces = D / 8;  // 16-byte pieces per row
-  static_assert(S::kN * kPieces % S::kThreads == 0, "whole passes");
   static_assert(S::kThreads % kPieces == 0, "a thread's piece is the same in every pass");
   const int piece = threadIdx.x % kPieces;
 #pragma unroll
-  for (int pass = 0; pass < S::kN * kPieces / S::kThreads; ++pass) {
+  for (int pass = 0; pass < (S::kN * kPieces + S::kThreads - 1) / S::kThreads; ++pass) {
     const int token = threadIdx.x / kPieces + pass * (S::kThreads / kPieces);
+    if (S::kN * kPieces % S::kThreads != 0 && token >= S::kN) break;
     const int f = first + token;
     uint4 k = make_uint4(0, 0, 0, 0), v = k;
     if (f < count) {
@@ -441,11 +449,11 @@ __device__ void load_full_precision(const Params& p, T* keys, T* values, const S
         ksrc = static_cast<const T*>(kv.recent_keys) + row * D;
         vsrc = static_cast<const T*>(kv.recent_values) + row * D;
       }
-      k = *reinterpret_cast<const uint4*>(ksrc + 8 * piece);
-      v = *reinterpret_cast<const uint4*>(vsrc + 8 * piece);
+      if (keys) k = *reinterpret_cast<const uint4*>(ksrc + 8 * piece);
+      if (values) v = *reinterpret_cast<const uint4*>(vsrc + 8 * piece);
     }
-    *reinterpret_cast<uint4*>(keys + Layout::at(token, 8 * piece)) = k;
-    *reinterpret_cast<uint4*>(values + Layout::at(token, 8 * piece)) = v;
+    if (keys) *reinterpret_cast<uint4*>(keys + Layout::at(token, 8 * piece)) = k;
+    if (values) *reinterpret_cast<uint4*>(values + Layout::at(token, 8 * piece)) = v;
   }
 }
 
@@ -552,12 +560,13 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
   };
 
   // This warp's rows: 16 in each of the kM row tiles; in tile mi the lane holds rows g and g + 8 of
-  // them (Ampere: the warp's tiles are consecutive; Hopper: tile mi is rows [64 mi, 64 mi + 64),
-  // the warp's 16 of them at 16 warp).
+  // them (Ampere: the warp's tiles are consecutive; Hopper: warpgroup w's tile mi is rows
+  // [64 (kM w + mi), + 64), the warp's 16 of them at 16 (warp % 4)).
   const int g = lane / 4, c = lane % 4;
   const int warp_row = warp * 16 * kM;
+  const int warpgroup_row = warp / 4 * 64 * kM;
   auto local_row = [&](int mi, int h) {
-    return (kHopper ? 64 * mi + 16 * warp : warp_row + 16 * mi) + g + 8 * h;
+    return (kHopper ? warpgroup_row + 64 * mi + 16 * (warp % 4) : warp_row + 16 * mi) + g + 8 * h;
   };
   int position[kM][2];
 #pragma unroll
@@ -596,7 +605,7 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
   const uint32_t v_lane = smem_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
 
   // Hopper: the tiles' wgmma descriptors (K-major Q and K, N-major V), advanced by constants below.
-  const uint64_t q_descriptor = smem_descriptor(smem_address(q_tile), 16);
+  const uint64_t q_descriptor = smem_descriptor(smem_address(q_tile) + warpgroup_row * 128, 16);
   const uint64_t k_descriptor = smem_descriptor(smem_address(keys), 16);
   const uint64_t v_descriptor = smem_descriptor(smem_address(values), KVLayout::kPanelBytes);
 
@@ -604,39 +613,63 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
   // zeroing before each tile.
   float s[kM][S::kN / 8][4] = {};
 
+  // Makes tile t's inputs ready to fill: its code stage landed and seen by every thread (which have
+  // all finished reading the tiles being refilled), the next stage requested, and at the first
+  // coded tile the queries transformed.
+  auto begin_tile = [&](int t) {
+    cp_async_wait_all();
+    __syncthreads();
+    if (t >= fp_tiles) {
+      if (!queries_transformed) {  // the full-precision tiles are done
+        load_queries(true);
+        queries_transformed = true;
+      }
+      prefetch(t + 1);
+    }
+  };
+  // Fills the key tile, the value tile or both with tile t's tokens.
+  auto fill = [&](int t, bool fill_keys, bool fill_values) {
+    if (t >= fp_tiles) {
+      const uint8_t* key_rows = stages + (t & 1) * S::kStageBytes;
+      const uint8_t* value_rows = key_rows + S::kN * p.key_row_bytes;
+      if (p.shared_tables) {
+        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_table);
+        if (fill_values) dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_table);
+      } else {
+        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_src);
+        if (fill_values) dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_src);
+      }
+    } else {
+      load_full_precision<T, D, S, KVLayout>(p, fill_keys ? keys : nullptr, fill_values ? values : nullptr, len,
+                                             kv_head, t * S::kN, fp_count);
+    }
+  };
+  // Makes the filled tiles visible to every thread (Hopper: also to wgmma, which reads them through
+  // the async proxy).
+  auto publish = [&]() {
+    if constexpr (kHopper) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+  };
+
+  // Tile t + 1 is filled at the end of tile t's step. Hopper: its keys while tile t's P V products
+  // run (the key tile is free once the S products completed), its values after them.
+  if (tile_begin < tile_end) {
+    begin_tile(tile_begin);
+    fill(tile_begin, true, true);
+    publish();
+  }
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const bool coded = tile >= fp_tiles;
     int first_pos, count;  // position of the tile's first token (coded tiles); valid tokens in the tile
     if (coded) {
-      if (!queries_transformed) {  // the full-precision tiles are done
-        __syncthreads();
-        load_queries(true);
-        queries_transformed = true;
-      }
-      cp_async_wait_all();
       const int first = (tile - fp_tiles) * S::kN;
       first_pos = len.sinks + first;
       count = min(S::kN, coded_count - first);
-      __syncthreads();  // the stage has landed; every reader of the previous tile and stage is done
-      prefetch(tile + 1);
-      const uint8_t* stage = stages + (tile & 1) * S::kStageBytes;
-      if (p.shared_tables) {
-        dequantize<T, D, S, KVLayout>(keys, stage, p.key_row_bytes, key_book, key_table);
-        dequantize<T, D, S, KVLayout>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_table);
-      } else {
-        dequantize<T, D, S, KVLayout>(keys, stage, p.key_row_bytes, key_book, key_src);
-        dequantize<T, D, S, KVLayout>(values, stage + S::kN * p.key_row_bytes, p.value_row_bytes, value_book, value_src);
-      }
     } else {
       const int first = tile * S::kN;
       count = min(S::kN, fp_count - first);
       first_pos = first;
-      __syncthreads();
-      load_full_precision<T, D, S, KVLayout>(p, keys, values, len, kv_head, first, fp_count);
     }
-    // wgmma reads the tiles through the async proxy: order this thread's stores before it.
-    if constexpr (kHopper) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
     // Scale, shift, mask, online softmax of row tile mi: its scores become probabilities, its
     // accumulators are rescaled.
     const bool needs_mask = !coded || count < S::kN || first_pos + S::kN - 1 > first_position;
@@ -738,8 +771,6 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
                                     std::make_index_sequence<D / 2>{});
         cute::warpgroup_commit_batch();
       });
-      cute::warpgroup_wait<0>();
-      unrolled<kM>([&](auto mi) { fence_registers(acc[mi]); });
     } else {
       // Opaque to the compiler, so that the fragment addresses below (base + constant) are formed
       // in the loop instead of being hoisted out of it into dozens of live registers.
@@ -785,6 +816,21 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
         }
       }
     }
+
+    const bool more = tile + 1 < tile_end;
+    if (more) {
+      begin_tile(tile + 1);
+      fill(tile + 1, true, !kHopper);
+    }
+    if constexpr (kHopper) {
+      cute::warpgroup_wait<0>();  // this tile's P V products
+      unrolled<kM>([&](auto mi) { fence_registers(acc[mi]); });
+      if (more) {
+        __syncthreads();  // every warp's: the value tile is free
+        fill(tile + 1, false, true);
+      }
+    }
+    if (more) publish();
   }
 
   // The rows' sums over the four lanes that share them; the value mean weighted by the coded
