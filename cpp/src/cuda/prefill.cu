@@ -14,17 +14,25 @@ int code_bytes(int head_dim, const Codebook& book) {
   return static_cast<int>(code_row_bytes(head_dim, book.sub_dim, book.code_bits));
 }
 
-// The block's shared memory on the current device: with the codebooks in it when they fit.
+// The block's shared memory on the current device and where the codebooks go (Tables): spread
+// when both are 8-bit and it fits (Hopper: one block per multiprocessor), else in shared memory
+// when they fit, else global.
 template <int D, bool kHopper>
-Status shared_layout(const CompressedKV& kv, int& bytes, bool& tables) {
+Status shared_layout(const CompressedKV& kv, int& bytes, Tables& tables) {
   int sm_count = 0, max_shared = 0;
   Status s = current_device(sm_count, max_shared);
   if (!s.ok()) return s;
-  const int key_entries = 1 << kv.key_codebook.code_bits, value_entries = 1 << kv.value_codebook.code_bits;
-  using L = Smem<D, kHopper>;
-  bytes = L::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, true);
-  tables = bytes <= max_shared;
-  if (!tables) bytes = L::bytes(key_entries, kv.key_codebook.sub_dim, value_entries, kv.value_codebook.sub_dim, false);
+  const Codebook& key = kv.key_codebook;
+  const Codebook& value = kv.value_codebook;
+  const int key_entries = 1 << key.code_bits, value_entries = 1 << value.code_bits;
+  auto size = [&](Tables t) { return Smem<D, kHopper>::bytes(key_entries, key.sub_dim, value_entries, value.sub_dim, t); };
+  const bool spreadable = kHopper && key.code_bits == 8 && value.code_bits == 8;
+  if (spreadable && size(Tables::kSpread) <= max_shared) {
+    tables = Tables::kSpread;
+  } else {
+    tables = size(Tables::kShared) <= max_shared ? Tables::kShared : Tables::kGlobal;
+  }
+  bytes = size(tables);
   return Status::Ok();
 }
 
@@ -33,7 +41,7 @@ Status plan_for(const AttentionShape& shape, const CompressedKV& kv, cuda::Atten
   using S = Shape<D, kHopper>;
   auto kernel = prefill_kernel<T, D, kHopper>;
   int bytes = 0, sm_count = 0, device = 0, blocks_per_sm = 0;
-  bool tables = false;
+  Tables tables = Tables::kGlobal;
   Status s = shared_layout<D, kHopper>(kv, bytes, tables);
   if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
   if (s.ok()) s = cuda_status(cudaGetDevice(&device));
@@ -101,11 +109,11 @@ Status launch_for(const cuda::AttentionPlan& plan, const void* q, void* out, flo
   p.value_row_bytes = code_bytes(D, kv.value_codebook);
   auto kernel = prefill_kernel<T, D, kHopper>;
   int bytes = 0, sm_count = 0;
-  bool tables = false;
+  Tables tables = Tables::kGlobal;
   Status s = shared_layout<D, kHopper>(kv, bytes, tables);
   if (s.ok()) s = opt_in_shared_memory(kernel, bytes, sm_count);
   if (!s.ok()) return s;
-  p.shared_tables = tables;
+  p.tables = tables;
   const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.batch * p.splits));
   kernel<<<grid, S::kThreads, bytes, stream>>>(p);

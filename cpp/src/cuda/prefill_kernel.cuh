@@ -84,9 +84,15 @@ struct TileLayout {
   }
 };
 
+// Where the kernel reads the codebooks: in global memory (float32, when they do not fit in shared
+// memory), in shared memory in the element type, or there spread: entry e of an 8-bit codebook
+// fills a 128-byte row with 128 / (2 sub_dim) copies, and a thread reads the copy of its lane, so
+// that the random entries a warp reads fall in distinct banks (Hopper, where the memory allows).
+enum class Tables : int { kGlobal, kShared, kSpread };
+constexpr int kSpreadRowElems = 64;  // 128 bytes of 16-bit elements
+
 // Shared memory of a block: query rows, one key and one value tile, two code stages, then the two
-// codebooks in the element type (their size depends on the codecs; when they do not fit, they are
-// read from global memory instead). The tiles start 1024-byte aligned (Hopper: the swizzle's period;
+// codebooks (Tables). The tiles start 1024-byte aligned (Hopper: the swizzle's period;
 // dynamic shared memory starts at the window's 1024-aligned base when the kernel has no static
 // shared memory).
 template <int D, bool kHopper>
@@ -103,8 +109,9 @@ struct Smem {
   static constexpr int kTables = kStages + 2 * S::kStageBytes;     // T key table, then value table
   static_assert(kStages % 16 == 0 && S::kStageBytes % 16 == 0 && kTables % 16 == 0, "16-byte alignment");
   static_assert(!kHopper || (kKeys % 1024 == 0 && kValues % 1024 == 0), "swizzled tiles 1024-byte aligned");
-  static int bytes(int key_entries, int key_sub, int value_entries, int value_sub, bool tables) {
-    return kTables + (tables ? 2 * (key_entries * key_sub + value_entries * value_sub) : 0);
+  static int bytes(int key_entries, int key_sub, int value_entries, int value_sub, Tables tables) {
+    if (tables == Tables::kSpread) return kTables + 2 * kSpreadRowElems * (key_entries + value_entries);
+    return kTables + (tables == Tables::kShared ? 2 * (key_entries * key_sub + value_entries * value_sub) : 0);
   }
 };
 
@@ -123,7 +130,7 @@ struct Params {
   float scale_log2;
   int page_shift;
   int key_row_bytes, value_row_bytes;
-  bool shared_tables;  // codebooks in shared memory (else read from kv's float32 centroids)
+  Tables tables;
 };
 
 // ---- device helpers ------------------------------------------------------------------------------
@@ -352,53 +359,61 @@ __device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_
   }
 }
 
-// Four centroids of 8-bit codes (packed in `codes`) from a shared table into columns
-// [col, col + 4 * kSub) of a tile's row, in 16-byte stores. With more than one store, each starts
+// Four centroids of 8-bit codes (packed in `codes`) from a shared table (entry e at e * kStride)
+// into columns [col, col + 4 * kSub) of a tile's row, in 16-byte stores. With more than one store, each starts
 // at the column's 64-column panel (rotating): in the swizzled layout the threads of a row then
 // store to distinct bank groups instead of two panels' threads sharing them.
-template <typename T, int kSub, class Layout>
+template <typename T, int kSub, int kStride, class Layout>
 __device__ __forceinline__ void put_four(T* tile, int row, int col, const T* table, uint32_t codes) {
   auto chunk = [&](int e) { return reinterpret_cast<uint4*>(tile + Layout::at(row, col + 8 * e)); };
   const int rotation = col / 64;
   if constexpr (kSub == 2) {
     uint4 out;
-    out.x = *reinterpret_cast<const uint32_t*>(table + (codes & 0xff) * 2);
-    out.y = *reinterpret_cast<const uint32_t*>(table + (codes >> 8 & 0xff) * 2);
-    out.z = *reinterpret_cast<const uint32_t*>(table + (codes >> 16 & 0xff) * 2);
-    out.w = *reinterpret_cast<const uint32_t*>(table + (codes >> 24) * 2);
+    out.x = *reinterpret_cast<const uint32_t*>(table + (codes & 0xff) * kStride);
+    out.y = *reinterpret_cast<const uint32_t*>(table + (codes >> 8 & 0xff) * kStride);
+    out.z = *reinterpret_cast<const uint32_t*>(table + (codes >> 16 & 0xff) * kStride);
+    out.w = *reinterpret_cast<const uint32_t*>(table + (codes >> 24) * kStride);
     *chunk(0) = out;
   } else if constexpr (kSub == 4) {
 #pragma unroll
     for (int step = 0; step < 2; ++step) {
       const int e = (step + rotation) & 1;  // chunk e: codes 2 e and 2 e + 1
-      const uint2 lo = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e) & 0xff) * 4);
-      const uint2 hi = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e + 8) & 0xff) * 4);
+      const uint2 lo = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e) & 0xff) * kStride);
+      const uint2 hi = *reinterpret_cast<const uint2*>(table + (codes >> (16 * e + 8) & 0xff) * kStride);
       *chunk(e) = make_uint4(lo.x, lo.y, hi.x, hi.y);
     }
   } else {
 #pragma unroll
     for (int step = 0; step < 4; ++step) {
       const int e = (step + rotation) & 3;
-      *chunk(e) = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * 8);
+      *chunk(e) = *reinterpret_cast<const uint4*>(table + (codes >> (8 * e) & 0xff) * kStride);
     }
   }
 }
 
 // Dequantizes the kN code rows of a stage into a [kN][D] tile laid out by Layout.
 template <typename T, int D, class S, class Layout, int kSub, typename Table>
-__device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int code_bits, const Table* table) {
+__device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int code_bits, const Table* table,
+                               Tables tables) {
   constexpr int kPerRow = D / kSub;
   if constexpr (std::is_same_v<Table, T>) {
     if (code_bits == 8) {  // four codes a thread: one 4-byte read, 16-byte stores (rows are whole words)
       constexpr int kQuads = kPerRow / 4;
       static_assert(S::kThreads % kQuads == 0, "a thread's quad is the same in every pass");
       const int quad = threadIdx.x % kQuads;
+      auto passes = [&](auto stride, const T* entries) {
 #pragma unroll
-      for (int pass = 0; pass < (S::kN * kQuads + S::kThreads - 1) / S::kThreads; ++pass) {
-        const int token = threadIdx.x / kQuads + pass * (S::kThreads / kQuads);
-        if (S::kN * kQuads % S::kThreads != 0 && token >= S::kN) break;
-        const uint32_t codes = *reinterpret_cast<const uint32_t*>(rows + token * row_bytes + 4 * quad);
-        put_four<T, kSub, Layout>(tile, token, 4 * quad * kSub, table, codes);
+        for (int pass = 0; pass < (S::kN * kQuads + S::kThreads - 1) / S::kThreads; ++pass) {
+          const int token = threadIdx.x / kQuads + pass * (S::kThreads / kQuads);
+          if (S::kN * kQuads % S::kThreads != 0 && token >= S::kN) break;
+          const uint32_t codes = *reinterpret_cast<const uint32_t*>(rows + token * row_bytes + 4 * quad);
+          put_four<T, kSub, decltype(stride)::value, Layout>(tile, token, 4 * quad * kSub, entries, codes);
+        }
+      };
+      if (tables == Tables::kSpread) {
+        passes(std::integral_constant<int, kSpreadRowElems>{}, table + threadIdx.x % (kSpreadRowElems / kSub) * kSub);
+      } else {
+        passes(std::integral_constant<int, kSub>{}, table);
       }
       return;
     }
@@ -414,10 +429,11 @@ __device__ void dequantize_sub(T* tile, const uint8_t* rows, int row_bytes, int 
 }
 
 template <typename T, int D, class S, class Layout, typename Table>
-__device__ void dequantize(T* tile, const uint8_t* rows, int row_bytes, const Codebook& book, const Table* table) {
-  if (book.sub_dim == 2) dequantize_sub<T, D, S, Layout, 2>(tile, rows, row_bytes, book.code_bits, table);
-  if (book.sub_dim == 4) dequantize_sub<T, D, S, Layout, 4>(tile, rows, row_bytes, book.code_bits, table);
-  if (book.sub_dim == 8) dequantize_sub<T, D, S, Layout, 8>(tile, rows, row_bytes, book.code_bits, table);
+__device__ void dequantize(T* tile, const uint8_t* rows, int row_bytes, const Codebook& book, const Table* table,
+                           Tables tables) {
+  if (book.sub_dim == 2) dequantize_sub<T, D, S, Layout, 2>(tile, rows, row_bytes, book.code_bits, table, tables);
+  if (book.sub_dim == 4) dequantize_sub<T, D, S, Layout, 4>(tile, rows, row_bytes, book.code_bits, table, tables);
+  if (book.sub_dim == 8) dequantize_sub<T, D, S, Layout, 8>(tile, rows, row_bytes, book.code_bits, table, tables);
 }
 
 // Copies full-precision tokens [first, first + kN) of the sequence's sinks-then-recent stream into
@@ -514,8 +530,13 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
   const float* value_src =
       value_book.centroids + (value_book.num_codebooks > 1 ? kv_head : 0) * int64_t{value_entries} * value_book.sub_dim;
   T* key_table = reinterpret_cast<T*>(smem + L::kTables);
-  T* value_table = key_table + key_entries * key_book.sub_dim;
-  if (p.shared_tables) {
+  T* value_table = key_table + key_entries * (p.tables == Tables::kSpread ? kSpreadRowElems : key_book.sub_dim);
+  if (p.tables == Tables::kSpread) {  // element j of row e: element j % sub_dim of entry e
+    for (int i = threadIdx.x; i < key_entries * kSpreadRowElems; i += S::kThreads)
+      key_table[i] = from_float<T>(key_src[i / kSpreadRowElems * key_book.sub_dim + i % key_book.sub_dim]);
+    for (int i = threadIdx.x; i < value_entries * kSpreadRowElems; i += S::kThreads)
+      value_table[i] = from_float<T>(value_src[i / kSpreadRowElems * value_book.sub_dim + i % value_book.sub_dim]);
+  } else if (p.tables == Tables::kShared) {
     for (int i = threadIdx.x; i < key_entries * key_book.sub_dim; i += S::kThreads) key_table[i] = from_float<T>(key_src[i]);
     for (int i = threadIdx.x; i < value_entries * value_book.sub_dim; i += S::kThreads)
       value_table[i] = from_float<T>(value_src[i]);
@@ -632,12 +653,14 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
     if (t >= fp_tiles) {
       const uint8_t* key_rows = stages + (t & 1) * S::kStageBytes;
       const uint8_t* value_rows = key_rows + S::kN * p.key_row_bytes;
-      if (p.shared_tables) {
-        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_table);
-        if (fill_values) dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_table);
+      if (p.tables != Tables::kGlobal) {
+        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_table, p.tables);
+        if (fill_values)
+          dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_table, p.tables);
       } else {
-        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_src);
-        if (fill_values) dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_src);
+        if (fill_keys) dequantize<T, D, S, KVLayout>(keys, key_rows, p.key_row_bytes, key_book, key_src, p.tables);
+        if (fill_values)
+          dequantize<T, D, S, KVLayout>(values, value_rows, p.value_row_bytes, value_book, value_src, p.tables);
       }
     } else {
       load_full_precision<T, D, S, KVLayout>(p, fill_keys ? keys : nullptr, fill_values ? values : nullptr, len,
