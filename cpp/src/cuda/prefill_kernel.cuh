@@ -696,8 +696,11 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
     // Scale, shift, mask, online softmax of row tile mi: its scores become probabilities, its
     // accumulators are rescaled.
     const bool needs_mask = !coded || count < S::kN || first_pos + S::kN - 1 > first_position;
-    auto softmax_tile = [&](auto mi_constant, auto masked) {
+    // A positive scale keeps the order of the scores: the maximum is taken over the raw products
+    // and each probability is one fused multiply-add and one exp2, 2^(s scale + shift - max).
+    auto softmax_tile = [&](auto mi_constant, auto masked, auto positive_scale) {
       constexpr int mi = decltype(mi_constant)::value;
+      constexpr bool kRaw = decltype(positive_scale)::value;
       float shift_row[2];
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -707,7 +710,7 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
-          float x = fmaf(s[mi][j][e], p.scale_log2, shift_row[h]);
+          float x = kRaw ? s[mi][j][e] : fmaf(s[mi][j][e], p.scale_log2, shift_row[h]);
           if constexpr (decltype(masked)::value) {
             const int token = 8 * j + 2 * c + (e & 1);
             int pos;
@@ -727,17 +730,20 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
       for (int h = 0; h < 2; ++h) {
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+        if (kRaw && tile_max[h] != -INFINITY) tile_max[h] = fmaf(tile_max[h], p.scale_log2, shift_row[h]);
         const float new_max = fmaxf(row_max[mi][h], tile_max[h]);
         const float ref = new_max == -INFINITY ? 0.f : new_max;
         rescale[h] = fast_exp2(row_max[mi][h] - ref);
         row_max[mi][h] = new_max;
         float sum = 0.f;
+        const float offset = kRaw ? shift_row[h] - ref : -ref;
 #pragma unroll
-        for (int j = 0; j < S::kN / 8; ++j) {
-          s[mi][j][2 * h] = fast_exp2(s[mi][j][2 * h] - ref);
-          s[mi][j][2 * h + 1] = fast_exp2(s[mi][j][2 * h + 1] - ref);
-          sum += s[mi][j][2 * h] + s[mi][j][2 * h + 1];
-        }
+        for (int j = 0; j < S::kN / 8; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[mi][j][e] = fast_exp2(kRaw ? fmaf(s[mi][j][e], p.scale_log2, offset) : s[mi][j][e] + offset);
+            sum += s[mi][j][e];
+          }
         row_sum[mi][h] = row_sum[mi][h] * rescale[h] + sum;
         coded_sum[mi][h] = coded_sum[mi][h] * rescale[h] + (coded ? sum : 0.f);
       }
@@ -754,10 +760,14 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
     };
     // Tiles that reach no mask (every token valid and before the block's first query) skip its tests.
     auto softmax = [&](auto mi) {
-      if (needs_mask) {
-        softmax_tile(mi, std::true_type{});
+      if (p.scale_log2 > 0.f) {
+        if (needs_mask) {
+          softmax_tile(mi, std::true_type{}, std::true_type{});
+        } else {
+          softmax_tile(mi, std::false_type{}, std::true_type{});
+        }
       } else {
-        softmax_tile(mi, std::false_type{});
+        softmax_tile(mi, std::true_type{}, std::false_type{});
       }
     };
 
