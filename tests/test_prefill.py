@@ -37,6 +37,13 @@ def test_groups_and_queries(gen, group, tq):
 
 
 @needs_cuda
+@pytest.mark.parametrize("scale", [-0.2, 0.0, 0.05])
+def test_any_softmax_scale(gen, scale):
+    # a positive scale takes the maximum over the raw products; zero and negative ones another path
+    check(Case(gen, d=128, tq=40, lengths=[4, 300, 20, 2, 177, 40]), "cuda", scale=scale)
+
+
+@needs_cuda
 @pytest.mark.parametrize("lengths,tq", [
     ([4, 0, 100, 0, 0, 70], 60),        # no coded tokens at all
     ([0, 1000, 0, 3, 50, 0], 20),       # empty recent windows, no sinks
