@@ -45,10 +45,10 @@
 #include <cstdint>
 
 #include <cute/arch/copy_sm90_tma.hpp>  // SM90_BULK_COPY_G2S: cp.async.bulk global -> shared
-#include <cute/arch/mma_sm80.hpp>       // SM80_16x8x16_F32F16F16F32_TN: mma.sync m16n8k16
 #include <cutlass/arch/barrier.h>       // ClusterTransactionBarrier: mbarrier with a byte count
 
 #include "../common.h"
+#include "element.cuh"
 #include "vecinfer/attention.h"
 
 // The block's dynamic shared memory (one symbol for the kernel and its helpers).
@@ -166,42 +166,6 @@ struct Params {
 
 // ---- small device helpers -----------------------------------------------------------------------
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ float2 pair(const __half* x) {
-    return __half22float2(*reinterpret_cast<const __half2*>(x));
-  }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ float2 pair(const __nv_bfloat16* x) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
-  }
-};
-
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// c += A B on the tensor cores (fp16 operands, fp32 accumulate).
-__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                    uint32_t b1) {
-  cute::SM80_16x8x16_F32F16F16F32_TN::fma(c[0], c[1], c[2], c[3], a0, a1, a2, a3, b0, b1, c[0], c[1], c[2], c[3]);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // The softmax reference point of a running max: -inf (nothing seen yet) counts as 0, so that
 // exp2(x - ref) never computes -inf - -inf.
 __device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
@@ -263,10 +227,6 @@ struct Bits {
     return v & ((1u << B) - 1u);
   }
 };
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // How a lane reads centroids of codec C. Byte codes: the replicated tables, each lane its own slot,
 // entries either compact (one byte per element, turned into fp16 pairs after the load: the keys,
@@ -685,7 +645,7 @@ __device__ __forceinline__ void softmax_step(float (&st)[2][4], RowPair& rp, int
   for (int g = 0; g < 4; ++g) {  // group g: tile g / 2, tokens r (even g) or r + 8 (odd g)
     const float* s = st[g >> 1] + 2 * (g & 1);
     // P[token][column] with lane (r, c) at token r, columns 2c, 2c + 1; transposed: column r, tokens 2c, 2c + 1.
-    const uint32_t h = transpose8x8(pack_half2(fast_exp2(s[0] - ref0), fast_exp2(s[1] - ref1)));
+    const uint32_t h = transpose8x8(Elem<__half>::pack(fast_exp2(s[0] - ref0), fast_exp2(s[1] - ref1)));
     pb[g][0] = __byte_perm(h, 0, sel_lo), pb[g][1] = __byte_perm(h, 0, sel_hi);
   }
 }
@@ -856,8 +816,8 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t slot, int64_t kv
 #pragma unroll
     for (int kb = 0; kb < kKB; ++kb) {
       const float* q = qs + (4 * i + (r & 3)) * D + c * (D / 4) + 4 * kb;
-      qb[i][kb][0] = pack_half2(q[0], q[1]);
-      qb[i][kb][1] = pack_half2(q[2], q[3]);
+      qb[i][kb][0] = Elem<__half>::pack(q[0], q[1]);
+      qb[i][kb][1] = Elem<__half>::pack(q[2], q[3]);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {

@@ -36,11 +36,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cute/arch/mma_sm80.hpp>       // mma.sync m16n8k16, fp16 and bf16
 #include <cute/arch/mma_sm90_gmma.hpp>  // wgmma (sm_90a), fp16 and bf16
 #include <utility>
 
 #include "../common.h"
+#include "element.cuh"
 #include "row_ops.cuh"
 #include "vecinfer/attention.h"
 
@@ -135,51 +135,13 @@ struct Params {
 
 // ---- device helpers ------------------------------------------------------------------------------
 
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cute::SM80_16x8x16_F32F16F16F32_TN::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1],
-                                            c[2], c[3]);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1],
-                                              c[2], c[3]);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // The A fragment of tokens [16 kt, 16 kt + 16) from the score accumulators (n8 groups 2 kt, 2 kt + 1).
 template <typename T, int R>
 __device__ __forceinline__ void pack_probabilities(uint32_t (&a)[4], const float (&s)[R][4], int kt) {
-  a[0] = Mma<T>::pack(s[2 * kt][0], s[2 * kt][1]);
-  a[1] = Mma<T>::pack(s[2 * kt][2], s[2 * kt][3]);
-  a[2] = Mma<T>::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-  a[3] = Mma<T>::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+  a[0] = Elem<T>::pack(s[2 * kt][0], s[2 * kt][1]);
+  a[1] = Elem<T>::pack(s[2 * kt][2], s[2 * kt][3]);
+  a[2] = Elem<T>::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+  a[3] = Elem<T>::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
@@ -195,7 +157,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 }
 
 __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(shared)), "l"(global));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
@@ -208,12 +170,6 @@ __device__ __forceinline__ void unrolled_each(F& f, std::integer_sequence<int, I
 template <int N, class F>
 __device__ __forceinline__ void unrolled(F&& f) {
   unrolled_each(f, std::make_integer_sequence<int, N>{});
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // ---- wgmma (Hopper) ------------------------------------------------------------------------------
@@ -354,8 +310,8 @@ __device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_
 #pragma unroll
   for (int e = 0; e < kSub; e += 2) {
     const float2 x = __ldg(reinterpret_cast<const float2*>(c + e));
-    dst[e] = from_float<T>(x.x);
-    dst[e + 1] = from_float<T>(x.y);
+    dst[e] = Elem<T>::from_float(x.x);
+    dst[e + 1] = Elem<T>::from_float(x.y);
   }
 }
 
@@ -533,13 +489,13 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
   T* value_table = key_table + key_entries * (p.tables == Tables::kSpread ? kSpreadRowElems : key_book.sub_dim);
   if (p.tables == Tables::kSpread) {  // element j of row e: element j % sub_dim of entry e
     for (int i = threadIdx.x; i < key_entries * kSpreadRowElems; i += S::kThreads)
-      key_table[i] = from_float<T>(key_src[i / kSpreadRowElems * key_book.sub_dim + i % key_book.sub_dim]);
+      key_table[i] = Elem<T>::from_float(key_src[i / kSpreadRowElems * key_book.sub_dim + i % key_book.sub_dim]);
     for (int i = threadIdx.x; i < value_entries * kSpreadRowElems; i += S::kThreads)
-      value_table[i] = from_float<T>(value_src[i / kSpreadRowElems * value_book.sub_dim + i % value_book.sub_dim]);
+      value_table[i] = Elem<T>::from_float(value_src[i / kSpreadRowElems * value_book.sub_dim + i % value_book.sub_dim]);
   } else if (p.tables == Tables::kShared) {
-    for (int i = threadIdx.x; i < key_entries * key_book.sub_dim; i += S::kThreads) key_table[i] = from_float<T>(key_src[i]);
+    for (int i = threadIdx.x; i < key_entries * key_book.sub_dim; i += S::kThreads) key_table[i] = Elem<T>::from_float(key_src[i]);
     for (int i = threadIdx.x; i < value_entries * value_book.sub_dim; i += S::kThreads)
-      value_table[i] = from_float<T>(value_src[i]);
+      value_table[i] = Elem<T>::from_float(value_src[i]);
   }
   {
     const float* vm = kv.value_mean ? kv.value_mean + detail::table_row(kv_head, p.num_kv_heads, kv.value_mean_rows) * D
@@ -621,14 +577,14 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
 
   // Ampere: this lane's ldmatrix row addresses at the tiles' origins (rows of kStride elements).
   constexpr int kStride = D + 8;
-  const uint32_t q_lane = smem_address(q_tile) + ((warp_row + lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
-  const uint32_t k_lane = smem_address(keys) + ((lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2)) * 2;
-  const uint32_t v_lane = smem_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
+  const uint32_t q_lane = shared_address(q_tile) + ((warp_row + lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
+  const uint32_t k_lane = shared_address(keys) + ((lane % 8 + 8 * (lane / 16)) * kStride + 8 * ((lane / 8) % 2)) * 2;
+  const uint32_t v_lane = shared_address(values) + ((lane % 8 + 8 * ((lane / 8) % 2)) * kStride + 8 * (lane / 16)) * 2;
 
   // Hopper: the tiles' wgmma descriptors (K-major Q and K, N-major V), advanced by constants below.
-  const uint64_t q_descriptor = smem_descriptor(smem_address(q_tile) + warpgroup_row * 128, 16);
-  const uint64_t k_descriptor = smem_descriptor(smem_address(keys), 16);
-  const uint64_t v_descriptor = smem_descriptor(smem_address(values), KVLayout::kPanelBytes);
+  const uint64_t q_descriptor = smem_descriptor(shared_address(q_tile) + warpgroup_row * 128, 16);
+  const uint64_t k_descriptor = smem_descriptor(shared_address(keys), 16);
+  const uint64_t v_descriptor = smem_descriptor(shared_address(values), KVLayout::kPanelBytes);
 
   // The scores. Declared outside the loop: wgmma overwrites them (scale-out zero) and asks for no
   // zeroing before each tile.
@@ -825,8 +781,8 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
           ldmatrix_x4(bk, k_base + (16 * j * kStride + 16 * k) * 2);
 #pragma unroll
           for (int mi = 0; mi < kM; ++mi) {
-            Mma<T>::run(s[mi][2 * j], a[mi], bk[0], bk[1]);
-            Mma<T>::run(s[mi][2 * j + 1], a[mi], bk[2], bk[3]);
+            mma<T>(s[mi][2 * j], a[mi][0], a[mi][1], a[mi][2], a[mi][3], bk[0], bk[1]);
+            mma<T>(s[mi][2 * j + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], bk[2], bk[3]);
           }
         }
       }
@@ -843,8 +799,8 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
           ldmatrix_x4_trans(bv, v_base + (16 * kt * kStride + 16 * dt) * 2);
 #pragma unroll
           for (int mi = 0; mi < kM; ++mi) {
-            Mma<T>::run(acc[mi][2 * dt], a[mi], bv[0], bv[1]);
-            Mma<T>::run(acc[mi][2 * dt + 1], a[mi], bv[2], bv[3]);
+            mma<T>(acc[mi][2 * dt], a[mi][0], a[mi][1], a[mi][2], a[mi][3], bv[0], bv[1]);
+            mma<T>(acc[mi][2 * dt + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], bv[2], bv[3]);
           }
         }
       }
@@ -899,8 +855,8 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) {
           const int d = 8 * i + 2 * c;
-          dst[d] = from_float<T>(acc[mi][i][2 * h] * inv);
-          dst[d + 1] = from_float<T>(acc[mi][i][2 * h + 1] * inv);
+          dst[d] = Elem<T>::from_float(acc[mi][i][2 * h] * inv);
+          dst[d + 1] = Elem<T>::from_float(acc[mi][i][2 * h + 1] * inv);
         }
         if (p.lse && c == 0)
           p.lse[out_row] = row_sum[mi][h] > 0.f ? (row_max[mi][h] + log2f(row_sum[mi][h])) / kLog2e : -INFINITY;
@@ -962,7 +918,7 @@ __global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
   for (int d = lane; d < D; d += 32) {
     float a = 0.f;
     for (int s = 0; s < p.splits; ++s) a += parts[s * part_stride + d] * exp2f(parts[s * part_stride + D] - ref);
-    dst[d] = from_float<T>(a * inv);
+    dst[d] = Elem<T>::from_float(a * inv);
   }
   if (p.lse && lane == 0) p.lse[out_row] = l > 0.f ? (ref + log2f(l)) / kLog2e : -INFINITY;
 }

@@ -1,0 +1,63 @@
+// Device helpers shared by the decode kernel (attention_kernel.cuh) and the long-query kernel
+// (prefill_kernel.cuh): element conversions, mma.sync m16n8k16, exp2, shared addresses.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cute/arch/mma_sm80.hpp>  // mma.sync m16n8k16, fp16 and bf16
+
+namespace vecinfer::cuda_detail {
+
+// The 16-bit element types: conversions to and from float, a pair read as float2, two floats
+// packed into one 32-bit register (an mma operand).
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float2 pair(const __half* x) {
+    return __half22float2(*reinterpret_cast<const __half2*>(x));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float2 pair(const __nv_bfloat16* x) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// c += A B on the tensor cores (operands of type T, fp32 accumulate).
+template <typename T = __half>
+__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+  using Op = std::conditional_t<std::is_same_v<T, __half>, cute::SM80_16x8x16_F32F16F16F32_TN,
+                                cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  Op::fma(c[0], c[1], c[2], c[3], a0, a1, a2, a3, b0, b1, c[0], c[1], c[2], c[3]);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+}  // namespace vecinfer::cuda_detail
