@@ -166,10 +166,6 @@ struct Params {
 
 // ---- small device helpers -----------------------------------------------------------------------
 
-// The softmax reference point of a running max: -inf (nothing seen yet) counts as 0, so that
-// exp2(x - ref) never computes -inf - -inf.
-__device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
-
 // A length from the device-side lengths table, clamped to its buffer (a bad length cannot make the
 // kernel read outside the buffers).
 __device__ __forceinline__ int64_t clamp_length(int32_t length, int64_t capacity) {
@@ -368,7 +364,7 @@ struct Stager {
 #pragma unroll
       for (int q = 0; q < kQuarters; ++q)
         if (q == h) src = key ? k[q] : v[q];
-      const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + (key ? 0 : kTokens * KRB) + offset));
+      const uint32_t d = shared_address(dst + (key ? 0 : kTokens * KRB) + offset);
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d),
                    "l"(src ? src + offset - h * quarter_bytes : source.keys), "r"(src ? 16 : 0));
     }

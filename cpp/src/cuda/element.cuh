@@ -1,5 +1,6 @@
 // Device helpers shared by the decode kernel (attention_kernel.cuh) and the long-query kernel
-// (prefill_kernel.cuh): element conversions, mma.sync m16n8k16, exp2, shared addresses.
+// (prefill_kernel.cuh): element conversions, mma.sync m16n8k16, exp2 and the softmax reference
+// point, shared addresses.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,6 +56,10 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; -inf -> 0
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// The softmax reference point of a running max: -inf (nothing seen yet) counts as 0, so that
+// exp2(x - ref) never computes -inf - -inf.
+__device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

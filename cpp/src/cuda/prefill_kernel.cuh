@@ -22,11 +22,12 @@
 // type (not on the decode kernel's 8-bit grid).
 //
 // Two variants, one source. Ampere (kHopper false): 4 warps, each kM x 16 rows, mma.sync on
-// operands read by ldmatrix from row-padded tiles. Hopper (kHopper true, sm_90a): one warpgroup
-// holding 64 rows (wgmma's M), S = Q K^T by wgmma with both operands in shared memory and
-// O += P V by wgmma with P in registers, the tiles in wgmma's 128-byte-swizzled layout; up to
-// three blocks per multiprocessor overlap one block's dequantization with another's products.
-// The host runs the Hopper variant where its sm_90a code is what the device loads (prefill.cu).
+// operands read by ldmatrix from row-padded tiles, two blocks per multiprocessor. Hopper (kHopper
+// true, sm_90a): two warpgroups, each holding kM row tiles of 64 (wgmma's M), S = Q K^T by wgmma
+// with both operands in shared memory and O += P V by wgmma with P in registers, the tiles in
+// wgmma's 128-byte-swizzled layout, one block per multiprocessor; the next tile's keys are
+// dequantized while this tile's P V products run. The host runs the Hopper variant where its sm_90a
+// code is what the device loads (prefill.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -316,9 +317,10 @@ __device__ __forceinline__ void put_centroid(T* dst, const float* table, uint32_
 }
 
 // Four centroids of 8-bit codes (packed in `codes`) from a shared table (entry e at e * kStride)
-// into columns [col, col + 4 * kSub) of a tile's row, in 16-byte stores. With more than one store, each starts
-// at the column's 64-column panel (rotating): in the swizzled layout the threads of a row then
-// store to distinct bank groups instead of two panels' threads sharing them.
+// into columns [col, col + 4 * kSub) of a tile's row, in 16-byte stores. With more than one
+// store, their order starts at the store whose index is the column's 64-column panel and wraps:
+// in the swizzled layout the threads of a row then store to distinct bank groups at each step,
+// instead of two panels' threads sharing them.
 template <typename T, int kSub, int kStride, class Layout>
 __device__ __forceinline__ void put_four(T* tile, int row, int col, const T* table, uint32_t codes) {
   auto chunk = [&](int e) { return reinterpret_cast<uint4*>(tile + Layout::at(row, col + 8 * e)); };
@@ -688,7 +690,7 @@ __device__ __forceinline__ void prefill_block(const Params& p) {
         tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
         if (kRaw && tile_max[h] != -INFINITY) tile_max[h] = fmaf(tile_max[h], p.scale_log2, shift_row[h]);
         const float new_max = fmaxf(row_max[mi][h], tile_max[h]);
-        const float ref = new_max == -INFINITY ? 0.f : new_max;
+        const float ref = softmax_ref(new_max);
         rescale[h] = fast_exp2(row_max[mi][h] - ref);
         row_max[mi][h] = new_max;
         float sum = 0.f;
@@ -908,7 +910,7 @@ __global__ void __launch_bounds__(256) prefill_merge_kernel(Params p) {
   const int64_t part_stride = int64_t{S::kRows} * (D + 2);
   float m = -INFINITY;
   for (int s = 0; s < p.splits; ++s) m = fmaxf(m, parts[s * part_stride + D]);
-  const float ref = m == -INFINITY ? 0.f : m;
+  const float ref = softmax_ref(m);
   float l = 0.f;
   for (int s = 0; s < p.splits; ++s) l += parts[s * part_stride + D + 1] * exp2f(parts[s * part_stride + D] - ref);
   const float inv = l > 0.f ? 1.f / l : 0.f;
