@@ -443,6 +443,10 @@ METHOD_OVERRIDES = {
     # the same at a 1.5 average: keys 2 bits, values 1 bit
     "vecinfer+k2v1": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 8,
                       "value_sub_dim": 8, "value_code_bits": 8},
+    # keys 2 bits, values 1.5 bits (8-dim sub-vectors, 4,096 centroids): a 1.75 average, leaving
+    # room for full-precision kept tokens within 2.0 bits per element
+    "vecinfer+k2v15": {"key_bits": None, "value_bits": None, "key_sub_dim": 4, "key_code_bits": 8,
+                       "value_sub_dim": 8, "value_code_bits": 12},
 }
 
 
