@@ -6,11 +6,14 @@
 # compute-sanitizer. The most important steps run first, so a run cut short still reports them.
 # Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--e2e|--tp] [--prebuilt DIR]
+#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--kept|--e2e|--tp] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
 #     --prefill:   build + the long-query tests (both builds) + their benchmark, Nsight Compute and
 #                  compute-sanitizer
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
+#     --kept:      build + the kept-token and attention tests (both builds), the paged, long-query,
+#                  cache and HF tests, the decode benchmark without and with 1% of the tokens kept
+#                  (KEPT_SHAPES, default four shapes), memcheck over the kept-token tests
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
 #     --tp:        (two GPUs) the tensor-parallel tests, then bench/tp_e2e.py under torchrun, the runs
@@ -154,6 +157,28 @@ if [ "$MODE" == "--prefill" ]; then
     --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_prefill.py -q -x -p no:cacheprovider \
     -k "lengths_and_dims and 65 or real_kv or paged"
   tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
+  finish
+fi
+
+if [ "$MODE" == "--kept" ]; then
+  step "pytest (kept tokens, attention, paged, cache, custom ops, long queries, HF cache)" pytest.log \
+    $PY -m pytest tests/test_kept_tokens.py tests/test_attention.py tests/test_paged.py tests/test_cache.py \
+    tests/test_custom_ops.py tests/test_prefill.py tests/test_hf_cache.py -k "not smollm2" -q -rs -p no:cacheprovider
+  tail -15 "$LOGS/pytest.log" | tee -a "$SUMMARY"
+  [ -d "$SM80/vecinfer" ] && step "pytest (kept tokens, Ampere path, A100 shared memory)" pytest_sm80.log \
+    env PYTHONPATH=$SM80:${PYTHONPATH#$SM90:} VECINFER_MAX_SHARED_BYTES=166912 \
+    $PY -m pytest tests/test_kept_tokens.py tests/test_attention.py -k "cuda" -q -rs -p no:cacheprovider &&
+    tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
+  SHAPES_ARG="--shapes=${KEPT_SHAPES:-B=1 S=128k,B=32 S=32k,B=128 S=8k,B=1 S=1M}"
+  for keep in 0 0.01; do
+    step "decode benchmark, keep fraction $keep" "bench_keep_$keep.log" \
+      $PY -m vecinfer bench "$SHAPES_ARG" --keep-fraction $keep --json "$OUT/bench_keep_$keep.json"
+    cat "$LOGS/bench_keep_$keep.log" >>"$SUMMARY"
+  done
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  step "compute-sanitizer memcheck (kept tokens)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider -k cuda
+  tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
   finish
 fi
 

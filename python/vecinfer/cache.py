@@ -12,6 +12,16 @@ Appending writes new tokens to the sinks (while there are fewer than sink_tokens
 recent window; tokens pushed out of the window are encoded once into codes at their position.
 The codebooks are fixed, so codes are appendable and old tokens are never re-quantized.
 
+Kept tokens (quantizer.config.keep_fraction = f > 0): of the E tokens of a sequence that have left
+the window, the round(f * E) with the largest key novelty stay in full precision (a per-layer
+choice, see VQConfig). They live in the sink buffer after the sinks, and the first length counts
+them: (sinks + kept, coded, recent). Each token is scored as it enters the window; the tokens
+pushed out join the kept ones, the top round(f * E) stay, and the rest are encoded, so code rows
+are in the order tokens were encoded, not in position order (the cache records each row's
+position). Attention reads kept tokens as it reads sinks, which is exact for queries that are
+all in the recent window: attend takes at most `residual` queries in this mode. The window is
+kept in order (row i is window token i) rather than as a ring.
+
 The storage is the serving API's (PagedKVCache, vecinfer/paged.h): each sequence owns its own
 consecutive code pages (an identity page table), and append and attend run the same kernels as
 PagedKVCache (one append kernel per call, the fused attention reading pages and ring in place).
@@ -31,6 +41,7 @@ thread entering the same cache while one of them runs and raise RuntimeError in 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from typing import Optional, Sequence
@@ -39,6 +50,7 @@ import torch
 
 from . import _C
 from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
+from .config import kept_tokens
 from .paged import advance, check_finite_on_cpu
 from .quantizer import KVQuantizer
 
@@ -97,11 +109,12 @@ class QuantizedKVCache:
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.max_tokens, self.dtype = max_tokens, dtype
         self.residual, self.sinks = cfg.residual, min(cfg.sink_tokens, max_tokens)
+        self.keep_fraction = cfg.keep_fraction
         self._key_bytes = code_row_bytes(head_dim, cfg.key_sub_dim, cfg.key_code_bits)
         self._value_bytes = code_row_bytes(head_dim, cfg.value_sub_dim, cfg.value_code_bits)
         n = quantizer.num_layers
         coded = _code_capacity(max_tokens - self.sinks)
-        _check_memory(len(self._held) * self._layer_bytes(batch_size, coded), self.device,
+        _check_memory(len(self._held) * self._layer_bytes(batch_size, max_tokens), self.device,
                       f"max_tokens: a cache of {len(self._held)} layers x {batch_size} sequences x {max_tokens} tokens")
         self._guard = threading.Lock()
 
@@ -116,8 +129,19 @@ class QuantizedKVCache:
         self._key_codes = per_layer(_PAGE, self._key_bytes, dt=torch.uint8, rows=batch_size * pages)
         self._value_codes = per_layer(_PAGE, self._value_bytes, dt=torch.uint8, rows=batch_size * pages)
         self._page_table = _identity_pages(batch_size, pages, self.device)
-        self._sink_k, self._sink_v = per_layer(self.sinks, head_dim), per_layer(self.sinks, head_dim)
+        kept = self._kept_capacity(max_tokens)  # kept tokens: sink rows [sinks, sinks + kept)
+        self._sink_k, self._sink_v = per_layer(self.sinks + kept, head_dim), per_layer(self.sinks + kept, head_dim)
         self._recent_k, self._recent_v = per_layer(self.residual, head_dim), per_layer(self.residual, head_dim)
+        # kept tokens: each window row's score, each kept token's score and position, each code row's position
+        self._keep_state = None
+        if self.keep_fraction:
+            def per_sequence(cols, dt):  # [B, cols] per layer: one entry per sequence, shared by its KV heads
+                return [torch.empty((batch_size, cols), dtype=dt, device=self.device) if i in self._held else None
+                        for i in range(n)]
+            self._keep_state = {"window_scores": per_sequence(self.residual, torch.float32),
+                                "kept_scores": per_sequence(kept, torch.float32),
+                                "kept_positions": per_sequence(kept, torch.int32),
+                                "code_positions": per_sequence(coded, torch.int32)}
         # (sinks, coded, recent) per sequence; replaced, never modified in place, so a tensor
         # handed out by _attend_inputs stays a consistent snapshot
         self._lengths = [torch.zeros((batch_size, 3), dtype=torch.int32) for _ in range(n)]
@@ -136,11 +160,17 @@ class QuantizedKVCache:
     def num_layers(self) -> int:
         return self.quantizer.num_layers
 
-    def _layer_bytes(self, batch: int, coded: int) -> int:
-        """Bytes of one layer's buffers for `batch` sequences of `coded` code rows."""
+    def _kept_capacity(self, max_tokens: int) -> int:
+        """Kept-token rows per sequence for a capacity of max_tokens (0 without kept tokens)."""
+        return kept_tokens(self.keep_fraction, max(0, max_tokens - self.sinks - self.residual))
+
+    def _layer_bytes(self, batch: int, max_tokens: int) -> int:
+        """Bytes of one layer's buffers for `batch` sequences of max_tokens tokens."""
+        coded, kept = _code_capacity(max_tokens - self.sinks), self._kept_capacity(max_tokens)
         rows = batch * self.num_kv_heads
-        full = 2 * (self.sinks + self.residual) * self.head_dim * self.dtype.itemsize
-        return rows * (coded * (self._key_bytes + self._value_bytes) + full)
+        full = 2 * (self.sinks + kept + self.residual) * self.head_dim * self.dtype.itemsize
+        state = 4 * (self.residual + 2 * kept + coded) if self.keep_fraction else 0
+        return rows * (coded * (self._key_bytes + self._value_bytes) + full) + batch * state
 
     def _check_layer(self, layer):
         if not _is_int(layer) or not 0 <= layer < self.num_layers:
@@ -232,6 +262,9 @@ class QuantizedKVCache:
         k, v = k.to(self.dtype), v.to(self.dtype)
         check_finite_on_cpu("k", k)
         check_finite_on_cpu("v", v)
+        if self._keep_state is not None:
+            self._append_keeping(layer, k, v, skip)
+            return
         # The tokens as rows [N, Hkv, D], sequence b's at rows indptr[b]..indptr[b + 1]
         if t == 1 and bool(new.all()):  # a decode step: a view, no copy
             rows_k, rows_v = k[:, :, 0], v[:, :, 0]
@@ -255,6 +288,88 @@ class QuantizedKVCache:
                              _stream(rows_k))
         self._set_lengths(layer, new_lens, device_updated=True)
 
+    def _append_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor, skip: torch.Tensor) -> None:
+        """append with kept tokens (see the module's docstring), per sequence: the first tokens
+        fill the sinks; the others enter the window, each scored by its key novelty against the
+        `residual` tokens before it; the tokens pushed out of the window join the kept ones, the
+        round(keep_fraction * E) highest scores stay (E: the tokens that have left the window so
+        far), and the rest are encoded (one call of the append kernel, into the next code rows).
+        Everything is computed first; the buffers change only after the encoding succeeded."""
+        S, W, state = self.sinks, self.residual, self._keep_state
+        lens = self._lengths[layer]
+        sink_k, sink_v = self._sink_k[layer], self._sink_v[layer]
+        win_k, win_v = self._recent_k[layer], self._recent_v[layer]
+        win_scores, kept_scores = state["window_scores"][layer], state["kept_scores"][layer]
+        kept_positions = state["kept_positions"][layer]
+        new_lens, writes, encoded = lens.clone(), [], []
+        for b in range(self.batch_size):
+            xk, xv = k[b, :, int(skip[b]):], v[b, :, int(skip[b]):]  # [Hkv, n, D]
+            s_len, c, r = (int(x) for x in lens[b])
+            s = min(s_len, S)
+            kept, to_sink = s_len - s, min(S - s, xk.shape[1])
+            left = c + kept  # tokens that have left the window
+            write = {"sinks": (s, xk[:, :to_sink], xv[:, :to_sink])}
+            new_kept, new_c, new_r = kept, c, r
+            nk, nv = xk[:, to_sink:], xv[:, to_sink:]
+            m = nk.shape[1]
+            if m:
+                # the keys before the new ones: the window, and the sinks while no token has left it
+                before = win_k[b, :, :r] if left else torch.cat([sink_k[b, :, :s], xk[:, :to_sink], win_k[b, :, :r]], 1)
+                window_k, window_v = torch.cat([win_k[b, :, :r], nk], 1), torch.cat([win_v[b, :, :r], nv], 1)
+                scores = torch.cat([win_scores[b, :r], key_novelty(before[:, -W:], nk, W)])
+                out = max(0, r + m - W)  # tokens pushed out of the window
+                new_r = r + m - out
+                write["window"] = (window_k[:, out:], window_v[:, out:], scores[out:])
+                if out:
+                    budget = kept_tokens(self.keep_fraction, left + out)
+                    cand_k = torch.cat([sink_k[b, :, S:S + kept], window_k[:, :out]], 1)
+                    cand_v = torch.cat([sink_v[b, :, S:S + kept], window_v[:, :out]], 1)
+                    cand_s = torch.cat([kept_scores[b, :kept], scores[:out]])
+                    cand_p = torch.cat([kept_positions[b, :kept],
+                                        torch.arange(S + left, S + left + out, dtype=torch.int32, device=self.device)])
+                    order = torch.sort(cand_s, descending=True, stable=True).indices
+                    stay, go = order[:budget], order[budget:]
+                    write["kept"] = (cand_k[:, stay], cand_v[:, stay], cand_s[stay], cand_p[stay])
+                    encoded.append((b, c, cand_k[:, go].transpose(0, 1), cand_v[:, go].transpose(0, 1), cand_p[go]))
+                    new_kept, new_c = budget, c + kept + out - budget
+            new_lens[b] = torch.tensor([s + to_sink + new_kept, new_c, new_r], dtype=torch.int32)
+            writes.append(write)
+        if encoded:
+            self._encode_rows(layer, encoded)
+        for b, write in enumerate(writes):
+            s, xk, xv = write["sinks"]
+            sink_k[b, :, s:s + xk.shape[1]], sink_v[b, :, s:s + xv.shape[1]] = xk, xv
+            if "window" in write:
+                wk, wv, ws = write["window"]
+                win_k[b, :, :wk.shape[1]], win_v[b, :, :wv.shape[1]], win_scores[b, :len(ws)] = wk, wv, ws
+            if "kept" in write:
+                kk, kv, ks, kp = write["kept"]
+                sink_k[b, :, S:S + kk.shape[1]], sink_v[b, :, S:S + kv.shape[1]] = kk, kv
+                kept_scores[b, :len(ks)], kept_positions[b, :len(kp)] = ks, kp
+        for b, c, _, _, positions in encoded:
+            state["code_positions"][layer][b, c:c + len(positions)] = positions
+        self._set_lengths(layer, new_lens)
+
+    def _encode_rows(self, layer: int, encoded) -> None:
+        """Encodes full-precision tokens into the next code rows: `encoded` lists (b, c, keys, values,
+        positions) with keys, values [n, Hkv, D] for code rows [c, c + n) of sequence b."""
+        counts = [0] * self.batch_size
+        coded = self._lengths[layer][:, 1].clone()
+        for b, c, rows_k, _, _ in encoded:
+            counts[b] = rows_k.shape[0]
+        rows_k = torch.cat([e[2] for e in encoded]).contiguous()
+        rows_v = torch.cat([e[3] for e in encoded]).contiguous()
+        indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.device)
+        # the append kernel's rule with no sinks and no window: every token straight to its code row
+        lengths = torch.stack([torch.zeros_like(coded), coded, torch.zeros_like(coded)], dim=1).to(self.device)
+        none = rows_k.new_empty((self.batch_size, self.num_kv_heads, 0, self.head_dim))
+        p, cfg = self.quantizer.layers[layer], self.quantizer.config
+        with _device_guard(rows_k):
+            _C.append_tokens(rows_k, rows_v, self._slots, indptr, max(counts), self._key_codes[layer],
+                             self._value_codes[layer], self._page_table, lengths, none, none, none, none,
+                             p["key_codebook"], p["value_codebook"], p["key_scale"], p["key_mean"], p["value_mean"],
+                             cfg.hadamard, self._arrivals, _stream(rows_k))
+
     def _attend_inputs(self, layer: int):
         """The layer in the contiguous layout of vecinfer.attention, copied out of the pages and the
         ring (for references and inspection; attend reads the pages and the ring in place):
@@ -265,7 +380,7 @@ class QuantizedKVCache:
         self._check_layer(layer)
         lens = self._lengths[layer]
         recent_k, recent_v = self._recent_k[layer], self._recent_v[layer]
-        if self.residual:
+        if self.residual and self._keep_state is None:  # the window is a ring (kept tokens: in order)
             rows = (lens[:, 1:2].long() + torch.arange(self.residual)[None, :]) % self.residual  # [B, R]
             index = rows.to(self.device)[:, None, :, None].expand_as(recent_k)
             recent_k, recent_v = recent_k.gather(2, index), recent_v.gather(2, index)
@@ -280,10 +395,15 @@ class QuantizedKVCache:
         padded=True; with padded=True it returns (k_hat, v_hat, lengths): each sequence's tokens
         at [0, lengths[b]) and zeros after, lengths the CPU int64 [B] tokens per sequence."""
         self._check_layer(layer)
-        k, v, pos = _virtual_kv(*self._attend_inputs(layer), self.quantizer, layer)
+        positions = None
+        if self._keep_state is not None:  # sink rows: the sinks, then the kept tokens; code rows as encoded
+            state = self._keep_state
+            sinks = torch.arange(self.sinks, dtype=torch.int32, device=self.device).expand(self.batch_size, -1)
+            positions = (torch.cat([sinks, state["kept_positions"][layer]], 1), state["code_positions"][layer])
+        k, v, pos = _virtual_kv(*self._attend_inputs(layer), self.quantizer, layer, positions)
         totals = self.lengths(layer)
-        if not self._uniform(layer):
-            if not padded:
+        if not self._uniform(layer) or positions is not None:
+            if not padded and not self._uniform(layer):
                 raise ValueError(f"dequantize: the sequences of layer {layer} hold different numbers of tokens "
                                  f"{totals.tolist()}; use dequantize(layer, padded=True) for right-padded tensors "
                                  "and the lengths")
@@ -317,6 +437,10 @@ class QuantizedKVCache:
         if tq < 1 or tq > n:
             raise ValueError(f"q: {tq} queries, but a sequence of layer {layer} holds {n} tokens "
                              "(queries are the last appended)")
+        if self._keep_state is not None and tq > self.residual:
+            raise ValueError(f"q: {tq} queries; with kept tokens attention is exact for queries within the "
+                             f"{self.residual}-token recent window, so attend (and append) at most {self.residual} "
+                             "tokens at a time (VecInferCache splits longer blocks itself)")
         if self._fused_attention_supported(q):
             p, cfg = self.quantizer.layers[layer], self.quantizer.config
             lengths, max_coded = self._lengths[layer], int(self._lengths[layer][:, 1].max())
@@ -338,12 +462,13 @@ class QuantizedKVCache:
                 return torch.ops.vecinfer.paged_attention(
                     q.contiguous(), *stored[:3], p["key_codebook"], p["value_codebook"], *stored[3:],
                     p["key_scale"], p["key_mean"], p["value_mean"], cfg.hadamard, softmax_scale, max_coded,
-                    self._page_table)[0]
+                    self._page_table, self._keep_state is None)[0]
             return attention(q.contiguous(), stored[0], stored[1], lengths, p["key_codebook"], p["value_codebook"],
                              sink_keys=stored[3], sink_values=stored[4], recent_keys=stored[5],
                              recent_values=stored[6], key_scale=p["key_scale"], key_mean=p["key_mean"],
                              value_mean=p["value_mean"], hadamard=cfg.hadamard, scale=softmax_scale,
-                             max_coded=max_coded, page_table=self._page_table, recent_ring=True)
+                             max_coded=max_coded, page_table=self._page_table,
+                             recent_ring=self._keep_state is None)
         return codes_attention(q, *self._attend_inputs(layer), self.quantizer, layer, scale)
 
     def _fused_attention_supported(self, q: torch.Tensor) -> bool:
@@ -371,7 +496,7 @@ class QuantizedKVCache:
         if self.sinks < self.quantizer.config.sink_tokens:  # the sink part was cut by the old capacity
             raise ValueError(f"reserve: a cache created with max_tokens={self.max_tokens} < sink_tokens cannot grow")
         coded = _code_capacity(max_tokens - self.sinks)
-        _check_memory(len(self._held) * self._layer_bytes(self.batch_size, coded), self.device,
+        _check_memory(len(self._held) * self._layer_bytes(self.batch_size, max_tokens), self.device,
                       f"max_tokens: reserving {max_tokens} tokens for {self.batch_size} sequences x "
                       f"{len(self._held)} layers")
 
@@ -384,9 +509,22 @@ class QuantizedKVCache:
             new.view(self.batch_size, pages, *t.shape[1:])[:, :old] = t.view(self.batch_size, old, *t.shape[1:])
             return new
 
+        def widened(t, dim, size):  # t with `size` entries along dim, the old ones first
+            if t is None or t.shape[dim] == size:
+                return t
+            new = t.new_empty((*t.shape[:dim], size, *t.shape[dim + 1:]))
+            new.narrow(dim, 0, t.shape[dim]).copy_(t)
+            return new
+
         # every new buffer first, then the swap: a failed allocation leaves the cache as it was
         key_codes, value_codes = [grown(t) for t in self._key_codes], [grown(t) for t in self._value_codes]
         table = _identity_pages(self.batch_size, pages, self.device)
+        if self._keep_state is not None:  # more kept rows (the fraction of a larger capacity), more code rows
+            rows = self.sinks + self._kept_capacity(max_tokens)
+            sink_k, sink_v = ([widened(t, 2, rows) for t in group] for group in (self._sink_k, self._sink_v))
+            state = {name: [widened(t, 1, coded if name == "code_positions" else rows - self.sinks) for t in group]
+                     if name != "window_scores" else group for name, group in self._keep_state.items()}
+            self._sink_k, self._sink_v, self._keep_state = sink_k, sink_v, state
         self._key_codes, self._value_codes, self.max_tokens = key_codes, value_codes, max_tokens
         self._page_table = table
 
@@ -406,7 +544,8 @@ class QuantizedKVCache:
             s, c, r = self._lengths[layer].unbind(1)
             from_recent = r.clamp(max=tokens)
             from_sinks = tokens - from_recent
-            ok = (from_sinks == 0) | ((c == 0) & (r == from_recent) & (from_sinks <= s))
+            # sinks go back only from a sequence holding nothing else (no codes, no kept tokens)
+            ok = (from_sinks == 0) | ((c == 0) & (s <= self.sinks) & (r == from_recent) & (from_sinks <= s))
             if not bool(ok.all()):
                 b = int((~ok).nonzero()[0])
                 raise ValueError(f"truncate: cannot remove {tokens} tokens from sequence {b} of layer {layer} "
@@ -432,8 +571,7 @@ class QuantizedKVCache:
         if len(idx) == 0 or bool((idx < 0).any()) or bool((idx >= self.batch_size).any()):
             raise ValueError(f"indices: expected a non-empty list of sequence indices in [0, {self.batch_size}), "
                              f"got {idx.tolist()}")
-        coded = _code_capacity(self.max_tokens - self.sinks)
-        _check_memory(len(self._held) * self._layer_bytes(len(idx), coded), self.device,
+        _check_memory(len(self._held) * self._layer_bytes(len(idx), self.max_tokens), self.device,
                       f"indices: {len(idx)} sequences")
         dev_idx = idx.to(self.device)
 
@@ -450,6 +588,8 @@ class QuantizedKVCache:
         # every new buffer first, then the swap: a failed allocation leaves the cache as it was
         new = [pick_pages(self._key_codes), pick_pages(self._value_codes)] + [
             pick(b) for b in (self._sink_k, self._sink_v, self._recent_k, self._recent_v)]
+        keep_state = None if self._keep_state is None else {
+            name: pick(group) for name, group in self._keep_state.items()}
         lengths = [lens.index_select(0, idx) for lens in self._lengths]
         device_lengths = None if self._device_lengths is None else pick(self._device_lengths)
         b = len(idx)
@@ -459,22 +599,28 @@ class QuantizedKVCache:
         arrivals = torch.zeros(b, dtype=torch.int32, device=self.device)
         (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v) = new
         self._lengths, self._device_lengths, self.batch_size = lengths, device_lengths, b
+        self._keep_state = keep_state
         self._page_table, self._slots, self._step_indptr, self._arrivals = table, slots, indptr, arrivals
 
     def nbytes(self) -> int:
-        """Bytes the cache holds on its device: codes, full-precision windows and sinks (all
-        preallocated for max_tokens), and the quantizer's codebooks, scales and means."""
-        buffers = (self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v)
+        """Bytes the cache holds on its device: codes, full-precision windows, sinks and kept tokens
+        (all preallocated for max_tokens) with the kept tokens' scores and positions, and the
+        quantizer's codebooks, scales and means."""
+        buffers = [self._key_codes, self._value_codes, self._sink_k, self._sink_v, self._recent_k, self._recent_v]
+        if self._keep_state is not None:
+            buffers += list(self._keep_state.values())
         held = sum(t.numel() * t.element_size() for group in buffers for t in group if t is not None)
         return held + self.quantizer.parameter_bytes()
 
 
 def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recent_v, quantizer: KVQuantizer,
-                layer: int):
+                layer: int, positions=None):
     """(k, v, pos): the sinks, decoded codes and recent windows of every sequence side by side,
     [B, Hkv, W, D] with W = max sinks + max coded + max recent, and pos [B, W] (on the data's
     device) the token position of each entry, -1 where that sequence has none. With equal lengths
-    pos is 0..W-1: k and v are the sequence in order."""
+    and no `positions` pos is 0..W-1: k and v are the sequence in order. `positions`: (sink row
+    positions, code row positions), [B, >= rows] each, where rows are not at consecutive positions
+    (kept tokens)."""
     lens = lengths.to(torch.int64)
     smax, cmax, rmax = (int(x) for x in lens.max(0).values)
     ks, vs = [sink_k[:, :, :smax]], [sink_v[:, :, :smax]]
@@ -489,11 +635,31 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
         i = torch.arange(size)[None, :]
         parts.append(torch.where(i < count, start + i, -1))
     pos = torch.cat(parts, dim=1).to(sink_k.device)
+    if positions is not None:
+        stored = torch.cat([positions[0][:, :smax], positions[1][:, :cmax]], 1).to(pos.dtype)
+        head = pos[:, :smax + cmax]
+        pos = torch.cat([torch.where(head >= 0, stored, head), pos[:, smax + cmax:]], 1)
     # entries a sequence does not hold are unwritten memory (possibly NaN bits): zero them, so a
     # masked-out entry contributes 0 * 0 and not 0 * NaN to the attention output
     valid = (pos >= 0)[:, None, :, None]
     k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
     return k.masked_fill(~valid, 0), v.masked_fill(~valid, 0), pos
+
+
+def key_novelty(before: torch.Tensor, new: torch.Tensor, window: int) -> torch.Tensor:
+    """[m] float32: the key novelty of each of m new keys [Hkv, m, D] whose predecessors are `before`
+    [Hkv, P, D] (the keys just before them, in order): summed over the KV heads, ||k - mu||^2 / ||k||^2
+    with mu the mean of the `window` keys before k; 0 for a key with none before it."""
+    x = torch.cat([before, new], 1).float()
+    p, m = before.shape[1], new.shape[1]
+    sums = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x.cumsum(1)], 1)  # sums[:, i]: keys [0, i)
+    j = torch.arange(p, p + m, device=x.device)
+    first = (j - window).clamp(min=0)
+    count = j - first
+    mean = (sums[:, j] - sums[:, first]) / count.clamp(min=1)[:, None].float()
+    k = x[:, p:]
+    score = (((k - mean) ** 2).sum(-1) / (k ** 2).sum(-1).clamp(min=1e-12)).sum(0)
+    return torch.where(count > 0, score, torch.zeros_like(score))
 
 
 _PAGE = 64  # code rows per page: one page per 64-token stage of the attention kernel

@@ -15,6 +15,12 @@ _FLAGS = ("smooth", "hadamard", "key_mean", "value_mean")
 _INTS = {"residual": 0, "sink_tokens": 0, "kivi_group": 1, "kmeans_iters": 1, "max_samples": 1, "seed": 0}
 
 
+def kept_tokens(keep_fraction: float, compressed: int) -> int:
+    """How many of a sequence's `compressed` tokens (those that left the recent window) stay in
+    full precision: round(keep_fraction * compressed)."""
+    return int(keep_fraction * compressed + 0.5)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -43,6 +49,10 @@ class VQConfig:
     sink_tokens: the first tokens kept in full precision (default 4: on SmolLM2-135M adding
     them to the transforms took 2-bit perplexity from +17.8% to +4.0%, see QUALITY.md). granularity: one codebook per layer or
     per KV head. method "kivi" selects the KIVI-style scalar baseline (2 bits, group 32).
+    keep_fraction: that fraction of the tokens leaving the recent window stays in full precision,
+    chosen per layer by key novelty (how far a key lies from the mean of the `residual` keys before
+    it, relative to its norm, summed over the KV heads); the attention reads them as it reads the
+    sinks. 0 (the default) keeps none; it needs a recent window (residual > 0).
     """
 
     key_bits: Optional[float] = None
@@ -64,6 +74,7 @@ class VQConfig:
     kmeans_iters: int = 20
     max_samples: int = 65536
     seed: int = 0
+    keep_fraction: float = 0.0
 
     def __post_init__(self):
         for name in _FLAGS:
@@ -105,6 +116,15 @@ class VQConfig:
             raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        keep = self.keep_fraction
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise TypeError(f"keep_fraction must be a number, got {keep!r}")
+        if not 0 <= keep < 1:
+            raise ValueError(f"keep_fraction must be in [0, 1), got {keep!r}")
+        object.__setattr__(self, "keep_fraction", float(keep))
+        if keep and (self.residual == 0 or self.method != "vq"):
+            raise ValueError("keep_fraction: kept tokens are chosen as they leave the recent window, so they need "
+                             f"residual > 0 and method 'vq' (got residual={self.residual}, method={self.method!r})")
 
     def to_dict(self) -> dict:
         return asdict(self)

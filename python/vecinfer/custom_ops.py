@@ -40,19 +40,20 @@ def paged_attention(q: torch.Tensor, key_pages: torch.Tensor, value_pages: torch
                     sink_values: torch.Tensor, recent_keys: torch.Tensor, recent_values: torch.Tensor,
                     key_scale: Optional[torch.Tensor], key_mean: Optional[torch.Tensor],
                     value_mean: Optional[torch.Tensor], hadamard: bool, scale: float, max_coded: int,
-                    page_table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """vecinfer.attention on paged codes with a ring recent window (the layout of PagedKVCache and
-    QuantizedKVCache), returning (out, lse)."""
+                    page_table: torch.Tensor, recent_ring: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """vecinfer.attention on paged codes with the recent window a ring (the layout of PagedKVCache
+    and QuantizedKVCache) or, recent_ring=False, in order (QuantizedKVCache with kept tokens),
+    returning (out, lse)."""
     return ops.attention(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys=sink_keys,
                          sink_values=sink_values, recent_keys=recent_keys, recent_values=recent_values,
                          key_scale=key_scale, key_mean=key_mean, value_mean=value_mean, hadamard=hadamard,
                          scale=scale, max_coded=max_coded, return_lse=True, page_table=page_table,
-                         recent_ring=True)
+                         recent_ring=recent_ring)
 
 
 @paged_attention.register_fake
 def _paged_attention_fake(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys, sink_values,
                           recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded,
-                          page_table):
+                          page_table, recent_ring=True):
     return _attention_fake(q, key_pages, value_pages, lengths, key_codebook, value_codebook, sink_keys, sink_values,
                            recent_keys, recent_values, key_scale, key_mean, value_mean, hadamard, scale, max_coded)

@@ -39,6 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .cache import QuantizedKVCache
+from .paged import check_finite_on_cpu
 from .evaluate import _set_attn
 from .quantizer import KVQuantizer
 
@@ -441,9 +442,19 @@ class VecInferCache(Cache):
             layer.seen = t
             return out
         codes = self._room(layer_idx, key)
-        codes.append(layer_idx, key, value)
-        layer.seen += t
-        out = codes.attend(layer_idx, query, scale=kwargs.get("scaling"))  # [B, Hq, Tq, D]
+        # kept tokens: attention is exact for queries within the recent window, so a longer block
+        # runs as consecutive pieces of at most `residual` tokens, each appended then attended
+        piece = codes.residual if codes.keep_fraction else t
+        if piece < t:  # every piece's input checked before the first is appended
+            check_finite_on_cpu("key", key)
+            check_finite_on_cpu("value", value)
+        outs = []
+        for start in range(0, t, piece):
+            end = min(t, start + piece)
+            codes.append(layer_idx, key[:, :, start:end], value[:, :, start:end])
+            layer.seen += end - start
+            outs.append(codes.attend(layer_idx, query[:, :, start:end], scale=kwargs.get("scaling")))  # [B, Hq, Tq, D]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.transpose(1, 2).contiguous(), None
 
     def nbytes(self) -> int:
@@ -504,6 +515,9 @@ class CUDAGraphDecoder:
         codes = cache.codes
         if codes is None or codes.device.type != "cuda":
             raise ValueError("cache: expected a VecInferCache holding a prompt on a CUDA device")
+        if codes.keep_fraction:
+            raise ValueError("cache: its quantizer keeps tokens (keep_fraction > 0), whose choice runs on the host at "
+                             "every step; CUDAGraphDecoder needs a quantizer with keep_fraction=0")
         layers = cache._codes_layers()
         if len(layers) != len(cache.layers):
             raise ValueError("model: has sliding-window layers (kept in a full-precision cache that grows by "

@@ -1,6 +1,7 @@
 """KVQuantizer: per-layer smoothing scales, means and codebooks; calibration, save and load."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import VQConfig
+from .config import VQConfig, kept_tokens
 from .kmeans import kmeans
 from .ops import hadamard, snap_codebook, vq_decode, vq_encode
 
@@ -217,9 +218,10 @@ class KVQuantizer:
         return sum(t.numel() * t.element_size() for p in self.layers for t in p.values() if t is not None)
 
     def bits_per_element(self, tokens: Optional[int] = None) -> float:
-        """Average stored bits per K/V element. With `tokens`, a sequence of that many tokens is
-        counted whole: compressed part, the full-precision residual and sink tokens (16 bits),
-        and the per-layer parameters, amortised over one sequence."""
+        """Average stored bits per K/V element: the codes and the kept tokens (keep_fraction of
+        the compressed part, 16 bits). With `tokens`, a sequence of that many tokens is counted
+        whole: compressed part, kept, full-precision residual and sink tokens (16 bits), and the
+        per-layer parameters, amortised over one sequence."""
         cfg = self.config
         if cfg.method == "kivi":
             # 2-bit integers plus an fp16 scale and zero per group of kivi_group
@@ -227,14 +229,24 @@ class KVQuantizer:
             coded_k = coded_v = coded
         else:
             coded_k, coded_v = cfg.key_bits, cfg.value_bits
+        keep = cfg.keep_fraction
         if tokens is None:
-            return (coded_k + coded_v) / 2
+            return (1 - keep) * (coded_k + coded_v) / 2 + keep * 16
         full = min(tokens, cfg.residual + cfg.sink_tokens)
+        kept = kept_tokens(keep, tokens - full)
         elements = 2 * tokens * self.num_kv_heads * self.head_dim
-        bits = (tokens - full) * self.num_kv_heads * self.head_dim * (coded_k + coded_v)
-        bits += full * self.num_kv_heads * self.head_dim * 2 * 16
+        bits = (tokens - full - kept) * self.num_kv_heads * self.head_dim * (coded_k + coded_v)
+        bits += (full + kept) * self.num_kv_heads * self.head_dim * 2 * 16
         bits += 8 * self.parameter_bytes() / self.num_layers
         return bits / elements
+
+    def replace(self, **fields) -> "KVQuantizer":
+        """The same calibration with other settings that do not change it: sink_tokens, residual,
+        keep_fraction."""
+        allowed = {"sink_tokens", "residual", "keep_fraction"}
+        if set(fields) - allowed:
+            raise ValueError(f"replace: only {sorted(allowed)} leave the calibration valid, got {sorted(fields)}")
+        return KVQuantizer(dataclasses.replace(self.config, **fields), self.layers, self.num_kv_heads, self.head_dim)
 
     # --- tensor parallelism -----------------------------------------------------------------------
     def heads(self, start: int, stop: int) -> "KVQuantizer":

@@ -8,6 +8,8 @@ another, as generation feeds them:
     quantizer: a prompt is attended in full precision and encoded, then every block of `block`
     tokens is appended (tokens leaving the recent window are encoded once) and attends to the
     codes through `QuantizedKVCache.attend` (on a GPU the fused kernel; on the CPU its reference);
+    "<method>+keep-novel-<percent>" keeps that percent of the compressed tokens in full precision
+    in the cache, chosen by key novelty (VQConfig.keep_fraction);
   - a transformers QuantizedCache backend (`BASELINES`: "fp8", "quanto-int2", "quanto-int4",
     "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens);
   - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
@@ -529,15 +531,18 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             base = method[len("proxy:"):] if proxy else method
             outliers = base.endswith("+outliers")
             base = base[:-len("+outliers")] if outliers else base
-            keep = None  # "+keep-<rule>-<percent>": KeptTokens (proxy only)
+            keep = None  # "+keep-<rule>-<percent>": kept tokens (the cache's key novelty; any rule on the proxy)
             if "+keep-" in base:
                 base, spec = base.split("+keep-", 1)
                 rule, _, pct = spec.partition("-")
                 keep = (rule, float(pct or 2) / 100)
             t0 = time.perf_counter()
             try:
-                if (outliers or keep) and not proxy:
-                    raise ValueError("outlier / kept tokens are not in the decode kernel: measure them as proxy:" + method)
+                if outliers and not proxy:
+                    raise ValueError("outlier tokens are not in the cache: measure them as proxy:" + method)
+                if keep and not proxy and keep[0] != "novel":
+                    raise ValueError(f"the cache keeps tokens by key novelty ('+keep-novel-<percent>'); rule "
+                                     f"{keep[0]!r} exists on the proxy only: measure it as proxy:{method}")
                 if base not in built:  # one calibration per base method, shared by its levers
                     built[base] = _build(base, keys, values, args.bits, args.residual, args.sink_tokens,
                                          not args.quiet, queries)
@@ -551,8 +556,10 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             row["config"] = quant.config.to_dict()
             if outliers:
                 quant = OutlierTokens(quant, keys, 0.01)
-            if keep:
+            if keep and proxy:
                 quant = KeptTokens(quant, keep[0], keep[1])
+            elif keep:
+                quant = quant.replace(keep_fraction=keep[1])
             row["calibrate_seconds"] = time.perf_counter() - t0
             row["bits_per_element"] = _bits(quant)
             if proxy:

@@ -1,0 +1,197 @@
+"""Kept tokens (VQConfig.keep_fraction): which tokens stay in full precision, what the cache then
+holds, and that attention (CPU reference and CUDA kernels) reads them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vecinfer
+from conftest import DEVICES, small_quantizer
+from test_cache import _attention64, _snapshot, _assert_same
+
+SINKS, WINDOW = 2, 16  # small_quantizer's
+
+
+@pytest.fixture(scope="module")
+def quantizer():
+    return small_quantizer().replace(keep_fraction=0.1)
+
+
+def _novelty64(keys: torch.Tensor, j: int) -> float:
+    """Key novelty of position j of one sequence's keys [Hkv, n, D], in float64, from its definition."""
+    if j == 0:
+        return 0.0
+    x = keys.double()
+    mu = x[:, max(0, j - WINDOW):j].mean(1)
+    return float((((x[:, j] - mu) ** 2).sum(-1) / (x[:, j] ** 2).sum(-1)).sum())
+
+
+def _expected_kept(keys: torch.Tensor, chunks, fraction: float) -> set:
+    """The positions kept after appending one sequence's keys [Hkv, n, D] in `chunks`: after each
+    append, of the kept ones and the tokens that left the window in it, the round(fraction * E)
+    with the highest novelty (E: tokens that have left so far)."""
+    kept, left, total = [], 0, 0
+    for t in chunks:
+        total += t
+        now = max(0, total - SINKS - WINDOW)
+        new = list(range(SINKS + left, SINKS + now))
+        left = now
+        kept = sorted(kept + new, key=lambda p: -_novelty64(keys, p))[:int(fraction * left + 0.5)]
+    return set(kept)
+
+
+def _fill(cache, chunks, gen, layer=0, dtype=torch.float32):
+    ks, vs = [], []
+    for t in chunks:
+        k = (torch.randn((cache.batch_size, 2, t, 64), generator=gen) + 3).to(dtype).to(cache.device)
+        v = torch.randn((cache.batch_size, 2, t, 64), generator=gen).to(dtype).to(cache.device)
+        cache.append(layer, k, v)
+        ks.append(k), vs.append(v)
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunks", [[1] * 90, [120], [30, 1, 1, 17, 40, 3], [5, 60, 16, 16, 16]])
+def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, gen):
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 200, device=device, dtype=torch.float32)
+    k, v = _fill(cache, chunks, gen)
+    n = k.shape[2]
+    k_hat, v_hat = cache.dequantize(0)
+    assert k_hat.shape == k.shape
+    left = max(0, n - SINKS - WINDOW)
+    for b in range(2):
+        kept = _expected_kept(k[b].cpu(), chunks, 0.1)
+        assert len(kept) == int(0.1 * left + 0.5)
+        sinks, coded, recent = cache._lengths[0][b].tolist()
+        assert (sinks, coded, recent) == (min(n, SINKS) + len(kept), left - len(kept), min(n - min(n, SINKS), WINDOW))
+        exact = sorted(set(range(min(n, SINKS))) | kept | set(range(n - recent, n)))
+        coded_pos = sorted(set(range(n)) - set(exact))
+        assert torch.equal(k_hat[b, :, exact], k[b, :, exact]) and torch.equal(v_hat[b, :, exact], v[b, :, exact])
+        if coded_pos:
+            exp_k, exp_v = cache.quantizer.fake_quantize(0, k[b:b + 1, :, coded_pos], v[b:b + 1, :, coded_pos])
+            torch.testing.assert_close(k_hat[b:b + 1, :, coded_pos], exp_k)
+            torch.testing.assert_close(v_hat[b:b + 1, :, coded_pos], exp_v)
+            assert (k_hat[b, :, coded_pos] - k[b, :, coded_pos]).abs().amax() > 0.1  # really compressed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tq,group", [(1, 1), (4, 2), (16, 3)])
+def test_attend_with_kept_tokens_equals_attention_over_dequantize(quantizer, device, dtype, tq, group, gen):
+    """On CUDA in float16 / bfloat16 this is the fused kernel reading kept tokens as sinks."""
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 400, device=device, dtype=dtype)
+    _fill(cache, [150, 1, 33, tq], gen, dtype=dtype)
+    assert int(cache._lengths[0][:, 0].min()) > SINKS  # tokens are kept
+    q = torch.randn((2, 2 * group, tq, 64), generator=gen).to(dtype).to(device)
+    out = torch.full_like(q, float("nan"))
+    out.copy_(cache.attend(0, q))
+    k_hat, v_hat = cache.dequantize(0)
+    ref = _attention64(q, k_hat, v_hat)
+    assert not torch.isnan(out).any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attend_reads_hundreds_of_kept_tokens(quantizer, device, gen):
+    """Over 256 full-precision tokens per sequence: the CUDA kernel spreads them over several
+    blocks (kFpPartTokens), one of them left empty by the lengths."""
+    dtype = torch.float16
+    cache = vecinfer.QuantizedKVCache(quantizer.replace(keep_fraction=0.3), 2, 2, 64, 2000, device=device,
+                                      dtype=dtype)
+    _fill(cache, [1500, 1], gen, dtype=dtype)
+    assert cache._lengths[0][:, 0].tolist() == [SINKS + int(0.3 * 1483 + 0.5)] * 2
+    q = torch.randn((2, 4, 1, 64), generator=gen).to(dtype).to(device)
+    out = cache.attend(0, q)
+    k_hat, v_hat = cache.dequantize(0)
+    torch.testing.assert_close(out.double().cpu(), _attention64(q, k_hat, v_hat).cpu(), atol=2e-2, rtol=2e-2)
+
+
+def test_skip_reserve_select_and_truncate_keep_the_choice(quantizer, gen):
+    """A left-padded prompt is the unpadded one; growing, reordering and truncating the window
+    keep the kept tokens; kept tokens cannot be truncated."""
+    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 60, dtype=torch.float32)
+    k = torch.randn((2, 2, 50, 64), generator=gen) + 3
+    v = torch.randn((2, 2, 50, 64), generator=gen)
+    cache.append(0, k, v, skip=[0, 7])
+    single = vecinfer.QuantizedKVCache(quantizer, 1, 2, 64, 60, dtype=torch.float32)
+    single.append(0, k[1:, :, 7:], v[1:, :, 7:])
+    assert cache._lengths[0][1].tolist() == single._lengths[0][0].tolist()
+    torch.testing.assert_close(cache.dequantize(0, padded=True)[0][1:, :, :43], single.dequantize(0)[0])
+    cache.reserve(300)  # more kept rows: the later tokens of a long sequence can be kept
+    more_k, more_v = torch.randn((2, 2, 200, 64), generator=gen) + 3, torch.randn((2, 2, 200, 64), generator=gen)
+    cache.append(0, more_k, more_v)
+    full_k = torch.cat([k, more_k], 2)
+    expected = _expected_kept(full_k[0], [50, 200], 0.1)
+    assert set(cache._keep_state["kept_positions"][0][0, :len(expected)].tolist()) == expected
+    before = cache.dequantize(0, padded=True)
+    cache.select([1, 0, 0])
+    after = cache.dequantize(0, padded=True)
+    for new, old in ((0, 1), (1, 0), (2, 0)):
+        assert torch.equal(after[0][new], before[0][old]) and torch.equal(after[1][new], before[1][old])
+    cache.truncate(WINDOW, layers=[0])
+    assert cache._lengths[0][:, 2].tolist() == [0, 0, 0]
+    snap = _snapshot(cache, 0)
+    with pytest.raises(ValueError, match="only tokens still in full precision"):
+        cache.truncate(1, layers=[0])
+    _assert_same(snap, _snapshot(cache, 0))
+
+
+def test_kept_tokens_bad_input_leaves_cache_unchanged(quantizer, gen):
+    cache = vecinfer.QuantizedKVCache(quantizer, 1, 2, 64, 100, dtype=torch.float32)
+    _fill(cache, [40], gen)
+    snap = _snapshot(cache, 0)
+    bad = torch.randn((1, 2, 3, 64), generator=gen)
+    bad[0, 1, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        cache.append(0, bad, torch.zeros_like(bad))
+    with pytest.raises(ValueError, match="at most 16 tokens at a time"):
+        cache.attend(0, torch.randn((1, 2, 17, 64), generator=gen))
+    _assert_same(snap, _snapshot(cache, 0))
+
+
+def test_keep_fraction_config_and_bits():
+    with pytest.raises(ValueError, match="keep_fraction must be in"):
+        vecinfer.VQConfig(keep_fraction=1.0)
+    with pytest.raises(TypeError, match="keep_fraction must be a number"):
+        vecinfer.VQConfig(keep_fraction="0.01")
+    with pytest.raises(ValueError, match="residual > 0"):
+        vecinfer.VQConfig(keep_fraction=0.01, residual=0)
+    q = small_quantizer()
+    kept = q.replace(keep_fraction=0.01)
+    # 1% of the compressed tokens at 16 bits instead of 2
+    assert kept.bits_per_element() == pytest.approx(0.99 * 2 + 0.01 * 16)
+    n = 10_000
+    extra = (kept.bits_per_element(n) - q.bits_per_element(n)) * 2 * n  # bits per (head, dim) pair
+    assert extra == pytest.approx(int(0.01 * (n - 18) + 0.5) * 2 * (16 - 2))
+    with pytest.raises(ValueError, match="leave the calibration valid"):
+        q.replace(key_bits=3)
+
+
+def test_kept_quantizer_round_trips_and_paged_cache_refuses_it(quantizer, tmp_path):
+    path = str(tmp_path / "q.safetensors")
+    quantizer.save(path)
+    assert vecinfer.KVQuantizer.load(path).config.keep_fraction == 0.1
+    with pytest.raises(ValueError, match="PagedKVCache does not keep tokens"):
+        vecinfer.PagedKVCache(quantizer, num_pages=4, max_seqs=1, max_tokens_per_seq=64, dtype=torch.float32)
+
+
+def test_hf_cache_splits_long_blocks_into_window_sized_pieces():
+    """With kept tokens VecInferCache runs a block longer than the window as pieces of at most the
+    window: the same logits as the pieces fed one forward call each."""
+    pytest.importorskip("transformers")
+    from test_hf_cache import _prompt, _quantizer, _tiny
+    from vecinfer.hf import VecInferCache
+
+    model = _tiny("llama")
+    q = _quantizer(model, bits=2, residual=8, sink_tokens=2).replace(keep_fraction=0.2)
+    prompt, block = _prompt(40), _prompt(30, seed=3)
+    whole, pieces = VecInferCache(model, q), VecInferCache(model, q)
+    with torch.no_grad():
+        model(prompt, past_key_values=whole, use_cache=True)
+        model(prompt, past_key_values=pieces, use_cache=True)
+        got = model(block, past_key_values=whole, use_cache=True).logits
+        want = torch.cat([model(block[:, i:i + 8], past_key_values=pieces, use_cache=True).logits
+                          for i in range(0, 30, 8)], dim=1)
+    assert whole.codes._lengths[0][0, 0] > 2  # tokens were kept
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
