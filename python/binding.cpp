@@ -426,7 +426,8 @@ AttentionArgs attention_args(const nb::ndarray<>& q, const nb::ndarray<>& key_co
 // Workspace bytes the CUDA kernel needs: integers only, so the call is cheap.
 int64_t attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t num_queries,
                                   int32_t head_dim, int32_t key_sub_dim, int32_t key_code_bits,
-                                  int32_t value_sub_dim, int32_t value_code_bits, int64_t max_coded, bool ragged) {
+                                  int32_t value_sub_dim, int32_t value_code_bits, int64_t max_coded,
+                                  int64_t full_precision_capacity, bool ragged) {
   vecinfer::AttentionShape shape;
   shape.total_queries = ragged ? 1 : 0;  // only its sign is read: a ragged call (attention.h)
   shape.batch = batch;
@@ -440,6 +441,7 @@ int64_t attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t nu
   kv.value_codebook.sub_dim = value_sub_dim;
   kv.value_codebook.code_bits = value_code_bits;
   kv.max_coded = max_coded;
+  kv.sink_capacity = full_precision_capacity;  // sinks + recent window: only their sum is read
   return static_cast<int64_t>(vecinfer::cuda::attention_workspace_bytes(shape, kv));
 }
 
@@ -663,7 +665,7 @@ NB_MODULE(_C, m) {
   m.def("attention_workspace_bytes", &attention_workspace_bytes, nb::arg("batch"), nb::arg("num_q_heads"),
         nb::arg("num_kv_heads"), nb::arg("num_queries"), nb::arg("head_dim"), nb::arg("key_sub_dim"),
         nb::arg("key_code_bits"), nb::arg("value_sub_dim"), nb::arg("value_code_bits"), nb::arg("max_coded"),
-        nb::arg("ragged"));
+        nb::arg("full_precision_capacity"), nb::arg("ragged"));
   m.def("cuda_attention_support",
         [](int dtype, int64_t num_queries, int32_t key_sub_dim, int32_t key_code_bits, int32_t value_sub_dim,
            int32_t value_code_bits) {

@@ -386,9 +386,11 @@ def attention(q: Tensor, key_codes: Tensor, value_codes: Tensor, lengths: Tensor
             def shape(cb):  # (sub_dim, code_bits); a malformed codebook is reported by the binding
                 return (int(cb.shape[2]), max(int(cb.shape[1]) - 1, 0).bit_length()) if cb.dim() == 3 else (0, 0)
 
+            # sink and recent rows (a malformed part is reported by the binding)
+            fp_capacity = sum(int(t.shape[2]) if t.dim() == 4 else 0 for t in (parts[0], parts[2]))
             nbytes = _C.attention_workspace_bytes(b, q.shape[1], hkv, num_queries, d,
                                                   *shape(key_codebook), *shape(value_codebook), max_coded,
-                                                  query_indptr is not None)
+                                                  fp_capacity, query_indptr is not None)
             workspace = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=q.device)
         _C.attention(*args, workspace, _stream(q), None if query_indptr is None else query_indptr.detach(),
                      num_queries)

@@ -107,7 +107,8 @@ namespace cuda {
 // place that says what the kernel supports; callers choosing a path ask it.
 Status attention_supports(DType dtype, int64_t num_queries, const Codebook& key, const Codebook& value);
 // Bytes of device workspace cuda::attention needs for these shapes (split-KV partial results).
-// Reads only the shapes (no pointers): shape, the codebooks' sub_dim and code_bits, max_coded.
+// Reads only the shapes (no pointers): shape, the codebooks' sub_dim and code_bits, max_coded, and
+// sink_capacity + recent_capacity (the full-precision tokens are split over blocks too).
 // 0 for shapes the kernel does not take.
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv);
 // The fused kernel: float16 or bfloat16; key and value codebooks with code_bits 8 or 12 and any
@@ -143,6 +144,7 @@ struct AttentionPlan {
   int32_t page_size = 0;  // 0: contiguous codes
   int device = -1;        // the CUDA device planned for
   // The schedule (filled by plan_attention).
+  int fp_parts = 0;          // blocks over the full-precision tokens (sinks, window) per (sequence, KV head, row tile)
   int splits = 0;            // blocks over the coded tokens per (sequence, KV head, row tile)
   int64_t split_tokens = 0;  // coded tokens per split
   int warps = 0, stages = 0, low_warps = 0;

@@ -106,7 +106,7 @@ Status attention_supports(DType dtype, int64_t num_queries, const Codebook& key,
 size_t attention_workspace_bytes(const AttentionShape& shape, const CompressedKV& kv) {
   using namespace cuda_detail::attn;
   // Only shapes matter here (no pointers are read): the batch, heads, queries, head_dim, the two
-  // codebooks' sub_dim and code_bits, and max_coded.
+  // codebooks' sub_dim and code_bits, max_coded, and the sink and recent capacities.
   if (shape.batch < 1 || shape.num_kv_heads < 1 || shape.num_q_heads % shape.num_kv_heads != 0 ||
       shape.num_queries < 1 || kv.max_coded < 0)
     return 0;

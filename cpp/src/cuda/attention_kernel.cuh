@@ -1,8 +1,10 @@
 // The fused dequant-attention kernel (vecinfer/attention.h says what it computes; bench/NOTES.md
 // has the design, its predictions and measurements).
 //
-// Grid: x = part: 0 for the full-precision sink and recent tokens, 1.. for the splits of the coded
-// tokens (split-KV); y = (KV head, tile of kRows query rows); z = sequence. The query rows of a
+// Grid: x = part: 0..fp_parts-1 for the full-precision sink and recent tokens (kFpPartTokens each:
+// one part for the usual few sinks and the window, more when many tokens are kept in full
+// precision as sinks), then the splits of the coded tokens (split-KV); y = (KV head, tile of kRows
+// query rows); z = sequence. The query rows of a
 // block are (query head, query) pairs of one KV head, so they share every code the block reads. A
 // merge kernel combines the parts exactly and adds the value mean.
 //
@@ -156,7 +158,8 @@ struct Params {
   int64_t batch, num_q_heads, num_kv_heads, num_queries;
   int group;             // query heads per KV head
   int row_tiles;         // ceil(group * num_queries / kRows)
-  int splits;            // blocks over the coded tokens (blocks x = 1..splits; x = 0: full precision)
+  int fp_parts;          // blocks over the full-precision tokens (blocks x = 0..fp_parts-1)
+  int splits;            // blocks over the coded tokens (blocks x = fp_parts..fp_parts+splits-1)
   int64_t split_tokens;  // coded tokens per split, a multiple of the stage tokens * warps
   float scale_log2;      // softmax scale * log2(e)
   int warps, stages;     // the shared-memory plan of a block
@@ -765,7 +768,8 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t slot, int64_t kv
   const int64_t all_stages = begin < end ? (end - begin + kStageTokens - 1) / kStageTokens : 0;
   const int my_stages = all_stages > warp ? static_cast<int>((all_stages - warp + warps - 1) / warps) : 0;
   auto stage_first = [&](int k) { return begin + (int64_t{k} * warps + warp) * kStageTokens; };
-  const int64_t part = ((b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows) * (p.splits + 1) + 1 + split;
+  const int64_t part =
+      ((b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows) * (p.fp_parts + p.splits) + p.fp_parts + split;
   if (L::kByteTable && (shared_address(smem + L::kByteTableOffset) & 0xFFFF) != 0) {
     // The driver placed this block's memory elsewhere than the host planned (kReservedSmem): the
     // table addresses would be wrong, so the result is NaN rather than a silent wrong answer.
@@ -944,9 +948,12 @@ __device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* re
   }
 }
 
+// Full-precision tokens per part (a multiple of every chunk size).
+constexpr int kFpPartTokens = 256;
+
 template <typename T, int D, class L>
 __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, int64_t slot, int64_t kv_head,
-                                     int first_row, int rows) {
+                                     int first_row, int rows, int fp_part) {
   constexpr int kPerLane = D / 32;
   constexpr int kStride = D + 2;
   constexpr int kChunk = chunk_tokens<D>();
@@ -977,8 +984,9 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) acc[i][j] = 0.f;
   }
-  const int64_t total = sinks + recent;
-  for (int64_t first = 0; first < total; first += kChunk) {
+  // this part's tokens of the sinks-then-recent stream
+  const int64_t total = min(sinks + recent, int64_t{fp_part + 1} * kFpPartTokens);
+  for (int64_t first = int64_t{fp_part} * kFpPartTokens; first < total; first += kChunk) {
     const int count = static_cast<int>(min(int64_t{kChunk}, total - first));
     __syncthreads();  // the previous chunk is consumed
     load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count, ring_first, p.kv.recent_capacity);
@@ -1045,7 +1053,7 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
     }
   }
   const int64_t group_index = (b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows;
-  const int64_t part = group_index * (p.splits + 1);  // part 0: the full-precision tokens
+  const int64_t part = group_index * (p.fp_parts + p.splits) + fp_part;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int row = warp + i * warps;
@@ -1063,16 +1071,17 @@ __global__ void __launch_bounds__(32 * max_warps<D, kEight>(), 1) attention_kern
   const int64_t kv_head = blockIdx.y / p.row_tiles;
   const int first_row = (blockIdx.y % p.row_tiles) * kRows;
   const int rows = min(kRows, p.group * static_cast<int>(p.num_queries) - first_row);
-  // Block 0 (scheduled first) takes the few full-precision tokens; blocks 1.. the coded splits.
-  if (blockIdx.x == 0)
+  // The first blocks (scheduled first) take the full-precision tokens; the others the coded splits.
+  const int x = static_cast<int>(blockIdx.x);
+  if (x < p.fp_parts)
     full_precision_block<T, D, Layout<D, KC, VC, kEight>>(vecinfer_attention_smem, p, b, slot, kv_head, first_row,
-                                                          rows);
+                                                          rows, x);
   else
-    coded_block<T, D, KC, VC, kEight>(p, b, slot, kv_head, first_row, rows, static_cast<int>(blockIdx.x) - 1);
+    coded_block<T, D, KC, VC, kEight>(p, b, slot, kv_head, first_row, rows, x - p.fp_parts);
 }
 
-// Merges the parts of one (sequence, KV head, row tile): part 0 the full-precision tokens, parts
-// 1..splits the coded splits. out = (sum_s acc_s 2^(m_s - M) + value_mean * W_coded) / L, where
+// Merges the parts of one (sequence, KV head, row tile): parts 0..fp_parts-1 the full-precision
+// tokens, the others the coded splits. out = (sum_s acc_s 2^(m_s - M) + value_mean * W_coded) / L, where
 // W_coded is the softmax weight of the coded tokens (the value mean was taken out of them only).
 constexpr int kMergeWarps = 4;
 
@@ -1086,7 +1095,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(Params p) {
   const int64_t kv_head = group_index / p.row_tiles % p.num_kv_heads;
   const int first_row = group_index % p.row_tiles * kRows;
   const int rows = min(kRows, p.group * static_cast<int>(p.num_queries) - first_row);
-  const int parts = p.splits + 1;
+  const int parts = p.fp_parts + p.splits;
   const float* ml = p.partial_ml + group_index * parts * kRows * 2;
   const float* accs = p.partial_acc + group_index * parts * kRows * D;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1101,7 +1110,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(Params p) {
       const float f = exp2f(ml[(s * kRows + row) * 2] - ref);
       weights[s * kRows + row] = f;
       l += ml[(s * kRows + row) * 2 + 1] * f;
-      if (s > 0) coded += ml[(s * kRows + row) * 2 + 1] * f;
+      if (s >= p.fp_parts) coded += ml[(s * kRows + row) * 2 + 1] * f;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {

@@ -22,7 +22,8 @@ struct Request {
   cudaStream_t stream;
   bool plan_only;
   bool planned;
-  cuda::AttentionPlan plan;  // the schedule fields: splits, split_tokens, warps, stages, low_warps, workspace_bytes
+  // the schedule fields: fp_parts, splits, split_tokens, warps, stages, low_warps, workspace_bytes
+  cuda::AttentionPlan plan;
 };
 
 // The codec shapes the kernel is built for: the bit presets of VQConfig (4, 3, 2, 1.5, 1 bits).
@@ -108,7 +109,12 @@ Status make_plan(Request& r) {
   out.split_tokens = split.split_tokens;
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
   out.splits = static_cast<int>(splits);
-  const size_t partial_floats = static_cast<size_t>(groups) * (splits + 1) * kRows;
+  // full-precision tokens per sequence: at most the sink and window capacities (kept tokens are sinks)
+  const int64_t fp_parts = std::max<int64_t>(1, (p.kv.sink_capacity + p.kv.recent_capacity + kFpPartTokens - 1) /
+                                                    kFpPartTokens);
+  if (fp_parts + splits > 65535) return unsupported("too many full-precision and coded tokens for one launch");
+  out.fp_parts = static_cast<int>(fp_parts);
+  const size_t partial_floats = static_cast<size_t>(groups) * (fp_parts + splits) * kRows;
   out.workspace_bytes = partial_floats * (D + 2) * sizeof(float);
   return Status::Ok();
 }
@@ -124,13 +130,14 @@ Status run(Request& r) {
   p.warps = plan.warps;
   p.stages = plan.stages;
   p.low_warps = plan.low_warps;
+  p.fp_parts = plan.fp_parts;
   p.splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
-  const int64_t splits = plan.splits;
+  const int64_t parts = int64_t{plan.fp_parts} + plan.splits;
   if (r.workspace == nullptr || r.workspace_bytes < plan.workspace_bytes || !aligned16(r.workspace))
     return invalid("workspace: too small or not 16-byte aligned (see attention_workspace_bytes)");
-  const size_t acc_bytes = static_cast<size_t>(groups) * (splits + 1) * kRows * D * sizeof(float);
+  const size_t acc_bytes = static_cast<size_t>(groups) * parts * kRows * D * sizeof(float);
   p.partial_acc = static_cast<float*>(r.workspace);
   p.partial_ml = reinterpret_cast<float*>(static_cast<uint8_t*>(r.workspace) + acc_bytes);
   auto kernel = attention_kernel<T, D, KC, VC, kEight>;
@@ -138,12 +145,12 @@ Status run(Request& r) {
   const int bytes = L::shared_bytes(plan.warps, plan.stages);
   Status s = Status::Ok();
 
-  const dim3 grid(static_cast<unsigned>(splits + 1), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
+  const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
                   static_cast<unsigned>(p.batch));
   kernel<<<grid, 32 * plan.warps, bytes, r.stream>>>(p);
   s = cuda_status(cudaGetLastError());
   if (!s.ok()) return s;
-  const size_t merge_shared = static_cast<size_t>(splits + 1) * kRows * sizeof(float);
+  const size_t merge_shared = static_cast<size_t>(parts) * kRows * sizeof(float);
   if (merge_shared > 48 * 1024) {
     s = cuda_status(cudaFuncSetAttribute(merge_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(merge_shared)));
