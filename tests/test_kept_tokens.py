@@ -74,6 +74,17 @@ def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, gen
             assert (k_hat[b, :, coded_pos] - k[b, :, coded_pos]).abs().amax() > 0.1  # really compressed
 
 
+def test_large_fraction_keeps_every_token_some_steps(gen):
+    """keep_fraction 0.5: a step whose pushed-out token stays kept encodes nothing."""
+    cache = vecinfer.QuantizedKVCache(small_quantizer().replace(keep_fraction=0.5), 1, 2, 64, 100,
+                                      dtype=torch.float32)
+    k, v = _fill(cache, [1] * 40 + [7], gen)
+    kept = _expected_kept(k[0], [1] * 40 + [7], 0.5)
+    assert set(cache._keep_state["kept_positions"][0][0, :len(kept)].tolist()) == kept
+    k_hat, _ = cache.dequantize(0)
+    assert torch.equal(k_hat[0, :, sorted(kept)], k[0, :, sorted(kept)])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tq,group", [(1, 1), (4, 2), (16, 3)])

@@ -330,7 +330,9 @@ class QuantizedKVCache:
                     order = torch.sort(cand_s, descending=True, stable=True).indices
                     stay, go = order[:budget], order[budget:]
                     write["kept"] = (cand_k[:, stay], cand_v[:, stay], cand_s[stay], cand_p[stay])
-                    encoded.append((b, c, cand_k[:, go].transpose(0, 1), cand_v[:, go].transpose(0, 1), cand_p[go]))
+                    if len(go):
+                        encoded.append((b, c, cand_k[:, go].transpose(0, 1), cand_v[:, go].transpose(0, 1),
+                                        cand_p[go]))
                     new_kept, new_c = budget, c + kept + out - budget
             new_lens[b] = torch.tensor([s + to_sink + new_kept, new_c, new_r], dtype=torch.int32)
             writes.append(write)
