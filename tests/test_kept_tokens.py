@@ -17,26 +17,26 @@ def quantizer():
     return small_quantizer().replace(keep_fraction=0.1)
 
 
-def _novelty64(keys: torch.Tensor, j: int) -> float:
+def _novelty64(keys: torch.Tensor, j: int, window: int = WINDOW) -> float:
     """Key novelty of position j of one sequence's keys [Hkv, n, D], in float64, from its definition."""
     if j == 0:
         return 0.0
     x = keys.double()
-    mu = x[:, max(0, j - WINDOW):j].mean(1)
+    mu = x[:, max(0, j - window):j].mean(1)
     return float((((x[:, j] - mu) ** 2).sum(-1) / (x[:, j] ** 2).sum(-1)).sum())
 
 
-def _expected_kept(keys: torch.Tensor, chunks, fraction: float) -> set:
+def _expected_kept(keys: torch.Tensor, chunks, fraction: float, sinks: int = SINKS, window: int = WINDOW) -> set:
     """The positions kept after appending one sequence's keys [Hkv, n, D] in `chunks`: after each
     append, of the kept ones and the tokens that left the window in it, the round(fraction * E)
     with the highest novelty (E: tokens that have left so far)."""
     kept, left, total = [], 0, 0
     for t in chunks:
         total += t
-        now = max(0, total - SINKS - WINDOW)
-        new = list(range(SINKS + left, SINKS + now))
+        now = max(0, total - sinks - window)
+        new = list(range(sinks + left, sinks + now))
         left = now
-        kept = sorted(kept + new, key=lambda p: -_novelty64(keys, p))[:int(fraction * left + 0.5)]
+        kept = sorted(kept + new, key=lambda p: -_novelty64(keys, p, window))[:int(fraction * left + 0.5)]
     return set(kept)
 
 
@@ -116,6 +116,34 @@ def test_attend_reads_hundreds_of_kept_tokens(quantizer, device, gen):
     out = cache.attend(0, q)
     k_hat, v_hat = cache.dequantize(0)
     torch.testing.assert_close(out.double().cpu(), _attention64(q, k_hat, v_hat).cpu(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_tokens_on_real_kv(device):
+    """SmolLM2-135M's post-RoPE keys and values (three layers): the choice against the float64
+    reference, and attention (on CUDA the fp16 kernel) against float64 attention over dequantize."""
+    from vecinfer.demo import load_real_kv
+
+    _, keys, values, _ = load_real_kv()
+    cfg = vecinfer.VQConfig(residual=32, sink_tokens=4, kmeans_iters=3, keep_fraction=0.05)
+    q = vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    chunks = [200, *[1] * 20, 100]
+    cache = vecinfer.QuantizedKVCache(q, 1, 3, 64, 320, device=device, dtype=dtype)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        start = 0
+        for t in chunks:
+            cache.append(layer, k[None, :, start:start + t].to(dtype).to(device),
+                         v[None, :, start:start + t].to(dtype).to(device))
+            start += t
+        kept = _expected_kept(k.to(dtype).float(), chunks, 0.05, sinks=4, window=32)
+        assert set(cache._keep_state["kept_positions"][layer][0, :len(kept)].tolist()) == kept
+        queries = k[None, :, -4:].repeat_interleave(3, dim=1).to(dtype).to(device)  # 9 query heads, 4 queries
+        out = cache.attend(layer, queries)
+        k_hat, v_hat = cache.dequantize(layer)
+        assert torch.equal(k_hat[0, :, sorted(kept)].cpu(), k[:, sorted(kept)].to(dtype))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double().cpu(), _attention64(queries, k_hat, v_hat).cpu(), atol=tol, rtol=tol)
 
 
 def test_skip_reserve_select_and_truncate_keep_the_choice(quantizer, gen):
