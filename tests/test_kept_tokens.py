@@ -74,6 +74,32 @@ def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, gen
             assert (k_hat[b, :, coded_pos] - k[b, :, coded_pos]).abs().amax() > 0.1  # really compressed
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_decode_steps_of_unequal_sequences(quantizer, device, gen):
+    """Decode steps of sequences holding different numbers of tokens (the batched step, each with
+    its own budget) keep what each sequence alone would keep."""
+    cache = vecinfer.QuantizedKVCache(quantizer, 3, 2, 64, 300, device=device, dtype=torch.float32)
+    k = torch.randn((3, 2, 60, 64), generator=gen) + 3
+    v = torch.randn((3, 2, 60, 64), generator=gen)
+    skip = [0, 5, 23]
+    cache.append(0, k.to(device), v.to(device), skip=skip)
+    steps_k, steps_v = torch.randn((3, 2, 150, 64), generator=gen) + 3, torch.randn((3, 2, 150, 64), generator=gen)
+    for i in range(150):
+        cache.append(0, steps_k[:, :, i:i + 1].to(device), steps_v[:, :, i:i + 1].to(device))
+    k_hat, v_hat, totals = cache.dequantize(0, padded=True)
+    for b in range(3):
+        seq_k = torch.cat([k[b, :, skip[b]:], steps_k[b]], 1)
+        seq_v = torch.cat([v[b, :, skip[b]:], steps_v[b]], 1)
+        kept = _expected_kept(seq_k, [60 - skip[b]] + [1] * 150, 0.1)
+        assert set(cache._keep_state["kept_positions"][0][b, :len(kept)].tolist()) == kept
+        n = int(totals[b])
+        coded = sorted(set(range(SINKS, n - WINDOW)) - kept)
+        exp_k, exp_v = cache.quantizer.fake_quantize(0, seq_k[None, :, coded].to(device), seq_v[None, :, coded].to(device))
+        torch.testing.assert_close(k_hat[b:b + 1, :, coded], exp_k)
+        torch.testing.assert_close(v_hat[b:b + 1, :, coded], exp_v)
+        assert torch.equal(k_hat[b, :, sorted(kept)].cpu(), seq_k[:, sorted(kept)])
+
+
 def test_large_fraction_keeps_every_token_some_steps(gen):
     """keep_fraction 0.5: a step whose pushed-out token stays kept encodes nothing."""
     cache = vecinfer.QuantizedKVCache(small_quantizer().replace(keep_fraction=0.5), 1, 2, 64, 100,

@@ -194,11 +194,13 @@ class QuantizedKVCache:
         if self._device_lengths is not None and not device_updated:
             self._device_lengths[layer].copy_(lengths, non_blocking=True)
 
-    def _steady(self, layer: int) -> bool:
+    def _steady(self, layer: int, keeping: bool = False) -> bool:
         """Whether every sequence of the layer has its sinks and its recent window full: the state
-        of a long-running decode, in which a token in means the oldest window token out to codes."""
+        of a long-running decode, in which a token in means the oldest window token out to codes
+        (keeping: or to the kept tokens, which the first length then counts too)."""
         s, _, r = self._lengths[layer].unbind(1)
-        return self.residual > 0 and bool((s == self.sinks).all()) and bool((r == self.residual).all())
+        sinks_full = (s >= self.sinks) if keeping else (s == self.sinks)
+        return self.residual > 0 and bool(sinks_full.all()) and bool((r == self.residual).all())
 
     def _uniform(self, layer: int) -> bool:
         lens = self._lengths[layer]
@@ -263,7 +265,11 @@ class QuantizedKVCache:
         check_finite_on_cpu("k", k)
         check_finite_on_cpu("v", v)
         if self._keep_state is not None:
-            self._append_keeping(layer, k, v, skip)
+            room = self._keep_state["kept_scores"][layer].shape[1] > 0
+            if t == 1 and bool(new.all()) and room and self._steady(layer, keeping=True):
+                self._step_keeping(layer, k, v)
+            else:
+                self._append_keeping(layer, k, v, skip)
             return
         # The tokens as rows [N, Hkv, D], sequence b's at rows indptr[b]..indptr[b + 1]
         if t == 1 and bool(new.all()):  # a decode step: a view, no copy
@@ -337,7 +343,10 @@ class QuantizedKVCache:
             new_lens[b] = torch.tensor([s + to_sink + new_kept, new_c, new_r], dtype=torch.int32)
             writes.append(write)
         if encoded:
-            self._encode_rows(layer, encoded)
+            counts = [0] * self.batch_size
+            for b, _, rows_k, _, _ in encoded:
+                counts[b] = rows_k.shape[0]
+            self._encode_rows(layer, counts, torch.cat([e[2] for e in encoded]), torch.cat([e[3] for e in encoded]))
         for b, write in enumerate(writes):
             s, xk, xv = write["sinks"]
             sink_k[b, :, s:s + xk.shape[1]], sink_v[b, :, s:s + xv.shape[1]] = xk, xv
@@ -352,15 +361,59 @@ class QuantizedKVCache:
             state["code_positions"][layer][b, c:c + len(positions)] = positions
         self._set_lengths(layer, new_lens)
 
-    def _encode_rows(self, layer: int, encoded) -> None:
-        """Encodes full-precision tokens into the next code rows: `encoded` lists (b, c, keys, values,
-        positions) with keys, values [n, Hkv, D] for code rows [c, c + n) of sequence b."""
-        counts = [0] * self.batch_size
+    def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A decode step of a batch with kept tokens, every sequence with its sinks and window full
+        and one new token: _append_keeping's rule in batched tensor operations (no host loop, no
+        host synchronisation). The token pushed out of each window joins the kept tokens when the
+        budget grows; otherwise it replaces the lowest-scoring kept token if it scores higher, and
+        the one of the two left out is encoded."""
+        S, W, state = self.sinks, self.residual, self._keep_state
+        lens = self._lengths[layer]
+        kept, coded = lens[:, 0].long() - S, lens[:, 1].long()
+        budget = torch.tensor([kept_tokens(self.keep_fraction, int(e) + 1) for e in (kept + coded)])
+        grow = budget > kept  # the budget takes one more token: nothing is encoded
+        encoding = (~grow).nonzero().flatten()  # the sequences that encode a token, then their code rows
+        n_enc = len(encoding)
+        pad = torch.zeros(self.batch_size - n_enc, dtype=torch.int64)
+        host = torch.stack([kept, grow.long(), S + kept + coded, torch.cat([encoding, pad]),
+                            torch.cat([coded[encoding], pad])])
+        kept_d, grow_d, out_p, pick, pick_rows = host.to(self.device)  # one copy
+        grow_d, out_p, pick, pick_rows = grow_d.bool(), out_p.int(), pick[:n_enc], pick_rows[:n_enc]
+        dev, rows = self.device, torch.arange(self.batch_size, device=self.device)
+        sink_k, sink_v = self._sink_k[layer], self._sink_v[layer]
+        win_k, win_v = self._recent_k[layer], self._recent_v[layer]
+        win_scores, kept_scores = state["window_scores"][layer], state["kept_scores"][layer]
+        kept_positions = state["kept_positions"][layer]
+        score = key_novelty(win_k, k, W)[:, 0]  # [B]
+        out_k, out_v, out_s = win_k[:, :, 0], win_v[:, :, 0], win_scores[:, 0]  # pushed out of the window
+        valid = torch.arange(kept_scores.shape[1], device=dev)[None, :] < kept_d[:, None]
+        low_s, low_i = torch.where(valid, kept_scores, float("inf")).min(1)  # +inf: no kept token
+        swap = ~grow_d & (out_s > low_s)
+        slot = torch.where(grow_d, kept_d, low_i)  # where a pushed-out token that stays goes
+        low_k, low_v = sink_k[rows, :, S + low_i], sink_v[rows, :, S + low_i]
+        enc_k = torch.where(swap[:, None, None], low_k, out_k)
+        enc_v = torch.where(swap[:, None, None], low_v, out_v)
+        enc_p = torch.where(swap, kept_positions[rows, low_i], out_p)
+        if n_enc:
+            self._encode_rows(layer, (~grow).long().tolist(), enc_k.index_select(0, pick),
+                              enc_v.index_select(0, pick))
+            state["code_positions"][layer][pick, pick_rows] = enc_p.index_select(0, pick)
+        stays = (grow_d | swap)[:, None, None]
+        sink_k[rows, :, S + slot] = torch.where(stays, out_k, sink_k[rows, :, S + slot])
+        sink_v[rows, :, S + slot] = torch.where(stays, out_v, sink_v[rows, :, S + slot])
+        kept_scores[rows, slot] = torch.where(stays[:, 0, 0], out_s, kept_scores[rows, slot])
+        kept_positions[rows, slot] = torch.where(stays[:, 0, 0], out_p, kept_positions[rows, slot])
+        win_k.copy_(torch.cat([win_k[:, :, 1:], k], 2))
+        win_v.copy_(torch.cat([win_v[:, :, 1:], v], 2))
+        win_scores.copy_(torch.cat([win_scores[:, 1:], score[:, None]], 1))
+        new_lens = torch.stack([S + kept + grow.long(), coded + (~grow).long(), lens[:, 2].long()], 1)
+        self._set_lengths(layer, new_lens.to(torch.int32))
+
+    def _encode_rows(self, layer: int, counts, rows_k: torch.Tensor, rows_v: torch.Tensor) -> None:
+        """Encodes full-precision tokens into the next code rows: counts[b] of the rows [N, Hkv, D]
+        (sequence after sequence) for code rows [coded, coded + counts[b]) of sequence b."""
         coded = self._lengths[layer][:, 1].clone()
-        for b, c, rows_k, _, _ in encoded:
-            counts[b] = rows_k.shape[0]
-        rows_k = torch.cat([e[2] for e in encoded]).contiguous()
-        rows_v = torch.cat([e[3] for e in encoded]).contiguous()
+        rows_k, rows_v = rows_k.contiguous(), rows_v.contiguous()
         indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.device)
         # the append kernel's rule with no sinks and no window: every token straight to its code row
         lengths = torch.stack([torch.zeros_like(coded), coded, torch.zeros_like(coded)], dim=1).to(self.device)
@@ -649,18 +702,19 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
 
 
 def key_novelty(before: torch.Tensor, new: torch.Tensor, window: int) -> torch.Tensor:
-    """[m] float32: the key novelty of each of m new keys [Hkv, m, D] whose predecessors are `before`
-    [Hkv, P, D] (the keys just before them, in order): summed over the KV heads, ||k - mu||^2 / ||k||^2
-    with mu the mean of the `window` keys before k; 0 for a key with none before it."""
-    x = torch.cat([before, new], 1).float()
-    p, m = before.shape[1], new.shape[1]
-    sums = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x.cumsum(1)], 1)  # sums[:, i]: keys [0, i)
+    """[..., m] float32: the key novelty of each of m new keys [..., Hkv, m, D] whose predecessors
+    are `before` [..., Hkv, P, D] (the keys just before them, in order): summed over the KV heads,
+    ||k - mu||^2 / ||k||^2 with mu the mean of the `window` keys before k; 0 for a key with none
+    before it."""
+    x = torch.cat([before, new], -2).float()
+    p, m = before.shape[-2], new.shape[-2]
+    sums = torch.cat([torch.zeros_like(x[..., :1, :]), x.cumsum(-2)], -2)  # sums[..., i, :]: keys [0, i)
     j = torch.arange(p, p + m, device=x.device)
     first = (j - window).clamp(min=0)
     count = j - first
-    mean = (sums[:, j] - sums[:, first]) / count.clamp(min=1)[:, None].float()
-    k = x[:, p:]
-    score = (((k - mean) ** 2).sum(-1) / (k ** 2).sum(-1).clamp(min=1e-12)).sum(0)
+    mean = (sums[..., j, :] - sums[..., first, :]) / count.clamp(min=1)[:, None].float()
+    k = x[..., p:, :]
+    score = (((k - mean) ** 2).sum(-1) / (k ** 2).sum(-1).clamp(min=1e-12)).sum(-2)
     return torch.where(count > 0, score, torch.zeros_like(score))
 
 
