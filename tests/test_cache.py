@@ -75,13 +75,18 @@ def test_attend_equals_attention_over_dequantize(quantizer, device, dtype, tq, g
     k, v = _kv(1, 57, gen, dtype, device)
     cache.append(1, k, v)
     q = torch.randn((1, 2 * group, tq, 64), generator=gen).to(dtype).to(device)
+    check_attend(cache, 1, q)
+
+
+def check_attend(cache, layer, q):
+    """cache.attend(layer, q), written over a NaN-poisoned output, equals float64 attention over
+    what the cache holds (dequantize), to the cache dtype's tolerance."""
     out = torch.full_like(q, float("nan"))
-    out.copy_(cache.attend(1, q))
-    k_hat, v_hat = cache.dequantize(1)
-    ref = _attention64(q, k_hat, v_hat)
+    out.copy_(cache.attend(layer, q))
+    k_hat, v_hat = cache.dequantize(layer)
     assert not torch.isnan(out).any()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=tol, rtol=tol)
+    tol = 1e-5 if q.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), _attention64(q, k_hat, v_hat).cpu(), atol=tol, rtol=tol)
 
 
 def test_reference_attention_is_causal_among_queries():
