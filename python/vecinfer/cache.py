@@ -363,8 +363,8 @@ class QuantizedKVCache:
 
     def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step of a batch with kept tokens, every sequence with its sinks and window full
-        and one new token: _append_keeping's rule in batched tensor operations (no host loop, no
-        host synchronisation). The token pushed out of each window joins the kept tokens when the
+        and one new token: _append_keeping's rule in batched tensor operations (no per-sequence
+        loop; one small host-to-device copy). The token pushed out of each window joins the kept tokens when the
         budget grows; otherwise it replaces the lowest-scoring kept token if it scores higher, and
         the one of the two left out is encoded."""
         S, W, state = self.sinks, self.residual, self._keep_state
