@@ -364,9 +364,9 @@ class QuantizedKVCache:
     def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step of a batch with kept tokens, every sequence with its sinks and window full
         and one new token: _append_keeping's rule in batched tensor operations (no per-sequence
-        loop; one small host-to-device copy). The token pushed out of each window joins the kept tokens when the
-        budget grows; otherwise it replaces the lowest-scoring kept token if it scores higher, and
-        the one of the two left out is encoded."""
+        loop; one small host-to-device copy). The token pushed out of each window joins the kept
+        tokens when the budget grows; otherwise it replaces the lowest-scoring kept token if it
+        scores higher, and the one of the two left out is encoded."""
         S, W, state = self.sinks, self.residual, self._keep_state
         lens = self._lengths[layer]
         kept, coded = lens[:, 0].long() - S, lens[:, 1].long()
@@ -456,9 +456,9 @@ class QuantizedKVCache:
             sinks = torch.arange(self.sinks, dtype=torch.int32, device=self.device).expand(self.batch_size, -1)
             positions = (torch.cat([sinks, state["kept_positions"][layer]], 1), state["code_positions"][layer])
         k, v, pos = _virtual_kv(*self._attend_inputs(layer), self.quantizer, layer, positions)
-        totals = self.lengths(layer)
-        if not self._uniform(layer) or positions is not None:
-            if not padded and not self._uniform(layer):
+        totals, uniform = self.lengths(layer), self._uniform(layer)
+        if not uniform or positions is not None:  # kept tokens: rows are not in position order
+            if not uniform and not padded:
                 raise ValueError(f"dequantize: the sequences of layer {layer} hold different numbers of tokens "
                                  f"{totals.tolist()}; use dequantize(layer, padded=True) for right-padded tensors "
                                  "and the lengths")
@@ -575,10 +575,12 @@ class QuantizedKVCache:
         key_codes, value_codes = [grown(t) for t in self._key_codes], [grown(t) for t in self._value_codes]
         table = _identity_pages(self.batch_size, pages, self.device)
         if self._keep_state is not None:  # more kept rows (the fraction of a larger capacity), more code rows
-            rows = self.sinks + self._kept_capacity(max_tokens)
-            sink_k, sink_v = ([widened(t, 2, rows) for t in group] for group in (self._sink_k, self._sink_v))
-            state = {name: [widened(t, 1, coded if name == "code_positions" else rows - self.sinks) for t in group]
-                     if name != "window_scores" else group for name, group in self._keep_state.items()}
+            kept = self._kept_capacity(max_tokens)
+            sink_k, sink_v = ([widened(t, 2, self.sinks + kept) for t in group]
+                              for group in (self._sink_k, self._sink_v))
+            columns = {"window_scores": self.residual, "kept_scores": kept, "kept_positions": kept,
+                       "code_positions": coded}
+            state = {name: [widened(t, 1, columns[name]) for t in group] for name, group in self._keep_state.items()}
             self._sink_k, self._sink_v, self._keep_state = sink_k, sink_v, state
         self._key_codes, self._value_codes, self.max_tokens = key_codes, value_codes, max_tokens
         self._page_table = table

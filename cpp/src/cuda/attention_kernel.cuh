@@ -4,9 +4,9 @@
 // Grid: x = part: 0..fp_parts-1 for the full-precision sink and recent tokens (kFpPartTokens each:
 // one part for the usual few sinks and the window, more when many tokens are kept in full
 // precision as sinks), then the splits of the coded tokens (split-KV); y = (KV head, tile of kRows
-// query rows); z = sequence. The query rows of a
-// block are (query head, query) pairs of one KV head, so they share every code the block reads. A
-// merge kernel combines the parts exactly and adds the value mean.
+// query rows); z = sequence. The query rows of a block are (query head, query) pairs of one KV
+// head, so they share every code the block reads. A merge kernel combines the parts exactly and
+// adds the value mean.
 //
 // A coded block has `warps` warps (chosen on the host from the device's shared memory). The
 // split's stages of 64 (or, for wide code rows, 32) tokens go to the warps in turn; each warp has
@@ -1081,8 +1081,8 @@ __global__ void __launch_bounds__(32 * max_warps<D, kEight>(), 1) attention_kern
 }
 
 // Merges the parts of one (sequence, KV head, row tile): parts 0..fp_parts-1 the full-precision
-// tokens, the others the coded splits. out = (sum_s acc_s 2^(m_s - M) + value_mean * W_coded) / L, where
-// W_coded is the softmax weight of the coded tokens (the value mean was taken out of them only).
+// tokens, the others the coded splits. out = (sum_s acc_s 2^(m_s - M) + value_mean * W_coded) / L,
+// where W_coded is the softmax weight of the coded tokens (the value mean was taken out of them only).
 constexpr int kMergeWarps = 4;
 
 template <typename T, int D>
