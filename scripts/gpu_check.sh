@@ -13,7 +13,8 @@
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --kept:      build + the kept-token and attention tests (both builds), the paged, long-query,
 #                  cache and HF tests, the decode benchmark without and with 1% of the tokens kept
-#                  (KEPT_SHAPES, default four shapes), memcheck over the kept-token tests
+#                  (KEPT_SHAPES, default four shapes), memcheck over the kept-token tests, racecheck
+#                  over the full-precision blocks
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
 #     --tp:        (two GPUs) the tensor-parallel tests, then bench/tp_e2e.py under torchrun, the runs
@@ -179,6 +180,10 @@ if [ "$MODE" == "--kept" ]; then
   step "compute-sanitizer memcheck (kept tokens)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
     --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider -k cuda
   tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
+  step "compute-sanitizer racecheck (full-precision blocks)" racecheck.log timeout 300 compute-sanitizer \
+    --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x \
+    -p no:cacheprovider -k "cuda and hundreds"
+  tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
   finish
 fi
 

@@ -123,15 +123,15 @@ def test_attend_with_kept_tokens_equals_attention_over_dequantize(quantizer, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attend_reads_hundreds_of_kept_tokens(quantizer, device, gen):
-    """Over 256 full-precision tokens per sequence: the CUDA kernel spreads them over several
-    blocks (kFpPartTokens), one of them left empty by the lengths."""
-    dtype = torch.float16
+@pytest.mark.parametrize("dtype,tq", [(torch.float16, 1), (torch.bfloat16, 3)])
+def test_attend_reads_hundreds_of_kept_tokens(quantizer, device, dtype, tq, gen):
+    """Hundreds of full-precision tokens per sequence: the CUDA kernel spreads them over several
+    blocks (fp_part_tokens each), the last ones left empty by the lengths."""
     cache = vecinfer.QuantizedKVCache(quantizer.replace(keep_fraction=0.3), 2, 2, 64, 2000, device=device,
                                       dtype=dtype)
-    _fill(cache, [1500, 1], gen, dtype=dtype)
-    assert cache._lengths[0][:, 0].tolist() == [SINKS + int(0.3 * 1483 + 0.5)] * 2
-    check_attend(cache, 0, torch.randn((2, 4, 1, 64), generator=gen).to(dtype).to(device))
+    _fill(cache, [1500, tq], gen, dtype=dtype)
+    assert cache._lengths[0][:, 0].tolist() == [SINKS + int(0.3 * (1500 + tq - SINKS - WINDOW) + 0.5)] * 2
+    check_attend(cache, 0, torch.randn((2, 4, tq, 64), generator=gen).to(dtype).to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,7 +1,7 @@
 // The fused dequant-attention kernel (vecinfer/attention.h says what it computes; bench/NOTES.md
 // has the design, its predictions and measurements).
 //
-// Grid: x = part: 0..fp_parts-1 for the full-precision sink and recent tokens (kFpPartTokens each:
+// Grid: x = part: 0..fp_parts-1 for the full-precision sink and recent tokens (fp_part_tokens each:
 // one part for the usual few sinks and the window, more when many tokens are kept in full
 // precision as sinks), then the splits of the coded tokens (split-KV); y = (KV head, tile of kRows
 // query rows); z = sequence. The query rows of a block are (query head, query) pairs of one KV
@@ -68,9 +68,12 @@ constexpr int kGridFloats = 24;          // a codebook's grid: lo[8], step[8], 1
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Full-precision tokens are attended to in chunks of this many (see full_precision_block).
+// Full-precision tokens per part, all in shared memory at once (see full_precision_block): at
+// D <= 128 the usual few sinks and a 128-token window in one part, within an A100's shared memory
+// above the byte-code tables.
 template <int D>
-constexpr int chunk_tokens() { return D == 256 ? 32 : 64; }
+constexpr int fp_part_tokens() { return D == 256 ? 64 : 144; }
+static_assert(fp_part_tokens<64>() % 16 == 0 && fp_part_tokens<256>() % 16 == 0, "parts are whole 16-token slabs");
 
 // Warps of a block, bounded by the coded loop's registers: with up to 4 query rows 16 warps at
 // D <= 128 (<= 128 registers each) and 8 at D = 256; with 8 rows (twice the query fragments and
@@ -130,16 +133,21 @@ struct Layout {
   static_assert(!kByteTable || kLowEnd <= kByteTableOffset, "fixed part overlaps the byte-code tables");
   static constexpr int kHigh = kByteTable ? kByteTableOffset + 256 * 256 : kLowEnd;
   // Overlays once the tables are dead or unused: the warps' final states (coded blocks, from 0)
-  // and the full-precision chunks (full-precision blocks, in the tables' place).
+  // and a full-precision part's key and value rows, then its warps' states (full-precision
+  // blocks, in the tables' place; rows padded by 16 bytes).
   static constexpr int combine_bytes(int warps) { return warps * kRows * (D + 2) * 4; }
-  static constexpr int kChunks = kByteTable ? kByteTableOffset : kLowEnd;
-  static constexpr int kChunkBytes = 2 * chunk_tokens<D>() * (D + 2) * 2;
+  static constexpr int kFpTiles = kByteTable ? kByteTableOffset : kLowEnd;
+  static constexpr int kFpStride = D + 8;
+  static constexpr int kFpStateWarps = fp_part_tokens<D>() / 16;  // at most one warp per 16-token slab
+  static constexpr int kFpBytes =
+      cmax(2 * fp_part_tokens<D>() * kFpStride * 2, kFpStateWarps * kRows * (D + 2) * 4);
+  static_assert(kFpTiles + kFpBytes <= 163 * 1024, "a full-precision part must fit an A100's shared memory");
   // Warps whose stages fit below the tables.
   static int low_warps(int stages) { return kByteTable ? (kByteTableOffset - kLowEnd) / (stages * kStageBytes) : 0; }
   // (+16: Bits may read one word past a stage's last row.)
   static int shared_bytes(int warps, int stages) {
     const int high = warps > low_warps(stages) ? (warps - low_warps(stages)) * stages * kStageBytes : 0;
-    return cmax(cmax(kHigh + high + 16, combine_bytes(warps)), kChunks + kChunkBytes);
+    return cmax(cmax(kHigh + high + 16, combine_bytes(warps)), kFpTiles + kFpBytes);
   }
   // Keys compact, values expanded where their codes are bytes (see Table).
   using KeyTable = Table<KC, false, kKeyWide>;
@@ -597,6 +605,22 @@ __device__ __forceinline__ void rescale(float (&o)[kMB][4], float (&l)[4], float
   l[0] *= a0, l[2] *= a0, l[1] *= a1, l[3] *= a1;
 }
 
+// One (row, dim) of the block's result from its warps' online-softmax states (ml [warps][kRows]
+// [2]: maximum and sum; acc [warps][kRows][D]): the block's maximum m, sum and accumulator a.
+template <int D>
+__device__ __forceinline__ void merge_warps(const float* ml, const float* acc, int warps, int row, int d, float& m,
+                                            float& sum, float& a) {
+  m = -INFINITY;
+  for (int w = 0; w < warps; ++w) m = fmaxf(m, ml[(w * kRows + row) * 2]);
+  const float ref = softmax_ref(m);
+  sum = 0.f, a = 0.f;
+  for (int w = 0; w < warps; ++w) {
+    const float f = exp2f(ml[(w * kRows + row) * 2] - ref);
+    sum += ml[(w * kRows + row) * 2 + 1] * f;
+    a += acc[(w * kRows + row) * D + d] * f;
+  }
+}
+
 // The online-softmax state of one set of four query rows: this lane's rows rho0 and rho0 + 1.
 struct RowPair {
   float scale[2], shift[2];  // scores (log2 units) = mma result * scale + shift
@@ -910,59 +934,36 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t slot, int64_t kv
   // On the value grid: sum_t p v = step 2^24 (sum_t p u 2^-24) + lo sum_t p.
   for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
     const int row = i / D, d = i % D;
-    float m = -INFINITY;
-    for (int w = 0; w < warps; ++w) m = fmaxf(m, cm[(w * kRows + row) * 2]);
-    const float ref = softmax_ref(m);
-    float sum = 0.f, a = 0.f;
-    for (int w = 0; w < warps; ++w) {
-      const float f = exp2f(cm[(w * kRows + row) * 2] - ref);
-      sum += cm[(w * kRows + row) * 2 + 1] * f;
-      a += cacc[(w * kRows + row) * D + d] * f;
-    }
+    float m, sum, a;
+    merge_warps<D>(cm, cacc, warps, row, d, m, sum, a);
     p.partial_acc[(part * kRows + row) * D + d] = value_step * a + value_lo * sum;
     if (d == 0) p.partial_ml[(part * kRows + row) * 2] = m, p.partial_ml[(part * kRows + row) * 2 + 1] = sum;
   }
 }
 
 // ---- the full-precision block (sink and recent tokens, original coordinates) --------------------
-
-// Chunks of kChunk full-precision tokens are copied into shared memory with 16-byte loads (rows
-// padded by 4 bytes so that lanes reading different rows hit different banks); then each warp
-// scores its rows lane-per-token and accumulates values lane-per-dimension.
-template <typename T, int D>
-__device__ __forceinline__ void load_fp_chunk(T* dst, const T* sink, const T* recent, int64_t sinks, int64_t first,
-                                              int count, int64_t ring_first, int64_t ring_size) {
-  constexpr int kVec = 8;  // elements per 16-byte load
-  constexpr int kStride = D + 2;
-  for (int i = threadIdx.x; i < count * D / kVec; i += blockDim.x) {
-    const int t = i / (D / kVec), d = (i % (D / kVec)) * kVec;
-    const int64_t j = first + t;
-    int64_t i_recent = j - sinks + ring_first;  // ring_first < ring_size: one subtraction wraps
-    if (i_recent >= ring_size) i_recent -= ring_size;
-    const T* src = j < sinks ? sink + j * D + d : recent + i_recent * D + d;
-    const uint4 v = *reinterpret_cast<const uint4*>(src);
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
-    uint32_t* out = reinterpret_cast<uint32_t*>(dst + t * kStride + d);  // 4-byte aligned (padded rows)
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = w[k];
-  }
-}
-
-// Full-precision tokens per part (a multiple of every chunk size).
-constexpr int kFpPartTokens = 256;
+//
+// A part's tokens (up to fp_part_tokens) arrive in shared memory by cp.async, keys and values as
+// rows padded by 16 bytes (ldmatrix's eight rows then fall in distinct banks); rows past the part's
+// last token are zero-filled. Each warp takes slabs of 16 tokens in turn, with the coded path's
+// orientation and its own online softmax, on the tensor cores (fp32 accumulate):
+//   scores:  S^T[16 tokens x 8 rows] = K[16 x 16 dims] Q^T, K by ldmatrix, Q^T fragments held in
+//            registers for the whole part;
+//   values:  O^T[16 dims x 8 rows] += V^T[16 dims x 16 tokens] P^T, V^T by ldmatrix.trans and P^T
+//            from the score fragment by one 8x8 transpose per 8 tokens, which leaves a lane the two
+//            rows it already held, so rescaling needs no shuffle.
+// The warps' states merge in shared memory into the part's partial result.
 
 template <typename T, int D, class L>
 __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, int64_t slot, int64_t kv_head,
                                      int first_row, int rows, int fp_part) {
-  constexpr int kPerLane = D / 32;
-  constexpr int kStride = D + 2;
-  constexpr int kChunk = chunk_tokens<D>();
-  constexpr int kRowsPerWarp = 2;  // blocks have at least 4 warps
-  float* qs = reinterpret_cast<float*>(smem + L::kQuery);
-  T* chunk_k = reinterpret_cast<T*>(smem + L::kChunks);
-  T* chunk_v = chunk_k + kChunk * kStride;
-  prepare_queries<T, D>(qs, nullptr, nullptr, p, b, kv_head, first_row, rows, false);
+  constexpr int kTokens = fp_part_tokens<D>();
+  constexpr int kStride = L::kFpStride;  // elements per shared row
+  constexpr int kKT = D / 16;            // 16-wide tiles along the head dimension
+  T* tile_k = reinterpret_cast<T*>(smem + L::kFpTiles);
+  T* tile_v = tile_k + kTokens * kStride;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int r = lane >> 2, c = lane & 3;  // fragment row (token or dim) and column pair (rows 2c, 2c + 1)
   const int32_t* len = p.kv.lengths + 3 * slot;
   const int64_t sinks = clamp_length(len[0], p.kv.sink_capacity);
   const int64_t coded = clamp_length(len[1], p.kv.code_capacity);
@@ -976,91 +977,136 @@ __device__ void full_precision_block(uint8_t* smem, const Params& p, int64_t b, 
   const T* rk = static_cast<const T*>(p.kv.recent_keys) + head_index * p.kv.recent_capacity * D;
   const T* rv = static_cast<const T*>(p.kv.recent_values) + head_index * p.kv.recent_capacity * D;
 
-  // Per warp, rows warp and warp + warps: m, l and the accumulators live in registers.
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kPerLane];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    m[i] = -INFINITY, l[i] = 0.f;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) acc[i][j] = 0.f;
+  // this part's tokens of the sinks-then-recent stream: [first, first + count)
+  const int64_t first = int64_t{fp_part} * kTokens;
+  const int count = static_cast<int>(max(int64_t{0}, min(int64_t{kTokens}, sinks + recent - first)));
+  const int slabs = (count + 15) / 16;
+  for (int i = threadIdx.x; i < slabs * 16 * (D / 8); i += blockDim.x) {
+    const int t = i / (D / 8), d = (i % (D / 8)) * 8;
+    const int64_t j = first + t;
+    int64_t i_recent = j - sinks + ring_first;  // ring_first < ring_size: one subtraction wraps
+    if (i_recent >= p.kv.recent_capacity) i_recent -= p.kv.recent_capacity;
+    const int64_t row = j < sinks ? j : i_recent;
+    const bool valid = t < count;
+    cp_async16_or_zero(tile_k + t * kStride + d, valid ? (j < sinks ? sk : rk) + row * D + d : sk, valid);
+    cp_async16_or_zero(tile_v + t * kStride + d, valid ? (j < sinks ? sv : rv) + row * D + d : sv, valid);
   }
-  // this part's tokens of the sinks-then-recent stream
-  const int64_t total = min(sinks + recent, int64_t{fp_part + 1} * kFpPartTokens);
-  for (int64_t first = int64_t{fp_part} * kFpPartTokens; first < total; first += kChunk) {
-    const int count = static_cast<int>(min(int64_t{kChunk}, total - first));
-    __syncthreads();  // the previous chunk is consumed
-    load_fp_chunk<T, D>(chunk_k, sk, rk, sinks, first, count, ring_first, p.kv.recent_capacity);
-    load_fp_chunk<T, D>(chunk_v, sv, rv, sinks, first, count, ring_first, p.kv.recent_capacity);
-    __syncthreads();
+  cp_async_commit();
+
+  // Q^T fragments: lane (r, c) holds row r's dims 16k + 2c, 2c + 1 and 16k + 8 + 2c, 2c + 1.
+  uint32_t qb[kKT][2];
+  {
+    const int global_row = first_row + r;
+    const int64_t head = kv_head * p.group + global_row / p.num_queries;
+    const int64_t tq = global_row % p.num_queries;
+    const uint16_t* q = static_cast<const uint16_t*>(p.q) + ((b * p.num_q_heads + head) * p.num_queries + tq) * D;
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int row = warp + i * warps;
-      if (row >= rows) break;
-      const float* qrow = qs + row * D;
-      const int64_t visible = n - p.num_queries + (first_row + row) % p.num_queries + 1;  // positions < visible
-      float score[kChunk / 32];
-      float mx = -INFINITY;
+    for (int k = 0; k < kKT; ++k)
 #pragma unroll
-      for (int h = 0; h < kChunk / 32; ++h) {
-        const int t = h * 32 + lane;
-        const int64_t j = first + t;
-        const int64_t pos = j < sinks ? j : j + coded;
-        score[h] = -INFINITY;
-        if (t < count && pos < visible) {
-          const T* k = chunk_k + t * kStride;
-          float dot = 0.f;
-#pragma unroll 16
-          for (int d = 0; d < D; d += 2) {
-            const float2 kv2 = Elem<T>::pair(k + d);
-            dot += qrow[d] * kv2.x + qrow[d + 1] * kv2.y;
-          }
-          score[h] = dot * p.scale_log2;
-        }
-        mx = fmaxf(mx, score[h]);
+      for (int h = 0; h < 2; ++h) {
+        const int d = 16 * k + 8 * h + 2 * c;
+        qb[k][h] = r < rows ? uint32_t{q[d]} | uint32_t{q[d + 1]} << 16 : 0u;
       }
+  }
+  // positions visible to this lane's rows 2c, 2c + 1: [0, visible)
+  int64_t visible[2];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float new_m = fmaxf(m[i], mx);
-      const float ref = softmax_ref(new_m);
-      const float alpha = exp2f(m[i] - ref);
-      float sum = 0.f;
+  for (int e = 0; e < 2; ++e) visible[e] = n - p.num_queries + (first_row + 2 * c + e) % p.num_queries + 1;
+
+  float o[kKT][4];  // O^T: [0], [1] dim 16k + r, rows 2c, 2c + 1; [2], [3] dim 16k + r + 8
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: this lane's tokens only
 #pragma unroll
-      for (int h = 0; h < kChunk / 32; ++h) {
-        score[h] = exp2f(score[h] - ref);
-        sum += score[h];
-      }
+  for (int k = 0; k < kKT; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.f;
+  cp_async_wait_all();
+  __syncthreads();
+
+  // ldmatrix rows of this lane: keys (token r + 8 (lane >> 3 & 1), dims + 8 (lane >> 4)),
+  // values transposed (token r + 8 (lane >> 4), dims + 8 (lane >> 3 & 1))
+  const int i8 = lane & 7;
+  const uint32_t k_lane = shared_address(tile_k + (i8 + 8 * (lane >> 3 & 1)) * kStride + 8 * (lane >> 4));
+  const uint32_t v_lane = shared_address(tile_v + (i8 + 8 * (lane >> 4)) * kStride + 8 * (lane >> 3 & 1));
+  for (int s = warp; s < slabs; s += warps) {
+    float st[4] = {0.f, 0.f, 0.f, 0.f};  // S^T: [0], [1] token 16s + r, rows 2c, 2c + 1; [2], [3] token + 8
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      l[i] = l[i] * alpha + sum;
-      m[i] = new_m;
+    for (int k = 0; k < kKT; ++k) {
+      uint32_t a[4];
+      ldmatrix_x4(a, k_lane + (16 * s * kStride + 16 * k) * 2);
+      mma<T>(st, a[0], a[1], a[2], a[3], qb[k][0], qb[k][1]);
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) acc[i][j] *= alpha;
+    for (int i = 0; i < 4; ++i) {
+      const int t = 16 * s + r + 8 * (i >> 1);
+      const int64_t j = first + t;
+      const int64_t pos = j < sinks ? j : j + coded;
+      st[i] = t < count && pos < visible[i & 1] ? st[i] * p.scale_log2 : -INFINITY;
+      mx[i & 1] = fmaxf(mx[i & 1], st[i]);
+    }
 #pragma unroll
-      for (int h = 0; h < kChunk / 32; ++h) {
-        const int valid = min(32, count - h * 32);  // rows past it hold stale shared memory
-#pragma unroll 8
-        for (int t = 0; t < valid; ++t) {
-          const float pt = __shfl_sync(0xffffffffu, score[h], t);
-          const T* v = chunk_v + (h * 32 + t) * kStride + lane * kPerLane;
+    for (int off = 4; off <= 16; off <<= 1)
 #pragma unroll
-          for (int j = 0; j < kPerLane; j += 2) {
-            const float2 vv = Elem<T>::pair(v + j);
-            acc[i][j] += pt * vv.x;
-            acc[i][j + 1] += pt * vv.y;
-          }
-        }
-      }
+      for (int e = 0; e < 2; ++e) mx[e] = fmaxf(mx[e], __shfl_xor_sync(0xffffffffu, mx[e], off));
+    float ref[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float new_m = fmaxf(m[e], mx[e]);
+      ref[e] = softmax_ref(new_m);
+      const float alpha = fast_exp2(m[e] - ref[e]);
+      m[e] = new_m;
+      l[e] *= alpha;
+#pragma unroll
+      for (int k = 0; k < kKT; ++k) o[k][e] *= alpha, o[k][e + 2] *= alpha;
+    }
+    float pr[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      pr[i] = fast_exp2(st[i] - ref[i & 1]);
+      l[i & 1] += pr[i];
+    }
+    // P^T B fragments: lane (r, c) gets row r at tokens 2c, 2c + 1 (pb0) and 8 + 2c, 9 + 2c (pb1)
+    const uint32_t pb0 = transpose8x8(Elem<T>::pack(pr[0], pr[1]));
+    const uint32_t pb1 = transpose8x8(Elem<T>::pack(pr[2], pr[3]));
+#pragma unroll
+    for (int k = 0; k < kKT; ++k) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, v_lane + (16 * s * kStride + 16 * k) * 2);
+      mma<T>(o[k], a[0], a[1], a[2], a[3], pb0, pb1);
     }
   }
+
+  // Merge the warps' states: each working warp writes O (rows x D, natural order), m and l.
+  const int used = min(warps, slabs);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+    l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
+  }
+  __syncthreads();  // the tiles are dead: their space holds the warps' states
+  float* state_o = reinterpret_cast<float*>(smem + L::kFpTiles);  // [used][kRows][D]
+  float* state_ml = state_o + L::kFpStateWarps * kRows * D;        // [used][kRows][2]
+  if (warp < used) {
+#pragma unroll
+    for (int k = 0; k < kKT; ++k)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        state_o[(warp * kRows + 2 * c + (i & 1)) * D + 16 * k + r + 8 * (i >> 1)] = o[k][i];
+    if (r == 0)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        state_ml[(warp * kRows + 2 * c + e) * 2] = m[e];
+        state_ml[(warp * kRows + 2 * c + e) * 2 + 1] = l[e];
+      }
+  }
+  __syncthreads();
   const int64_t group_index = (b * p.num_kv_heads + kv_head) * p.row_tiles + first_row / kRows;
   const int64_t part = group_index * (p.fp_parts + p.splits) + fp_part;
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int row = warp + i * warps;
-    if (row >= rows) break;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) p.partial_acc[(part * kRows + row) * D + lane * kPerLane + j] = acc[i][j];
-    if (lane == 0) p.partial_ml[(part * kRows + row) * 2] = m[i], p.partial_ml[(part * kRows + row) * 2 + 1] = l[i];
+  for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+    const int row = i / D, d = i % D;
+    float m_part, sum, acc;
+    merge_warps<D>(state_ml, state_o, used, row, d, m_part, sum, acc);
+    p.partial_acc[(part * kRows + row) * D + d] = acc;
+    if (d == 0) p.partial_ml[(part * kRows + row) * 2] = m_part, p.partial_ml[(part * kRows + row) * 2 + 1] = sum;
   }
 }
 

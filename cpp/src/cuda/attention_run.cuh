@@ -110,8 +110,8 @@ Status make_plan(Request& r) {
   if (splits > 65535) return unsupported("too many coded tokens for one launch");
   out.splits = static_cast<int>(splits);
   // full-precision tokens per sequence: at most the sink and window capacities (kept tokens are sinks)
-  const int64_t fp_parts = std::max<int64_t>(1, (p.kv.sink_capacity + p.kv.recent_capacity + kFpPartTokens - 1) /
-                                                    kFpPartTokens);
+  const int64_t fp_parts = std::max<int64_t>(
+      1, (p.kv.sink_capacity + p.kv.recent_capacity + fp_part_tokens<D>() - 1) / fp_part_tokens<D>());
   if (fp_parts + splits > 65535) return unsupported("too many full-precision and coded tokens for one launch");
   out.fp_parts = static_cast<int>(fp_parts);
   const size_t partial_floats = static_cast<size_t>(groups) * (fp_parts + splits) * kRows;

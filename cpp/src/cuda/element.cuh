@@ -1,6 +1,6 @@
 // Device helpers shared by the decode kernel (attention_kernel.cuh) and the long-query kernel
 // (prefill_kernel.cuh): element conversions, mma.sync m16n8k16, exp2 and the softmax reference
-// point, shared addresses.
+// point, shared addresses, ldmatrix and cp.async.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -64,5 +64,31 @@ __device__ __forceinline__ float softmax_ref(float m) { return m == -INFINITY ? 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+// Four 8x8 b16 matrices from shared memory in mma fragment layout (lane 8m + i gives row i of
+// matrix m), as stored or transposed.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// 16-byte asynchronous copies global -> shared (sm_80+); the zero-fill form writes zeros when
+// `valid` is false (and reads nothing).
+__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(shared)), "l"(global));
+}
+__device__ __forceinline__ void cp_async16_or_zero(void* shared, const void* global, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 }  // namespace vecinfer::cuda_detail
