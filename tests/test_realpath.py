@@ -273,7 +273,7 @@ def test_kept_tokens_novel_keeps_the_tokens_unlike_their_neighbours(model):
     k_out, v_out = kept.fake_quantize(1, k, v)
     exact = (k_out == k).all(dim=-1).all(dim=1)[0] & (v_out == v).all(dim=-1).all(dim=1)[0]
     assert exact.nonzero().flatten().tolist() == novel
-    assert (kept.kept, kept.seen) == (4, 200)
+    assert (kept.kept, kept.seen) == (4 * 2, 200 * 2)  # per KV head
     k_hat, v_hat = q.fake_quantize(1, k, v)
     assert torch.equal(k_out[:, :, ~exact], k_hat[:, :, ~exact]) and torch.equal(v_out[:, :, ~exact], v_hat[:, :, ~exact])
     assert math.isclose(kept.bits_per_element(), 0.98 * q.bits_per_element() + 0.02 * 16)
@@ -282,6 +282,42 @@ def test_kept_tokens_novel_keeps_the_tokens_unlike_their_neighbours(model):
     k_out, _ = kept.fake_quantize_range(1, k, v, 100, 200)  # 2 tokens of 100
     exact = (k_out == k[:, :, 100:]).all(dim=-1).all(dim=1)[0]
     assert (exact.nonzero().flatten() + 100).tolist() == [120, 181]
+
+
+def test_kept_tokens_per_head_keep_each_heads_novel_tokens(model):
+    """"hnovel" ranks each KV head's tokens by that head's novelty: a token novel in one head only
+    is kept in that head, while "novel" (summed over heads) ranks by the sum."""
+    q = _quantizer(model, residual=0, sink_tokens=0)
+    gen = torch.Generator().manual_seed(6)
+    k = torch.randn(1, 2, 1, 64, generator=gen) + 0.05 * torch.randn(1, 2, 200, 64, generator=gen)
+    k[:, 0, [40, 90]] = 3 * torch.randn(1, 2, 64, generator=gen)  # head 0's novel tokens
+    k[:, 1, [60, 150]] = 3 * torch.randn(1, 2, 64, generator=gen)  # head 1's
+    v = torch.randn(1, 2, 200, 64, generator=gen)
+    kept = realpath.KeptTokens(q, "hnovel", fraction=0.01, window=32)  # 2 tokens per head
+    k_out, v_out = kept.fake_quantize(1, k, v)
+    exact = ((k_out == k) & (v_out == v)).all(dim=-1)[0]  # [Hkv, T]
+    assert exact[0].nonzero().flatten().tolist() == [40, 90]
+    assert exact[1].nonzero().flatten().tolist() == [60, 150]
+    assert (kept.kept, kept.seen) == (4, 400)
+    assert math.isclose(kept.bits_per_element(), 0.99 * q.bits_per_element() + 0.01 * 16)
+    summed = realpath.KeptTokens(q, "novel", fraction=0.01, window=32)  # 2 tokens for both heads
+    k_out, _ = summed.fake_quantize(1, k, v)
+    assert ((k_out == k).all(dim=-1).all(dim=1)[0]).sum() == 2
+
+
+def test_kept_tokens_floor(model):
+    """A floor in tokens: with no fraction, the `floor` most novel tokens of the sequence stay."""
+    q = _quantizer(model, residual=0, sink_tokens=0)
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(1, 2, 1, 64, generator=gen) + 0.05 * torch.randn(1, 2, 300, 64, generator=gen)
+    novel = [30, 140, 260]
+    k[:, :, novel] = 3 * torch.randn(1, 2, 3, 64, generator=gen)
+    v = torch.randn(1, 2, 300, 64, generator=gen)
+    kept = realpath.KeptTokens(q, "novel", fraction=0.0, window=32, floor=3)
+    k_out, _ = kept.fake_quantize(1, k, v)
+    assert ((k_out == k).all(dim=-1).all(dim=1)[0]).nonzero().flatten().tolist() == novel
+    with pytest.raises(ValueError, match="not both zero"):
+        realpath.KeptTokens(q, "novel", fraction=0.0)
 
 
 def test_kept_tokens_stream_with_a_fixed_budget(model):
@@ -304,7 +340,7 @@ def test_kept_tokens_stream_with_a_fixed_budget(model):
     k[0, 0, 55, 0] = 58.0
     k_out, _ = kept.fake_quantize_range(1, k, v, 48, 60)  # continues: 60 taken, budget 3; 55 displaces 2
     assert ((k_out == k[:, :, 48:]).all(dim=-1).all(dim=1)[0].nonzero().flatten() + 48).tolist() == [55]
-    assert sorted(p for _, p in kept._state[1][4][0]) == [3, 40, 55]
+    assert sorted(p for _, p in kept._state[1][4][0][0]) == [3, 40, 55]
     with pytest.raises(ValueError, match="rule"):
         realpath.KeptTokens(q, "largest", 0.02)
 

@@ -163,7 +163,7 @@ class OutlierTokens:
         return (1 - self.fraction) * self.inner.bits_per_element() + self.fraction * 16
 
 
-KEEP_RULES = ("kerr", "verr", "novel", "vnovel", "kvnovel", "attn")
+KEEP_RULES = ("kerr", "verr", "novel", "hnovel", "vnovel", "kvnovel", "attn")
 
 
 class KeptTokens:
@@ -172,24 +172,29 @@ class KeptTokens:
     window (its codes would not be read; the kernel would read it as it reads the sink tokens).
 
     Per layer (all KV heads of the layer together), the tokens with the largest score stay exact,
-    round(fraction * n) of the n compressed so far, selected as they leave the window (see
+    round(fraction * n) of the n compressed so far and at least `floor`, selected as they leave the
+    window (see
     `fake_quantize_range`). Scores of token j, summed over KV heads:
       - "kerr":   ||k_j - k_hat_j||^2 / ||k_j||^2 (key encoding error relative to the key's norm);
       - "verr":   ||v_j - v_hat_j||^2 (value encoding error);
       - "novel":  ||k_j - m_j||^2 / ||k_j||^2, m_j the mean key of the `window` positions before j
                   (how far the key is from what came just before it);
+      - "hnovel": "novel" per KV head, each head keeping its own round(fraction * n) tokens;
       - "vnovel": the same for the values; "kvnovel": the sum of the two;
       - "attn":   the softmax attention the queries i in [j, j + window) give to j (averaged over
                   the query heads of each KV head; queries seen through `observe_query`, as the
                   fake-quant attention function passes them; H2O / SnapKV-like heavy hitters).
-    `kept` / `seen` count the tokens of every call (a re-quantized tail is counted again)."""
+    `kept` / `seen` count the (token, KV head) pairs of every call (a re-quantized tail is counted
+    again)."""
 
-    def __init__(self, quantizer, rule: str, fraction: float = 0.02, window: Optional[int] = None):
+    def __init__(self, quantizer, rule: str, fraction: float = 0.02, window: Optional[int] = None, floor: int = 0):
         if rule not in KEEP_RULES:
             raise ValueError(f"rule: expected one of {KEEP_RULES}, got {rule!r}")
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
+        if not 0 <= fraction < 1 or floor < 0 or not (fraction > 0 or floor > 0):
+            raise ValueError(f"fraction, floor: expected a fraction in [0, 1) and a token count >= 0, not both zero; "
+                             f"got {fraction!r}, {floor!r}")
         self.inner, self.config, self.rule, self.fraction = quantizer, quantizer.config, rule, fraction
+        self.floor = int(floor)
         self.window = int(window if window is not None else (quantizer.config.residual or 128))
         self.queries: Dict[int, torch.Tensor] = {}  # layer -> [B, Hq, T, D], positions 0..T-1
         self._state: Dict[int, list] = {}  # layer -> the streaming selection of the current sequence
@@ -230,12 +235,12 @@ class KeptTokens:
         n = (j - first).clamp(min=1).to(x.dtype)[:, None]
         return (c[:, :, j - a] - c[:, :, first - a]) / n
 
-    def _novelty(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _novelty(self, x: torch.Tensor, lo: int, hi: int, per_head: bool = False) -> torch.Tensor:
         xs = x[:, :, lo:hi]
         d = ((xs - self._mean_before(x, lo, hi)) ** 2).sum(-1) / (xs ** 2).sum(-1).clamp(min=1e-12)
         if lo == 0:
             d[:, :, 0] = 0.0  # nothing before it
-        return d.sum(1)  # [B, n]
+        return d if per_head else d.sum(1)  # [B, Hkv, n] or [B, n]
 
     def _attention(self, layer: int, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         q = self.queries.get(layer)
@@ -256,15 +261,16 @@ class KeptTokens:
         return (p * inwin * seen[:, None, None, :, None]).sum(dim=3).mean(dim=2).sum(dim=1)
 
     def scores(self, layer: int, key: torch.Tensor, value: torch.Tensor, k_hat, v_hat, lo: int, hi: int):
-        """[B, hi - lo] the rule's score of positions [lo, hi) (key, value: all positions, [B, Hkv, T, D])."""
+        """[B, hi - lo] the rule's score of positions [lo, hi) (key, value: all positions, [B, Hkv, T, D]);
+        [B, Hkv, hi - lo] for a per-head rule."""
         k, v = key.float(), value.float()
         if self.rule == "kerr":
             ks = k[:, :, lo:hi]
             return (((ks - k_hat.float()) ** 2).sum(-1) / (ks ** 2).sum(-1).clamp(min=1e-12)).sum(1)
         if self.rule == "verr":
             return ((v[:, :, lo:hi] - v_hat.float()) ** 2).sum(dim=(1, 3))
-        if self.rule == "novel":
-            return self._novelty(k, lo, hi)
+        if self.rule in ("novel", "hnovel"):
+            return self._novelty(k, lo, hi, per_head=self.rule == "hnovel")
         if self.rule == "vnovel":
             return self._novelty(v, lo, hi)
         if self.rule == "kvnovel":
@@ -274,7 +280,7 @@ class KeptTokens:
     def fake_quantize_range(self, layer: int, key: torch.Tensor, value: torch.Tensor, lo: int, hi: int):
         """(k_hat, v_hat) of positions [lo, hi) of key / value [B, Hkv, T, D], the kept ones exact.
 
-        The budget is fixed per sequence: round(fraction * n) tokens, n the positions of the
+        The budget is fixed per sequence: max(floor, round(fraction * n)) tokens, n the positions of the
         first call of the sequence (a prompt, a perplexity window: what a cache sized for its
         context would reserve), growing as round(fraction * positions taken) only beyond that.
         The selection streams, as an encoder would: positions are taken in order as they leave
@@ -290,28 +296,33 @@ class KeptTokens:
         state = self._state.get(layer)
         if state is None or lo <= state[0] or state[2] != b:
             # first, end, batch, positions taken, heaps, the sequence's budget fixed by its first call
-            state = [lo, lo, b, 0, [[] for _ in range(b)], int(self.fraction * (hi - lo) + 0.5)]
+            state = [lo, lo, b, 0, [[] for _ in range(b)], max(self.floor, int(self.fraction * (hi - lo) + 0.5))]
             self._state[layer] = state
         first, end, _, taken, heaps, fixed = state
         if hi > end:
             score = self.scores(layer, key, value, None, None, end, hi) if self.rule not in ("kerr", "verr") else \
                 self.scores(layer, key, value, k_hat[:, :, end - lo:], v_hat[:, :, end - lo:], end, hi)
-            score = score.tolist()
+            score = (score if score.dim() == 3 else score[:, None]).tolist()  # [B, groups, n]: one, or one per head
+            if not heaps[0]:
+                heaps[:] = [[[] for _ in score[0]] for _ in range(b)]
             for t in range(hi - end):
                 taken += 1
                 budget = max(fixed, int(self.fraction * taken + 0.5))
                 for r in range(b):
-                    heapq.heappush(heaps[r], (score[r][t], end + t))
-                    while len(heaps[r]) > budget:
-                        heapq.heappop(heaps[r])
+                    for g, heap in enumerate(heaps[r]):
+                        heapq.heappush(heap, (score[r][g][t], end + t))
+                        while len(heap) > budget:
+                            heapq.heappop(heap)
             state[1], state[3] = hi, taken
-        keep = torch.zeros(b, 1, hi - lo, 1, dtype=torch.bool, device=k.device)
+        groups = len(heaps[0]) or 1
+        keep = torch.zeros(b, groups, hi - lo, 1, dtype=torch.bool, device=k.device)
         for r in range(b):
-            pos = [p - lo for _, p in heaps[r] if lo <= p < hi]
-            if pos:
-                keep[r, 0, pos] = True
-        self.kept += int(keep.sum())
-        self.seen += b * (hi - lo)
+            for g, heap in enumerate(heaps[r]):
+                pos = [p - lo for _, p in heap if lo <= p < hi]
+                if pos:
+                    keep[r, g, pos] = True
+        self.kept += int(keep.sum()) * (k.shape[1] // groups)  # token-heads kept
+        self.seen += b * k.shape[1] * (hi - lo)
         return torch.where(keep, k, k_hat), torch.where(keep, v, v_hat)
 
     def fake_quantize(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -531,18 +542,20 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             base = method[len("proxy:"):] if proxy else method
             outliers = base.endswith("+outliers")
             base = base[:-len("+outliers")] if outliers else base
-            keep = None  # "+keep-<rule>-<percent>": kept tokens (the cache's key novelty; any rule on the proxy)
+            # "+keep-<rule>-<percent>[-<tokens>]": kept tokens, at least <tokens> per sequence (the
+            # cache's key novelty; any rule on the proxy)
+            keep = None
             if "+keep-" in base:
                 base, spec = base.split("+keep-", 1)
-                rule, _, pct = spec.partition("-")
-                keep = (rule, float(pct or 2) / 100)
+                rule, pct, floor = (spec.split("-") + ["2", "0"])[:3]
+                keep = (rule, float(pct) / 100, int(floor))
             t0 = time.perf_counter()
             try:
                 if outliers and not proxy:
                     raise ValueError("outlier tokens are not in the cache: measure them as proxy:" + method)
-                if keep and not proxy and keep[0] != "novel":
-                    raise ValueError(f"the cache keeps tokens by key novelty ('+keep-novel-<percent>'); rule "
-                                     f"{keep[0]!r} exists on the proxy only: measure it as proxy:{method}")
+                if keep and not proxy and (keep[0] != "novel" or keep[2]):
+                    raise ValueError(f"the cache keeps a fraction of the tokens by key novelty ('+keep-novel-<percent>'); "
+                                     f"{method!r} exists on the proxy only: measure it as proxy:{method}")
                 if base not in built:  # one calibration per base method, shared by its levers
                     built[base] = _build(base, keys, values, args.bits, args.residual, args.sink_tokens,
                                          not args.quiet, queries)
@@ -557,7 +570,7 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             if outliers:
                 quant = OutlierTokens(quant, keys, 0.01)
             if keep and proxy:
-                quant = KeptTokens(quant, keep[0], keep[1])
+                quant = KeptTokens(quant, keep[0], keep[1], floor=keep[2])
             elif keep:
                 quant = quant.replace(keep_fraction=keep[1])
             row["calibrate_seconds"] = time.perf_counter() - t0
