@@ -15,7 +15,8 @@ another, as generation feeds them:
   - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
     optionally with full-precision outlier tokens (`OutlierTokens`, a lever the kernel lacks) or
     a fixed budget of full-precision tokens chosen by a score as they leave the window
-    (`KeptTokens`, "proxy:<method>+keep-<rule>-<percent>", e.g. "proxy:vecinfer+keep-novel-1").
+    (`KeptTokens`, "proxy:<method>+keep-<rule>-<percent>[-<tokens>]", e.g.
+    "proxy:vecinfer+keep-novel-1"; <tokens>: a floor on the budget, "keep-novel-0-64" keeps 64).
 
 - `stream(model, ids, cache, prefill, block)`: feeds ids through the cache; returns the summed
   negative log-likelihood of every next token after the first and the last position's logits.
