@@ -506,15 +506,14 @@ __device__ void load_tables(uint8_t* smem, const Params& p, int64_t kv_head) {
 
 // Writes the query rows of this block into shared memory as Q' = H(q * lambda) * hadamard_norm *
 // scale_log2 (float), and each row's shift q . mu * scale_log2. Rows past `rows` are zero. q, lambda
-// and mu are read in one pass (q * mu parked in `products`, [kRows][D]). Without `transformed`: q
-// alone, as it is.
+// and mu are read in one pass (q * mu parked in `products`, [kRows][D]).
 template <typename T, int D>
 __device__ void prepare_queries(float* qs, float* shift, float* products, const Params& p, int64_t b, int64_t kv_head,
-                                int first_row, int rows, bool transformed) {
+                                int first_row, int rows) {
   const int threads = blockDim.x, warps = threads >> 5;
   const Transform& t = p.kv.key_transform;
   const int64_t table = detail::table_row(kv_head, p.num_kv_heads, t.table_rows);
-  const bool scale = transformed && t.scale, mean = transformed && t.mean;
+  const bool scale = t.scale, mean = t.mean;
   for (int i = threadIdx.x; i < kRows * D; i += threads) {
     const int row = i / D, d = i % D;
     float v = 0.f;
@@ -528,7 +527,6 @@ __device__ void prepare_queries(float* qs, float* shift, float* products, const 
     qs[i] = scale ? v * t.scale[table * D + d] : v;
   }
   __syncthreads();
-  if (!transformed) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int row = warp; row < kRows; row += warps) {  // no barrier after: the Hadamard reads qs only
     float dot = 0.f;
@@ -825,8 +823,7 @@ __device__ void coded_block(const Params& p, int64_t b, int64_t slot, int64_t kv
   float* row_const = reinterpret_cast<float*>(smem + L::kRowConst);
   const float* affine = reinterpret_cast<const float*>(smem + L::kAffine);
   load_tables<L, KC, VC>(smem, p, kv_head);
-  prepare_queries<T, D>(qs, shift, reinterpret_cast<float*>(smem + L::kQueryMean), p, b, kv_head, first_row, rows,
-                        true);
+  prepare_queries<T, D>(qs, shift, reinterpret_cast<float*>(smem + L::kQueryMean), p, b, kv_head, first_row, rows);
   prepare_key_grid<D, KC::kSub>(qs, shift, affine, row_const);
 
   // Q''^T as B fragments, set i holding rows 4i..4i+3 in columns n (row 4i + (n & 3)): lane (r, c)
