@@ -177,13 +177,13 @@ if [ "$MODE" == "--kept" ]; then
     cat "$LOGS/bench_keep_$keep.log" >>"$SUMMARY"
   done
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  step "compute-sanitizer racecheck (full-precision parts, in coded blocks)" racecheck.log timeout 300 \
+    compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py \
+    -q -x -p no:cacheprovider -k "cuda and hundreds"
+  tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
   step "compute-sanitizer memcheck (kept tokens)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
     --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider -k cuda
   tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
-  step "compute-sanitizer racecheck (full-precision blocks)" racecheck.log timeout 300 compute-sanitizer \
-    --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x \
-    -p no:cacheprovider -k "cuda and hundreds"
-  tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
   finish
 fi
 

@@ -134,6 +134,21 @@ def test_attend_reads_hundreds_of_kept_tokens(quantizer, device, dtype, tq, gen)
     check_attend(cache, 0, torch.randn((2, 4, tq, 64), generator=gen).to(dtype).to(device))
 
 
+@pytest.mark.skipif(not vecinfer.cuda_available(), reason="the CUDA kernel's schedules")
+def test_attend_kept_tokens_in_both_cuda_schedules(quantizer, gen):
+    """The decode kernel runs several full-precision parts inside its coded blocks when those fit
+    in one wave, and as blocks of their own otherwise (a batch beyond the GPU's SMs): both match
+    float64 attention over dequantize."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtype = torch.float16
+    for batch in (1, 4 * sms):  # 2 KV heads, one row tile: 2 * batch groups of one coded split
+        cache = vecinfer.QuantizedKVCache(quantizer.replace(keep_fraction=0.5), batch, 2, 64, 600, device="cuda",
+                                          dtype=dtype)
+        _fill(cache, [500, 1], gen, dtype=dtype)
+        assert int(cache._lengths[0][0, 0]) > 144  # more than one part of full-precision tokens
+        check_attend(cache, 0, torch.randn((batch, 4, 1, 64), generator=gen).to(dtype).to("cuda"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_kept_tokens_on_real_kv(device):
     """SmolLM2-135M's post-RoPE keys and values (three layers): the choice against the float64

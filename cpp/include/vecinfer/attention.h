@@ -146,6 +146,7 @@ struct AttentionPlan {
   // The schedule (filled by plan_attention).
   int fp_parts = 0;          // blocks over the full-precision tokens (sinks, window) per (sequence, KV head, row tile)
   int splits = 0;            // blocks over the coded tokens per (sequence, KV head, row tile)
+  bool fp_folded = false;    // the full-precision parts run in the coded blocks, after their split
   int64_t split_tokens = 0;  // coded tokens per split
   int warps = 0, stages = 0, low_warps = 0;
   size_t workspace_bytes = 0;  // device workspace run_attention needs

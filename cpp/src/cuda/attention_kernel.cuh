@@ -4,9 +4,11 @@
 // Grid: x = part: 0..fp_parts-1 for the full-precision sink and recent tokens (fp_part_tokens each:
 // one part for the usual few sinks and the window, more when many tokens are kept in full
 // precision as sinks), then the splits of the coded tokens (split-KV); y = (KV head, tile of kRows
-// query rows); z = sequence. The query rows of a block are (query head, query) pairs of one KV
-// head, so they share every code the block reads. A merge kernel combines the parts exactly and
-// adds the value mean.
+// query rows); z = sequence. When there are several parts and the coded blocks fit in one wave,
+// the parts are folded into the coded blocks instead (Params::fp_folded): each block is an SM, and
+// parts scheduled as blocks of their own would delay the later coded blocks. The query rows of a
+// block are (query head, query) pairs of one KV head, so they share every code the block reads. A
+// merge kernel combines the parts exactly and adds the value mean.
 //
 // A coded block has `warps` warps (chosen on the host from the device's shared memory). The
 // split's stages of 64 (or, for wide code rows, 32) tokens go to the warps in turn; each warp has
@@ -168,6 +170,8 @@ struct Params {
   int row_tiles;         // ceil(group * num_queries / kRows)
   int fp_parts;          // blocks over the full-precision tokens (blocks x = 0..fp_parts-1)
   int splits;            // blocks over the coded tokens (blocks x = fp_parts..fp_parts+splits-1)
+  int fp_folded;         // 1: blocks x = 0..splits-1 only, block x running coded split x, then the
+                         // full-precision parts x, x + splits, ... (AttentionPlan::fp_folded)
   int64_t split_tokens;  // coded tokens per split, a multiple of the stage tokens * warps
   float scale_log2;      // softmax scale * log2(e)
   int warps, stages;     // the shared-memory plan of a block
@@ -1114,13 +1118,19 @@ __global__ void __launch_bounds__(32 * max_warps<D, kEight>(), 1) attention_kern
   const int64_t kv_head = blockIdx.y / p.row_tiles;
   const int first_row = (blockIdx.y % p.row_tiles) * kRows;
   const int rows = min(kRows, p.group * static_cast<int>(p.num_queries) - first_row);
-  // The first blocks (scheduled first) take the full-precision tokens; the others the coded splits.
   const int x = static_cast<int>(blockIdx.x);
-  if (x < p.fp_parts)
+  // Unfolded, the first blocks (scheduled first) take one part each, the others a coded split;
+  // folded, block x takes coded split x, then parts x, x + splits, ... (each function appears
+  // once in the kernel: inlined twice, it would double the kernel's code).
+  const bool coded = p.fp_folded || x >= p.fp_parts;
+  if (coded)
+    coded_block<T, D, KC, VC, kEight>(p, b, slot, kv_head, first_row, rows, p.fp_folded ? x : x - p.fp_parts);
+  const int step = p.fp_folded ? p.splits : p.fp_parts;
+  for (int part = coded && !p.fp_folded ? p.fp_parts : x; part < p.fp_parts; part += step) {
+    if (coded) __syncthreads();  // the coded split's shared memory is dead
     full_precision_block<T, D, Layout<D, KC, VC, kEight>>(vecinfer_attention_smem, p, b, slot, kv_head, first_row,
-                                                          rows, x);
-  else
-    coded_block<T, D, KC, VC, kEight>(p, b, slot, kv_head, first_row, rows, x - p.fp_parts);
+                                                          rows, part);
+  }
 }
 
 // Merges the parts of one (sequence, KV head, row tile): parts 0..fp_parts-1 the full-precision

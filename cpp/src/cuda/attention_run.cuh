@@ -114,6 +114,8 @@ Status make_plan(Request& r) {
       1, (p.kv.sink_capacity + p.kv.recent_capacity + fp_part_tokens<D>() - 1) / fp_part_tokens<D>());
   if (fp_parts + splits > 65535) return unsupported("too many full-precision and coded tokens for one launch");
   out.fp_parts = static_cast<int>(fp_parts);
+  // Several parts (kept tokens) and coded blocks within one wave: the coded blocks run the parts.
+  out.fp_folded = fp_parts > 1 && splits > 0 && groups * splits <= int64_t{sm_count} * plan.blocks_per_sm;
   const size_t partial_floats = static_cast<size_t>(groups) * (fp_parts + splits) * kRows;
   out.workspace_bytes = partial_floats * (D + 2) * sizeof(float);
   return Status::Ok();
@@ -132,6 +134,7 @@ Status run(Request& r) {
   p.low_warps = plan.low_warps;
   p.fp_parts = plan.fp_parts;
   p.splits = plan.splits;
+  p.fp_folded = plan.fp_folded ? 1 : 0;
   p.split_tokens = plan.split_tokens;
   const int64_t groups = p.batch * p.num_kv_heads * p.row_tiles;
   const int64_t parts = int64_t{plan.fp_parts} + plan.splits;
@@ -145,7 +148,8 @@ Status run(Request& r) {
   const int bytes = L::shared_bytes(plan.warps, plan.stages);
   Status s = Status::Ok();
 
-  const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
+  const dim3 grid(static_cast<unsigned>(plan.fp_folded ? plan.splits : parts),
+                  static_cast<unsigned>(p.num_kv_heads * p.row_tiles),
                   static_cast<unsigned>(p.batch));
   kernel<<<grid, 32 * plan.warps, bytes, r.stream>>>(p);
   s = cuda_status(cudaGetLastError());
