@@ -305,6 +305,16 @@ def test_kept_tokens_per_head_keep_each_heads_novel_tokens(model):
     assert ((k_out == k).all(dim=-1).all(dim=1)[0]).sum() == 2
 
 
+def test_parse_keep():
+    """"+keep-" suffixes: the percent defaults to 2 and the floor to 0 (a percent alone, as the
+    cache's "+keep-novel-1", has no floor)."""
+    assert realpath.parse_keep("novel") == ("novel", 0.02, 0)
+    assert realpath.parse_keep("novel-1") == ("novel", 0.01, 0)
+    assert realpath.parse_keep("novel-0-64") == ("novel", 0.0, 64)
+    with pytest.raises(ValueError, match="expected"):
+        realpath.parse_keep("novel-1-2-3")
+
+
 def test_kept_tokens_floor(model):
     """A floor in tokens: with no fraction, the `floor` most novel tokens of the sequence stay."""
     q = _quantizer(model, residual=0, sink_tokens=0)

@@ -174,8 +174,7 @@ class KeptTokens:
 
     Per layer (all KV heads of the layer together), the tokens with the largest score stay exact,
     round(fraction * n) of the n compressed so far and at least `floor`, selected as they leave the
-    window (see
-    `fake_quantize_range`). Scores of token j, summed over KV heads:
+    window (see `fake_quantize_range`). Scores of token j, summed over KV heads:
       - "kerr":   ||k_j - k_hat_j||^2 / ||k_j||^2 (key encoding error relative to the key's norm);
       - "verr":   ||v_j - v_hat_j||^2 (value encoding error);
       - "novel":  ||k_j - m_j||^2 / ||k_j||^2, m_j the mean key of the `window` positions before j
@@ -297,15 +296,15 @@ class KeptTokens:
         state = self._state.get(layer)
         if state is None or lo <= state[0] or state[2] != b:
             # first, end, batch, positions taken, heaps, the sequence's budget fixed by its first call
-            state = [lo, lo, b, 0, [[] for _ in range(b)], max(self.floor, int(self.fraction * (hi - lo) + 0.5))]
+            groups = k.shape[1] if self.rule == "hnovel" else 1  # one choice per head, or per layer
+            heaps = [[[] for _ in range(groups)] for _ in range(b)]
+            state = [lo, lo, b, 0, heaps, max(self.floor, int(self.fraction * (hi - lo) + 0.5))]
             self._state[layer] = state
         first, end, _, taken, heaps, fixed = state
         if hi > end:
             score = self.scores(layer, key, value, None, None, end, hi) if self.rule not in ("kerr", "verr") else \
                 self.scores(layer, key, value, k_hat[:, :, end - lo:], v_hat[:, :, end - lo:], end, hi)
-            score = (score if score.dim() == 3 else score[:, None]).tolist()  # [B, groups, n]: one, or one per head
-            if not heaps[0]:
-                heaps[:] = [[[] for _ in score[0]] for _ in range(b)]
+            score = (score if score.dim() == 3 else score[:, None]).tolist()  # [B, groups, n]
             for t in range(hi - end):
                 taken += 1
                 budget = max(fixed, int(self.fraction * taken + 0.5))
@@ -315,7 +314,7 @@ class KeptTokens:
                         while len(heap) > budget:
                             heapq.heappop(heap)
             state[1], state[3] = hi, taken
-        groups = len(heaps[0]) or 1
+        groups = len(heaps[0])
         keep = torch.zeros(b, groups, hi - lo, 1, dtype=torch.bool, device=k.device)
         for r in range(b):
             for g, heap in enumerate(heaps[r]):
@@ -336,6 +335,16 @@ class KeptTokens:
     def bits_per_element(self) -> float:
         f = self.kept / self.seen if self.seen else self.fraction
         return (1 - f) * self.inner.bits_per_element() + f * 16
+
+
+def parse_keep(spec: str):
+    """(rule, fraction, floor) of a method's "+keep-<rule>[-<percent>[-<tokens>]]" suffix (without
+    "+keep-"): the percent defaults to 2, the floor in tokens to 0."""
+    rule, *rest = spec.split("-")
+    if len(rest) > 2:
+        raise ValueError(f"'+keep-{spec}': expected '+keep-<rule>[-<percent>[-<tokens>]]'")
+    pct, floor = rest + ["2", "0"][len(rest):]
+    return rule, float(pct) / 100, int(floor)
 
 
 def proxy_factory(model, quantizer) -> Callable[..., object]:
@@ -543,13 +552,10 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             base = method[len("proxy:"):] if proxy else method
             outliers = base.endswith("+outliers")
             base = base[:-len("+outliers")] if outliers else base
-            # "+keep-<rule>-<percent>[-<tokens>]": kept tokens, at least <tokens> per sequence (the
-            # cache's key novelty; any rule on the proxy)
-            keep = None
+            keep = None  # kept tokens (the cache's key novelty; any rule on the proxy)
             if "+keep-" in base:
                 base, spec = base.split("+keep-", 1)
-                rule, pct, floor = (spec.split("-") + ["2", "0"])[:3]
-                keep = (rule, float(pct) / 100, int(floor))
+                keep = parse_keep(spec)
             t0 = time.perf_counter()
             try:
                 if outliers and not proxy:
@@ -647,5 +653,5 @@ def format_real_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BASELINES", "KEEP_RULES", "KeptTokens", "TASKS", "answer", "baseline_available", "cache_factory", "eval_real", "format_real_table",
+__all__ = ["BASELINES", "KEEP_RULES", "KeptTokens", "TASKS", "answer", "parse_keep", "baseline_available", "cache_factory", "eval_real", "format_real_table",
            "perplexity", "retrieval", "retrieval_prompt", "stream"]
