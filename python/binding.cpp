@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "vecinfer/attention.h"
+#include "vecinfer/kept.h"
 #include "vecinfer/ops.h"
 #include "vecinfer/paged.h"
 
@@ -550,6 +551,78 @@ void append_tokens(nb::ndarray<> keys, nb::ndarray<> values, nb::ndarray<> seq_s
                                                static_cast<int32_t*>(arrivals->data()), stream_ptr(stream)));
 }
 
+// One decode step of a cache with kept tokens (kept.h) on one layer's buffers, all contiguous:
+// element tensors in the dtype of new_keys, scores float32, positions and lengths int32.
+void kept_step(nb::ndarray<> new_keys, nb::ndarray<> new_values, nb::ndarray<> sink_keys, nb::ndarray<> sink_values,
+               nb::ndarray<> window_keys, nb::ndarray<> window_values, nb::ndarray<> window_scores,
+               nb::ndarray<> kept_scores, nb::ndarray<> kept_positions, nb::ndarray<> code_positions,
+               nb::ndarray<> lengths, int64_t sinks, double keep_fraction, int64_t keep_tokens,
+               nb::ndarray<> encode_keys, nb::ndarray<> encode_values, nb::ndarray<> next_lengths,
+               nb::ndarray<> encode_lengths, uintptr_t stream) {
+  const DType dtype = element_dtype(new_keys, "new_keys");
+  const Placement p = placement_of(new_keys, "new_keys");
+  if (new_keys.ndim() != 3)
+    fail_value("new_keys: expected [batch, num_kv_heads, head_dim], got " + shape_string(new_keys));
+  const int64_t batch = int64_t(new_keys.shape(0)), hkv = int64_t(new_keys.shape(1)), d = int64_t(new_keys.shape(2));
+  if (sink_keys.ndim() != 4 || window_keys.ndim() != 4 || window_scores.ndim() != 2 || kept_scores.ndim() != 2 ||
+      code_positions.ndim() != 2)
+    fail_value("kept_step: sink/window buffers are 4-D, scores and positions 2-D");
+  const int64_t sink_rows = int64_t(sink_keys.shape(2)), window = int64_t(window_keys.shape(2));
+  const int64_t kept_capacity = int64_t(kept_scores.shape(1)), code_capacity = int64_t(code_positions.shape(1));
+  enum Kind { kElements, kFloat32, kInt32 };
+  auto expect = [&](const nb::ndarray<>& a, const char* name, Kind kind, std::vector<int64_t> shape) {
+    if (kind == kElements && element_dtype(a, name) != dtype) fail_type(std::string(name) + ": must have the dtype of new_keys");
+    if (kind == kFloat32 && !is_float32(a.dtype()))
+      fail_type(std::string(name) + ": expected a float32 tensor, got " + dtype_name(a.dtype()));
+    if (kind == kInt32 && !is_int32(a.dtype()))
+      fail_type(std::string(name) + ": expected an int32 tensor, got " + dtype_name(a.dtype()));
+    check_same_placement(p, a, name);
+    check_contiguous(a, name);
+    bool same = a.ndim() == shape.size();
+    for (size_t i = 0; same && i < shape.size(); ++i) same = int64_t(a.shape(i)) == shape[i];
+    if (!same) {
+      std::string want = "[";
+      for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+      fail_value(std::string(name) + ": expected " + want + "], got " + shape_string(a));
+    }
+  };
+  expect(new_keys, "new_keys", kElements, {batch, hkv, d});
+  expect(new_values, "new_values", kElements, {batch, hkv, d});
+  expect(sink_keys, "sink_keys", kElements, {batch, hkv, sink_rows, d});
+  expect(sink_values, "sink_values", kElements, {batch, hkv, sink_rows, d});
+  expect(window_keys, "window_keys", kElements, {batch, hkv, window, d});
+  expect(window_values, "window_values", kElements, {batch, hkv, window, d});
+  expect(window_scores, "window_scores", kFloat32, {batch, window});
+  expect(kept_scores, "kept_scores", kFloat32, {batch, kept_capacity});
+  expect(kept_positions, "kept_positions", kInt32, {batch, kept_capacity});
+  expect(code_positions, "code_positions", kInt32, {batch, code_capacity});
+  expect(lengths, "lengths", kInt32, {batch, 3});
+  expect(encode_keys, "encode_keys", kElements, {batch, hkv, d});
+  expect(encode_values, "encode_values", kElements, {batch, hkv, d});
+  expect(next_lengths, "next_lengths", kInt32, {batch, 3});
+  expect(encode_lengths, "encode_lengths", kInt32, {batch, 3});
+  if (sinks < 0 || sinks > sink_rows) fail_value("sinks: expected a count in [0, sink rows]");
+  vecinfer::KeptStep st;
+  st.batch = batch, st.num_kv_heads = hkv, st.head_dim = d;
+  st.sinks = sinks, st.kept_capacity = sink_rows - sinks, st.window = window, st.code_capacity = code_capacity;
+  if (kept_capacity != st.kept_capacity)
+    fail_value("kept_scores: expected one column per kept row (" + std::to_string(st.kept_capacity) + "), got " +
+               shape_string(kept_scores));
+  st.keep_fraction = keep_fraction, st.keep_tokens = keep_tokens;
+  st.new_keys = new_keys.data(), st.new_values = new_values.data();
+  st.sink_keys = sink_keys.data(), st.sink_values = sink_values.data();
+  st.window_keys = window_keys.data(), st.window_values = window_values.data();
+  st.encode_keys = encode_keys.data(), st.encode_values = encode_values.data();
+  st.window_scores = static_cast<float*>(window_scores.data());
+  st.kept_scores = static_cast<float*>(kept_scores.data());
+  st.kept_positions = static_cast<int32_t*>(kept_positions.data());
+  st.code_positions = static_cast<int32_t*>(code_positions.data());
+  st.lengths = static_cast<const int32_t*>(lengths.data());
+  st.next_lengths = static_cast<int32_t*>(next_lengths.data());
+  st.encode_lengths = static_cast<int32_t*>(encode_lengths.data());
+  raise_if_error(p.cuda ? vecinfer::cuda::kept_step(dtype, st, stream_ptr(stream)) : vecinfer::cpu::kept_step(dtype, st));
+}
+
 // A decode plan over the layers of one cache: the arguments of every layer checked once, the
 // split-KV schedule made once (CUDA), then run(layer, ...) per layer and step with raw pointers
 // (the Python wrapper checks q and out, and keeps every tensor alive).
@@ -649,6 +722,11 @@ NB_MODULE(_C, m) {
         nb::arg("ring_values"), nb::arg("key_codebook"), nb::arg("value_codebook"), nb::arg("key_scale").none(),
         nb::arg("key_mean").none(), nb::arg("value_mean").none(), nb::arg("hadamard"), nb::arg("arrivals").none(),
         nb::arg("stream"));
+  m.def("kept_step", &kept_step, nb::arg("new_keys"), nb::arg("new_values"), nb::arg("sink_keys"),
+        nb::arg("sink_values"), nb::arg("window_keys"), nb::arg("window_values"), nb::arg("window_scores"),
+        nb::arg("kept_scores"), nb::arg("kept_positions"), nb::arg("code_positions"), nb::arg("lengths"),
+        nb::arg("sinks"), nb::arg("keep_fraction"), nb::arg("keep_tokens"), nb::arg("encode_keys"),
+        nb::arg("encode_values"), nb::arg("next_lengths"), nb::arg("encode_lengths"), nb::arg("stream"));
   nb::class_<AttentionPlan>(m, "AttentionPlan")
       .def(nb::init<>())
       .def("add_layer", &AttentionPlan::add_layer, nb::arg("q"), nb::arg("key_codes"), nb::arg("value_codes"),

@@ -330,14 +330,16 @@ def test_cuda_graph_decoder_refuses_what_it_cannot_replay():
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family,kv_heads", [("llama", 2), ("qwen2", 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype):
+@pytest.mark.parametrize("keep_tokens", [0, 6])
+def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype, keep_tokens):
     """CUDAGraphDecoder on a left-padded batch: the logits of every replayed step equal those of
     eager forward passes over an identical cache fed the same tokens; the host and device lengths
-    advance together; a too-young cache, sliding-window layers and overuse are refused."""
+    advance together; with a full budget of kept tokens, the replays choose what the eager steps
+    choose; a too-young cache, sliding-window layers and overuse are refused."""
     from vecinfer.hf_cache import CUDAGraphDecoder
 
     model = _tiny(family, kv_heads)
-    q = _quantizer(model, bits=2, residual=5, sink_tokens=2)
+    q = _quantizer(model, bits=2, residual=5, sink_tokens=2).replace(keep_tokens=keep_tokens)
     model = model.to("cuda", dtype)
     ids = _prompt(30, batch=2).cuda()
     mask = torch.ones_like(ids)
@@ -362,6 +364,14 @@ def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype):
     for i in caches[0]._codes_layers():
         assert codes.lengths(i).tolist() == caches[1].codes.lengths(i).tolist() == [32, 36]
         assert torch.equal(codes._device_lengths[i].cpu(), codes._lengths[i])
+        assert torch.equal(codes._lengths[i], caches[1].codes._lengths[i])
+        if keep_tokens:
+            assert codes._lengths[i][:, 0].tolist() == [2 + keep_tokens] * 2
+            for name in ("kept_positions", "kept_scores"):
+                assert torch.equal(codes._keep_state[name][i], caches[1].codes._keep_state[name][i])
+            coded = int(codes._lengths[i][:, 1].min())
+            assert torch.equal(codes._keep_state["code_positions"][i][:, :coded],
+                               caches[1].codes._keep_state["code_positions"][i][:, :coded])
     assert caches[0].get_seq_length() == 36
     with pytest.raises(RuntimeError, match="used up"):
         decoder(tokens[0])
@@ -372,6 +382,17 @@ def test_cuda_graph_decoder_replays_equal_eager_steps(family, kv_heads, dtype):
         model(ids[:, :5], past_key_values=young, use_cache=True)
     with pytest.raises(ValueError, match="recent window"):
         CUDAGraphDecoder(model, young, max_new_tokens=2)
+    if keep_tokens:  # window full, kept tokens not yet: 10 tokens, 3 have left the window
+        young = VecInferCache(model, q)
+        with torch.no_grad():
+            model(ids[1:, :10], past_key_values=young, use_cache=True)
+        with pytest.raises(ValueError, match="keep_tokens=6 kept tokens"):
+            CUDAGraphDecoder(model, young, max_new_tokens=2)
+        growing = VecInferCache(model, q.replace(keep_fraction=0.1))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=growing, use_cache=True)
+        with pytest.raises(ValueError, match="keep_fraction"):
+            CUDAGraphDecoder(model, growing, max_new_tokens=2)
     gemma = _tiny("gemma3", 1)
     gemma_q = _quantizer(gemma, bits=2, residual=5, sink_tokens=2)
     gemma = gemma.to("cuda", dtype)
@@ -399,6 +420,13 @@ def test_e2e_benchmark_runs_on_a_small_model(tmp_path):
         assert r["default_cache_bytes"] == 2 * 2 * 2 * r["batch"] * (r["prompt_tokens"] - 1) * 64 * 4
     with pytest.raises(SystemExit):  # argparse: "--runs: expected BATCHxTOKENS items like 1x32768"
         main(["--device", "cpu", "--runs", "1x"])
+    with pytest.raises(SystemExit):  # argparse: "--keep-tokens needs --no-longest"
+        main(["--device", "cpu", "--runs", "1x200", "--keep-tokens", "8"])
+    assert main(["--device", "cpu", "--runs", "1x200", "--new-tokens", "3", "--keep-tokens", "8", "--recent", "16",
+                 "--no-longest", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["quantizer"]["keep_tokens"], result["quantizer"]["residual"]) == (8, 16)
+    assert result["rows"][0]["vecinfer_eager_ms_per_token"] > 0
 
 
 @pytest.mark.skipif(not vecinfer.cuda_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""Kept tokens (VQConfig.keep_fraction): which tokens stay in full precision, what the cache then
+"""Kept tokens (VQConfig.keep_fraction, keep_tokens): which tokens stay in full precision, what the cache then
 holds, and that attention (CPU reference and CUDA kernels) reads them."""
 from __future__ import annotations
 
@@ -26,17 +26,22 @@ def _novelty64(keys: torch.Tensor, j: int, window: int = WINDOW) -> float:
     return float((((x[:, j] - mu) ** 2).sum(-1) / (x[:, j] ** 2).sum(-1)).sum())
 
 
-def _expected_kept(keys: torch.Tensor, chunks, fraction: float, sinks: int = SINKS, window: int = WINDOW) -> set:
+def _budget(fraction: float, floor: int, left: int) -> int:
+    return min(left, max(floor, int(fraction * left + 0.5)))
+
+
+def _expected_kept(keys: torch.Tensor, chunks, fraction: float, floor: int = 0, sinks: int = SINKS,
+                   window: int = WINDOW) -> set:
     """The positions kept after appending one sequence's keys [Hkv, n, D] in `chunks`: after each
-    append, of the kept ones and the tokens that left the window in it, the round(fraction * E)
-    with the highest novelty (E: tokens that have left so far)."""
+    append, of the kept ones and the tokens that left the window in it, the
+    min(E, max(floor, round(fraction * E))) with the highest novelty (E: tokens that have left so far)."""
     kept, left, total = [], 0, 0
     for t in chunks:
         total += t
         now = max(0, total - sinks - window)
         new = list(range(sinks + left, sinks + now))
         left = now
-        kept = sorted(kept + new, key=lambda p: -_novelty64(keys, p, window))[:int(fraction * left + 0.5)]
+        kept = sorted(kept + new, key=lambda p: -_novelty64(keys, p, window))[:_budget(fraction, floor, left)]
     return set(kept)
 
 
@@ -52,16 +57,20 @@ def _fill(cache, chunks, gen, layer=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunks", [[1] * 90, [120], [30, 1, 1, 17, 40, 3], [5, 60, 16, 16, 16]])
-def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, gen):
-    cache = vecinfer.QuantizedKVCache(quantizer, 2, 2, 64, 200, device=device, dtype=torch.float32)
+@pytest.mark.parametrize("fraction,floor", [(0.1, 0), (0.0, 12), (0.1, 6)])
+def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, fraction, floor, gen):
+    """The budget: a fraction, a fixed number of tokens, and both (the floor first, the fraction
+    beyond 60 tokens)."""
+    cache = vecinfer.QuantizedKVCache(quantizer.replace(keep_fraction=fraction, keep_tokens=floor), 2, 2, 64, 200,
+                                      device=device, dtype=torch.float32)
     k, v = _fill(cache, chunks, gen)
     n = k.shape[2]
     k_hat, v_hat = cache.dequantize(0)
     assert k_hat.shape == k.shape
     left = max(0, n - SINKS - WINDOW)
     for b in range(2):
-        kept = _expected_kept(k[b].cpu(), chunks, 0.1)
-        assert len(kept) == int(0.1 * left + 0.5)
+        kept = _expected_kept(k[b].cpu(), chunks, fraction, floor)
+        assert len(kept) == _budget(fraction, floor, left)
         sinks, coded, recent = cache._lengths[0][b].tolist()
         assert (sinks, coded, recent) == (min(n, SINKS) + len(kept), left - len(kept), min(n - min(n, SINKS), WINDOW))
         exact = sorted(set(range(min(n, SINKS))) | kept | set(range(n - recent, n)))
@@ -75,10 +84,13 @@ def test_kept_tokens_are_the_most_novel_and_exact(quantizer, device, chunks, gen
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_decode_steps_of_unequal_sequences(quantizer, device, gen):
+@pytest.mark.parametrize("fraction,floor", [(0.1, 0), (0.0, 30)])
+def test_batched_decode_steps_of_unequal_sequences(quantizer, device, fraction, floor, gen):
     """Decode steps of sequences holding different numbers of tokens (the batched step, each with
-    its own budget) keep what each sequence alone would keep."""
-    cache = vecinfer.QuantizedKVCache(quantizer, 3, 2, 64, 300, device=device, dtype=torch.float32)
+    its own budget; with 30 tokens, budgets that fill at different steps and then stay) keep what
+    each sequence alone would keep."""
+    cache = vecinfer.QuantizedKVCache(quantizer.replace(keep_fraction=fraction, keep_tokens=floor), 3, 2, 64, 300,
+                                      device=device, dtype=torch.float32)
     k = torch.randn((3, 2, 60, 64), generator=gen) + 3
     v = torch.randn((3, 2, 60, 64), generator=gen)
     skip = [0, 5, 23]
@@ -90,7 +102,7 @@ def test_batched_decode_steps_of_unequal_sequences(quantizer, device, gen):
     for b in range(3):
         seq_k = torch.cat([k[b, :, skip[b]:], steps_k[b]], 1)
         seq_v = torch.cat([v[b, :, skip[b]:], steps_v[b]], 1)
-        kept = _expected_kept(seq_k, [60 - skip[b]] + [1] * 150, 0.1)
+        kept = _expected_kept(seq_k, [60 - skip[b]] + [1] * 150, fraction, floor)
         assert set(cache._keep_state["kept_positions"][0][b, :len(kept)].tolist()) == kept
         n = int(totals[b])
         coded = sorted(set(range(SINKS, n - WINDOW)) - kept)
@@ -216,7 +228,43 @@ def test_kept_tokens_bad_input_leaves_cache_unchanged(quantizer, gen):
     _assert_same(snap, _snapshot(cache, 0))
 
 
-def test_keep_fraction_config_and_bits():
+def test_kept_step_binding_refuses_bad_buffers(gen):
+    """The step kernel's binding (cache-internal, so a direct call): mismatched shapes and dtypes
+    and bad lengths are errors, and a refused step writes nothing."""
+    B, H, D, sinks, kept, window, codes = 2, 2, 64, 1, 3, 4, 8
+    def buffers(**override):
+        f = dict(new_keys=torch.randn((B, H, D), generator=gen), new_values=torch.randn((B, H, D), generator=gen),
+                 sink_keys=torch.randn((B, H, sinks + kept, D), generator=gen),
+                 sink_values=torch.randn((B, H, sinks + kept, D), generator=gen),
+                 window_keys=torch.randn((B, H, window, D), generator=gen),
+                 window_values=torch.randn((B, H, window, D), generator=gen),
+                 window_scores=torch.rand((B, window), generator=gen), kept_scores=torch.zeros((B, kept)),
+                 kept_positions=torch.zeros((B, kept), dtype=torch.int32),
+                 code_positions=torch.zeros((B, codes), dtype=torch.int32),
+                 lengths=torch.tensor([[sinks, 0, window]] * B, dtype=torch.int32), sinks=sinks,
+                 keep_fraction=0.0, keep_tokens=2, encode_keys=torch.zeros((B, H, D)),
+                 encode_values=torch.zeros((B, H, D)), next_lengths=torch.zeros((B, 3), dtype=torch.int32),
+                 encode_lengths=torch.zeros((B, 3), dtype=torch.int32), stream=0)
+        f.update(override)
+        return f
+    with pytest.raises(ValueError, match=r"window_values: expected \[2, 2, 4, 64\]"):
+        vecinfer._C.kept_step(**buffers(window_values=torch.zeros((B, H, window + 1, D))))
+    with pytest.raises(TypeError, match="code_positions: expected an int32 tensor"):
+        vecinfer._C.kept_step(**buffers(code_positions=torch.zeros((B, codes), dtype=torch.int64)))
+    with pytest.raises(TypeError, match="encode_keys: must have the dtype of new_keys"):
+        vecinfer._C.kept_step(**buffers(encode_keys=torch.zeros((B, H, D), dtype=torch.float16)))
+    bad = buffers(lengths=torch.tensor([[sinks, 0, window], [sinks, 0, window - 1]], dtype=torch.int32))
+    before = {k: v.clone() for k, v in bad.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="a full window"):
+        vecinfer._C.kept_step(**bad)
+    for name, value in before.items():  # sequence 0 was valid, but nothing is written
+        assert torch.equal(bad[name], value), name
+    good = buffers()
+    vecinfer._C.kept_step(**good)
+    assert good["next_lengths"].tolist() == [[sinks + 1, 0, window]] * B
+
+
+def test_keep_config_and_bits():
     with pytest.raises(ValueError, match="keep_fraction must be in"):
         vecinfer.VQConfig(keep_fraction=1.0)
     with pytest.raises(TypeError, match="keep_fraction must be a number"):
@@ -232,12 +280,29 @@ def test_keep_fraction_config_and_bits():
     assert extra == pytest.approx(int(0.01 * (n - 18) + 0.5) * 2 * (16 - 2))
     with pytest.raises(ValueError, match="leave the calibration valid"):
         q.replace(key_bits=3)
+    for bad, error in ((-1, ValueError), (2**31, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="keep_tokens must be"):
+            vecinfer.VQConfig(keep_tokens=bad)
+    with pytest.raises(ValueError, match="residual > 0"):
+        vecinfer.VQConfig(keep_tokens=64, residual=0)
+    both = vecinfer.VQConfig(keep_fraction=0.01, keep_tokens=64)
+    assert both.keeps_tokens and not vecinfer.VQConfig().keeps_tokens
+    # at most what has left the window; the floor until 1% exceeds it (past 6,450 tokens)
+    assert [both.kept_budget(e) for e in (0, 10, 64, 1000, 6449, 6450, 10_000)] == [0, 10, 64, 64, 64, 65, 100]
+    fixed = q.replace(keep_tokens=64)
+    assert fixed.bits_per_element() == q.bits_per_element()  # a fixed budget amortised over no end
+    extra = (fixed.bits_per_element(n) - q.bits_per_element(n)) * 2 * n
+    assert extra == pytest.approx(64 * 2 * (16 - 2))
+    # 20 tokens: 18 in the sinks and window, the 2 that left it kept (the budget is at most those)
+    assert (fixed.bits_per_element(20) - q.bits_per_element(20)) * 2 * 20 == pytest.approx(2 * 2 * (16 - 2))
 
 
 def test_kept_quantizer_round_trips_and_paged_cache_refuses_it(quantizer, tmp_path):
     path = str(tmp_path / "q.safetensors")
     quantizer.save(path)
     assert vecinfer.KVQuantizer.load(path).config.keep_fraction == 0.1
+    quantizer.replace(keep_fraction=0, keep_tokens=7).save(path)
+    assert vecinfer.KVQuantizer.load(path).config.keep_tokens == 7
     with pytest.raises(ValueError, match="PagedKVCache does not keep tokens"):
         vecinfer.PagedKVCache(quantizer, num_pages=4, max_seqs=1, max_tokens_per_seq=64, dtype=torch.float32)
 

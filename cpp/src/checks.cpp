@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "vecinfer/attention.h"
+#include "vecinfer/kept.h"
 #include "vecinfer/ops.h"
 #include "vecinfer/paged.h"
 
@@ -188,6 +189,26 @@ Status check_append(const AttentionShape& shape, const TokenBatch& tokens, const
     return invalid("append_tokens: negative row count or stride");
   if (tokens.num_rows > 0 && (tokens.keys == nullptr || tokens.values == nullptr))
     return invalid("keys/values: null pointer");
+  return Status::Ok();
+}
+
+Status check_kept_step(const KeptStep& st) {
+  if (st.batch < 1 || st.num_kv_heads < 1) return invalid("kept_step: batch and num_kv_heads must be >= 1");
+  if (st.head_dim != 64 && st.head_dim != 128 && st.head_dim != 256)
+    return unsupported("kept_step: head_dim must be 64, 128 or 256");
+  if (st.sinks < 0 || st.kept_capacity < 0 || st.window < 1 || st.code_capacity < 1)
+    return invalid("kept_step: sinks and kept_capacity must be >= 0, window and code_capacity >= 1");
+  if (!(st.keep_fraction >= 0 && st.keep_fraction < 1) || st.keep_tokens < 0)
+    return invalid("kept_step: keep_fraction must be in [0, 1) and keep_tokens >= 0");
+  const int64_t int32_limit = int64_t{1} << 31;  // kept rows and code columns are indexed by int32 lengths
+  if (st.sinks + st.kept_capacity >= int32_limit || st.window >= int32_limit || st.code_capacity >= int32_limit ||
+      !product_fits({st.batch, st.num_kv_heads, st.sinks + st.kept_capacity + st.window, st.head_dim, 4}) ||
+      !product_fits({st.batch, st.code_capacity, 4}))
+    return invalid("kept_step: buffers too large");
+  if (!st.new_keys || !st.new_values || !st.sink_keys || !st.sink_values || !st.window_keys || !st.window_values ||
+      !st.encode_keys || !st.encode_values || !st.window_scores || !st.code_positions || !st.lengths ||
+      !st.next_lengths || !st.encode_lengths || (st.kept_capacity > 0 && (!st.kept_scores || !st.kept_positions)))
+    return invalid("kept_step: null pointer");
   return Status::Ok();
 }
 

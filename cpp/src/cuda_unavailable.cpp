@@ -1,5 +1,6 @@
 // The CUDA entry points of a build without CUDA: each reports that the kernels are not compiled in.
 #include "vecinfer/attention.h"
+#include "vecinfer/kept.h"
 #include "vecinfer/ops.h"
 #include "vecinfer/paged.h"
 
@@ -38,5 +39,6 @@ Status run_attention(const AttentionPlan&, const void*, void*, float*, const Com
 Status append_tokens(DType, const AttentionShape&, const TokenBatch&, const CompressedKV&, int64_t, int32_t*, void*) {
   return not_built();
 }
+Status kept_step(DType, const KeptStep&, void*) { return not_built(); }
 
 }  // namespace vecinfer::cuda

@@ -1,13 +1,16 @@
-// The serving pieces on the CPU: the split-KV planner (a pure host function) and append_tokens
-// (paged.h), whose result must not depend on how the tokens are grouped into calls.
+// The serving pieces on the CPU: the split-KV planner (a pure host function), append_tokens
+// (paged.h), whose result must not depend on how the tokens are grouped into calls, and the
+// kept-token decode step (kept.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "split_plan.h"
+#include "vecinfer/kept.h"
 #include "vecinfer/paged.h"
 
 namespace {
@@ -135,6 +138,108 @@ TEST(AppendTokens, BadCallsChangeNothing) {
   long_rows[10 * TinyCache::kD] = NAN;                          // a token that is encoded
   EXPECT_FALSE(append(cache, long_rows, {0}, {0, 20}).ok());
   EXPECT_EQ(cache.lengths, before);
+}
+
+// One sequence of the kept-token step: 2 KV heads, D = 64, 1 sink, 2 kept rows, a window of 3,
+// 8 code columns, keep_tokens = 2; float32. Window token j of head h holds the value 10 * h + j
+// in every element; its row's position is 1 + kept + coded + j.
+struct KeptSequence {
+  static constexpr int kHeads = 2, kD = 64, kSinks = 1, kKept = 2, kWindow = 3, kCodes = 8;
+  std::vector<float> new_k, new_v, sink_k, sink_v, window_k, window_v, encode_k, encode_v;
+  std::vector<float> window_scores{0.5f, 0.25f, 0.75f}, kept_scores{0.f, 0.f};
+  std::vector<int32_t> kept_positions{-1, -1}, code_positions = std::vector<int32_t>(kCodes, -1);
+  std::vector<int32_t> lengths, next_lengths{-1, -1, -1}, encode_lengths{-1, -1, -1};
+
+  explicit KeptSequence(std::vector<int32_t> lens)
+      : new_k(kHeads * kD), new_v(kHeads * kD), sink_k(kHeads * (kSinks + kKept) * kD, -1.f),
+        sink_v(kHeads * (kSinks + kKept) * kD, -1.f), window_k(kHeads * kWindow * kD),
+        window_v(kHeads * kWindow * kD), encode_k(kHeads * kD, -7.f), encode_v(kHeads * kD, -7.f),
+        lengths(std::move(lens)) {
+    for (int h = 0; h < kHeads; ++h)
+      for (int j = 0; j < kWindow; ++j)
+        for (int i = 0; i < kD; ++i) {
+          window_k[(h * kWindow + j) * kD + i] = 10.f * h + j;
+          window_v[(h * kWindow + j) * kD + i] = -(10.f * h + j);
+        }
+  }
+
+  vecinfer::Status step() {
+    vecinfer::KeptStep st;
+    st.batch = 1, st.num_kv_heads = kHeads, st.head_dim = kD, st.sinks = kSinks, st.kept_capacity = kKept;
+    st.window = kWindow, st.code_capacity = kCodes, st.keep_tokens = 2;
+    st.new_keys = new_k.data(), st.new_values = new_v.data(), st.sink_keys = sink_k.data();
+    st.sink_values = sink_v.data(), st.window_keys = window_k.data(), st.window_values = window_v.data();
+    st.encode_keys = encode_k.data(), st.encode_values = encode_v.data(), st.window_scores = window_scores.data();
+    st.kept_scores = kept_scores.data(), st.kept_positions = kept_positions.data();
+    st.code_positions = code_positions.data(), st.lengths = lengths.data(), st.next_lengths = next_lengths.data();
+    st.encode_lengths = encode_lengths.data();
+    return vecinfer::cpu::kept_step(vecinfer::DType::kFloat32, st);
+  }
+  float window_key(int h, int j) const { return window_k[(h * kWindow + j) * kD]; }
+  float kept_key(int h, int r) const { return sink_k[(h * (kSinks + kKept) + kSinks + r) * kD]; }
+};
+
+TEST(KeptStep, ScoresTheNewKeyAndKeepsTheLeavingTokenWhileTheBudgetGrows) {
+  KeptSequence seq({1, 0, 3});  // nothing kept or coded yet: the budget min(1, max(2, 0)) = 1 takes it
+  for (int i = 0; i < KeptSequence::kD; ++i) seq.new_k[i] = 3.f, seq.new_k[KeptSequence::kD + i] = 11.f;
+  ASSERT_TRUE(seq.step().ok());
+  EXPECT_EQ(seq.next_lengths, (std::vector<int32_t>{2, 0, 3}));
+  EXPECT_EQ(seq.encode_lengths, (std::vector<int32_t>{0, 0, 0}));
+  EXPECT_EQ(seq.kept_key(0, 0), 0.f);  // window token 0 of head 0 is now kept row 0
+  EXPECT_EQ(seq.kept_key(1, 0), 10.f);
+  EXPECT_EQ(seq.kept_scores[0], 0.5f);
+  EXPECT_EQ(seq.kept_positions[0], 1);
+  EXPECT_EQ(seq.code_positions[0], -1);  // nothing coded
+  EXPECT_EQ(seq.window_key(0, 0), 1.f);  // the window moved up one row; the new key is its last
+  EXPECT_EQ(seq.window_key(1, 2), 11.f);
+  EXPECT_EQ(seq.window_v[KeptSequence::kD], -2.f);
+  // the window means are 1 (head 0) and 11 (head 1): (3 - 1)^2 / 3^2 + 0 / 11^2
+  EXPECT_NEAR(seq.window_scores[2], 4.f / 9.f, 1e-6f);
+  EXPECT_EQ(seq.window_scores[0], 0.25f);
+}
+
+TEST(KeptStep, AFullBudgetSwapsWithTheLowestKeptTokenOrEncodesTheLeavingOne) {
+  for (float leaving_score : {0.9f, 0.1f}) {
+    KeptSequence seq({3, 4, 3});  // 2 kept (the budget max(2, 0) = 2 is full), 4 coded
+    seq.window_scores[0] = leaving_score;
+    seq.kept_scores = {0.3f, 0.2f};
+    seq.kept_positions = {2, 5};
+    for (int h = 0; h < KeptSequence::kHeads; ++h)
+      for (int r = 0; r < KeptSequence::kKept; ++r)
+        for (int i = 0; i < KeptSequence::kD; ++i)
+          seq.sink_k[(h * 3 + 1 + r) * KeptSequence::kD + i] = 100.f + r;
+    ASSERT_TRUE(seq.step().ok());
+    EXPECT_EQ(seq.next_lengths, (std::vector<int32_t>{3, 5, 3}));
+    EXPECT_EQ(seq.encode_lengths, (std::vector<int32_t>{0, 4, 0}));
+    if (leaving_score > 0.2f) {  // it beats kept row 1 (0.2): they swap, and row 1's token is encoded
+      EXPECT_EQ(seq.encode_k[0], 101.f);
+      EXPECT_EQ(seq.code_positions[4], 5);
+      EXPECT_EQ(seq.kept_key(0, 1), 0.f);
+      EXPECT_EQ(seq.kept_scores[1], leaving_score);
+      EXPECT_EQ(seq.kept_positions[1], 1 + 2 + 4);
+    } else {  // it is encoded, the kept tokens stay
+      EXPECT_EQ(seq.encode_k[0], 0.f);
+      EXPECT_EQ(seq.encode_v[KeptSequence::kD], -10.f);
+      EXPECT_EQ(seq.code_positions[4], 1 + 2 + 4);
+      EXPECT_EQ(seq.kept_key(0, 1), 101.f);
+      EXPECT_EQ(seq.kept_positions, (std::vector<int32_t>{2, 5}));
+    }
+    EXPECT_EQ(seq.kept_key(1, 0), 100.f);  // row 0 is never touched
+  }
+}
+
+TEST(KeptStep, BadLengthsChangeNothing) {
+  for (std::vector<int32_t> lens : {std::vector<int32_t>{0, 0, 3},   // sinks not full
+                                    std::vector<int32_t>{4, 0, 3},   // more kept than rows
+                                    std::vector<int32_t>{1, 0, 2},   // window not full
+                                    std::vector<int32_t>{1, 8, 3}}) {  // no free code column
+    KeptSequence seq(lens), before(lens);
+    EXPECT_FALSE(seq.step().ok());
+    EXPECT_EQ(seq.window_k, before.window_k);
+    EXPECT_EQ(seq.window_scores, before.window_scores);
+    EXPECT_EQ(seq.sink_k, before.sink_k);
+    EXPECT_EQ(seq.next_lengths, before.next_lengths);
+  }
 }
 
 }  // namespace

@@ -4,7 +4,8 @@
     vecinfer bench --e2e [...]      end-to-end generation with a Llama-3.1-8B-shaped model (bench_e2e.py)
     vecinfer bench --serving        the serving API: paged appends, paged decode through a plan, run's host time
     vecinfer bench --prefill        long query blocks (chunked prefill, second turns) against SDPA
-    vecinfer bench --keep-fraction F   decode with F of the coded tokens kept in full precision
+    vecinfer bench --keep-fraction F --keep-tokens N --recent R   decode with kept tokens (VQConfig's
+                                    budget, read as sinks) and an R-token recent window
 
 For each shape (Llama-3.1-8B attention by default: 32 query heads, 8 KV heads, D = 128; 2-bit keys
 and values; 4 sink tokens and an R = 128 fp16 recent window), in one run: the fused kernel's time,
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import vecinfer
-from vecinfer.config import PRESETS, kept_tokens
+from vecinfer.config import PRESETS, VQConfig
 
 GiB = 1 << 30
 SINKS, RECENT = 4, 128
@@ -128,17 +129,19 @@ def sdpa_ms(b, s, hq, hkv, d, tq):
     return best
 
 
-def kept_count(s, keep_fraction):
-    """Full-precision kept tokens of an s-token sequence (VQConfig.keep_fraction of its compressed part)."""
-    return kept_tokens(keep_fraction, s - SINKS - RECENT)
+def kept_count(s, keep_fraction=0.0, keep_tokens=0, recent=RECENT):
+    """Full-precision kept tokens of an s-token sequence (VQConfig.kept_budget of its compressed part)."""
+    cfg = VQConfig(keep_fraction=keep_fraction, keep_tokens=keep_tokens, residual=recent, sink_tokens=SINKS)
+    return cfg.kept_budget(s - SINKS - recent)
 
 
-def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits, seed=0, keep_fraction=0.0):
+def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits, seed=0, keep_fraction=0.0, keep_tokens=0,
+                    recent=RECENT):
     """The decode inputs of one shape; kept tokens are read as sinks (QuantizedKVCache's layout)."""
     ks, kb = PRESETS[key_bits]
     vs, vb = PRESETS[value_bits]
-    sinks = SINKS + kept_count(s, keep_fraction)
-    coded = s - sinks - RECENT
+    sinks = SINKS + kept_count(s, keep_fraction, keep_tokens, recent)
+    coded = s - sinks - recent
     cap = (coded + 15) // 16 * 16
     gen = torch.Generator(device="cuda").manual_seed(seed)
     codes = lambda bytes_: torch.randint(0, 256, (b, hkv, cap, bytes_), device="cuda", dtype=torch.uint8,  # noqa: E731
@@ -146,13 +149,13 @@ def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits, seed=0, keep_fra
     inp = dict(
         q=torch.randn((b, hq, tq, d), device="cuda", dtype=torch.float16),
         key_codes=codes(d // ks * kb // 8), value_codes=codes(d // vs * vb // 8),
-        lengths=torch.tensor([[sinks, coded, RECENT]] * b, dtype=torch.int32, device="cuda"),
+        lengths=torch.tensor([[sinks, coded, recent]] * b, dtype=torch.int32, device="cuda"),
         key_codebook=vecinfer.snap_codebook(torch.randn((1, 1 << kb, ks), device="cuda")),
         value_codebook=vecinfer.snap_codebook(torch.randn((1, 1 << vb, vs), device="cuda")),
         sink_keys=torch.randn((b, hkv, sinks, d), device="cuda", dtype=torch.float16),
         sink_values=torch.randn((b, hkv, sinks, d), device="cuda", dtype=torch.float16),
-        recent_keys=torch.randn((b, hkv, RECENT, d), device="cuda", dtype=torch.float16),
-        recent_values=torch.randn((b, hkv, RECENT, d), device="cuda", dtype=torch.float16),
+        recent_keys=torch.randn((b, hkv, recent, d), device="cuda", dtype=torch.float16),
+        recent_values=torch.randn((b, hkv, recent, d), device="cuda", dtype=torch.float16),
         key_scale=torch.rand((hkv, d), device="cuda") + 0.5, key_mean=torch.randn((hkv, d), device="cuda"),
         max_coded=coded)
     return inp
@@ -384,6 +387,9 @@ def main(argv=None) -> int:
                         "against SDPA on fp16 K/V, TFLOP/s, GPU memory over a 1M-token cache")
     parser.add_argument("--keep-fraction", type=float, default=0.0, help="decode shapes with this fraction of "
                         "the compressed tokens kept in full precision (read as sinks), e.g. 0.01")
+    parser.add_argument("--keep-tokens", type=int, default=0, help="decode shapes with at least this many "
+                        "compressed tokens kept in full precision, e.g. 64")
+    parser.add_argument("--recent", type=int, default=RECENT, help="full-precision recent window (tokens)")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end generation benchmark instead "
                         "(`vecinfer bench --e2e --help`)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -414,26 +420,27 @@ def main(argv=None) -> int:
     for label, b, s, hq, hkv, d, tq, kbits, vbits, bar in shapes:
         base = sdpa_ms(b, s, hq, hkv, d, tq)
         backend = min(base, key=lambda k: base[k] if base[k] == base[k] else float("inf"))
-        keep = args.keep_fraction
-        first = vecinfer_inputs(b, s, hq, hkv, d, tq, kbits, vbits, keep_fraction=keep)
-        sinks = SINKS + kept_count(s, keep)
-        code_bytes = sum(first[n][:, :, : s - sinks - RECENT].numel() for n in ("key_codes", "value_codes"))
+        keep = dict(keep_fraction=args.keep_fraction, keep_tokens=args.keep_tokens, recent=args.recent)
+        first = vecinfer_inputs(b, s, hq, hkv, d, tq, kbits, vbits, **keep)
+        sinks = SINKS + kept_count(s, **keep)
+        code_bytes = sum(first[n][:, :, : s - sinks - args.recent].numel() for n in ("key_codes", "value_codes"))
         # several input sets when one would sit in the L2 cache between replays
-        sets = [first] + [vecinfer_inputs(b, s, hq, hkv, d, tq, kbits, vbits, seed=i, keep_fraction=keep)
+        sets = [first] + [vecinfer_inputs(b, s, hq, hkv, d, tq, kbits, vbits, seed=i, **keep)
                           for i in range(1, min(8, -(-ROTATE_BYTES // code_bytes)))]
         calls = [lambda inp=inp: vecinfer.attention(**inp) for inp in sets]
         ms = graph_time_ms(calls)
         eager = eager_time_ms(calls[0])
         # Bytes the kernel must read: codes of every coded token, the fp16 sinks, kept tokens and
         # window, q; + out.
-        fp_bytes = 2 * b * hkv * (sinks + RECENT) * d * 2
+        fp_bytes = 2 * b * hkv * (sinks + args.recent) * d * 2
         moved = code_bytes + fp_bytes + 2 * first["q"].numel() * 2
         gbs = moved / ms / 1e6
         tables = sum(first[n].numel() * 4 for n in ("key_codebook", "value_codebook", "key_scale", "key_mean"))
         cache_bytes = code_bytes + fp_bytes + tables
         fp16_bytes = 2 * b * hkv * s * d * 2
         row = {"shape": label, "batch": b, "tokens": s, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "tq": tq,
-               "key_bits": kbits, "value_bits": vbits, "kept_tokens": sinks - SINKS, "vecinfer_us": 1e3 * ms,
+               "key_bits": kbits, "value_bits": vbits, "kept_tokens": sinks - SINKS, "recent": args.recent,
+               "vecinfer_us": 1e3 * ms,
                "eager_us": 1e3 * eager, "input_sets": len(sets), "sdpa_us": 1e3 * base[backend], "sdpa_backend": backend,
                "sdpa_all_us": {k: 1e3 * v for k, v in base.items()}, "speedup": base[backend] / ms, "bar": bar,
                "bytes": moved, "GB/s": gbs, "copy_GB/s": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs,

@@ -1,13 +1,15 @@
 """`vecinfer bench --e2e`: end-to-end greedy generation with a Llama-3.1-8B-shaped model.
 
     vecinfer bench --e2e [--runs "1x32768,1x131072,16x32768"] [--new-tokens 128] [--json out.json]
+                         [--keep-tokens N --recent R --no-longest]
 
 The model is transformers' LlamaForCausalLM with Llama-3.1-8B's configuration and random bf16
 weights (speed does not depend on the weight values). For each run (batch x prompt tokens):
   1. the prompt (random token ids) is prefilled in chunks into transformers' default cache
      (DynamicCache, SDPA attention);
   2. `VecInferCache.from_cache` encodes those keys and values once (2-bit default VQConfig,
-     calibrated on the first run's prompt: 4 sink tokens and a 128-token window kept in bf16);
+     calibrated on the first run's prompt: 4 sink tokens and a 128-token window kept in bf16;
+     `--keep-tokens` / `--recent` set VQConfig.keep_tokens and residual on that calibration);
   3. `--new-tokens` tokens are generated greedily, one forward pass per token (a manual loop of
      `model(input_ids=token, past_key_values=cache)`, what `generate` does per step), with
        - the default cache (the baseline),
@@ -165,8 +167,11 @@ def calibrate_on_cache(model, cache, tokens: int = 8192):
     return calibrate_samples(model, keys, values, VQConfig(), progress=False)
 
 
-def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: int = 0) -> Tuple[dict, object]:
-    """One (batch, prompt tokens) run: baseline, VecInferCache eager and graph. Returns (row, quantizer)."""
+def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: int = 0,
+            settings: Optional[dict] = None) -> Tuple[dict, object]:
+    """One (batch, prompt tokens) run: baseline, VecInferCache eager and graph. Returns (row, quantizer).
+    `settings`: VQConfig fields that leave a calibration valid (KVQuantizer.replace), applied to
+    the quantizer calibrated here when none is given."""
     from transformers import DynamicCache
 
     from .evaluate import _set_attn
@@ -187,7 +192,7 @@ def run_one(model, batch: int, tokens: int, new_tokens: int, quantizer, seed: in
     prefill_s = time.perf_counter() - t0
     if quantizer is None:
         _log("calibrating 2-bit codebooks on the prompt's keys and values")
-        quantizer = calibrate_on_cache(model, fp_cache)
+        quantizer = calibrate_on_cache(model, fp_cache).replace(**(settings or {}))
     t0 = time.perf_counter()
     codes_cache = VecInferCache.from_cache(model, quantizer, fp_cache)
     _sync(device)
@@ -341,7 +346,14 @@ def main(argv=None, spec: Optional[dict] = None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when usable) or cpu (a small model)")
     parser.add_argument("--no-longest", action="store_true", help="skip the longest-context run")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--keep-tokens", type=int, default=0, help="VQConfig.keep_tokens: compressed tokens kept "
+                        "in full precision (needs --no-longest: the longest-context run's synthetic cache has none)")
+    parser.add_argument("--recent", type=int, default=128, help="VQConfig.residual: the full-precision recent window")
     args = parser.parse_args(argv)
+    if args.keep_tokens and not args.no_longest:
+        parser.error("--keep-tokens needs --no-longest (the longest-context run builds a synthetic cache without "
+                     "kept tokens)")
+    settings = {"keep_tokens": args.keep_tokens, "residual": args.recent}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec is None:
         spec = LLAMA_31_8B if device.type == "cuda" else TINY
@@ -353,13 +365,15 @@ def main(argv=None, spec: Optional[dict] = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"end-to-end greedy decoding, Llama model of {spec['num_hidden_layers']} layers, hidden "
           f"{spec['hidden_size']}, {spec['num_key_value_heads']} KV heads (random {dtype} weights) on {name}, "
-          f"torch {torch.__version__}; {args.new_tokens} new tokens per run")
+          f"torch {torch.__version__}; {args.new_tokens} new tokens per run; vecinfer: recent window {args.recent}, "
+          f"{args.keep_tokens} kept tokens")
     rows, quantizer = [], None
     for batch, tokens in args.runs:
-        row, quantizer = run_one(model, batch, tokens, args.new_tokens, quantizer)
+        row, quantizer = run_one(model, batch, tokens, args.new_tokens, quantizer, settings=settings)
         rows.append(row)
     _print_table(rows)
-    result = {"device": name, "torch": torch.__version__, "model": spec, "rows": rows, "longest_context": None}
+    result = {"device": name, "torch": torch.__version__, "model": spec, "rows": rows, "longest_context": None,
+              "quantizer": quantizer.config.to_dict()}
 
     def save():
         if args.json:

@@ -12,11 +12,12 @@ Appending writes new tokens to the sinks (while there are fewer than sink_tokens
 recent window; tokens pushed out of the window are encoded once into codes at their position.
 The codebooks are fixed, so codes are appendable and old tokens are never re-quantized.
 
-Kept tokens (quantizer.config.keep_fraction = f > 0): of the E tokens of a sequence that have left
-the window, the round(f * E) with the largest key novelty stay in full precision (a per-layer
-choice, see VQConfig). They live in the sink buffer after the sinks, and the first length counts
-them: (sinks + kept, coded, recent). Each token is scored as it enters the window; the tokens
-pushed out join the kept ones, the top round(f * E) stay, and the rest are encoded, so code rows
+Kept tokens (quantizer.config.keep_fraction or keep_tokens > 0): of the E tokens of a sequence
+that have left the window, the budget's (VQConfig.kept_budget(E)) with the largest key novelty stay
+in full precision (a per-layer choice, see VQConfig). They live in the sink buffer after the sinks,
+and the first length counts them: (sinks + kept, coded, recent). Each token is scored as it enters
+the window; the tokens pushed out join the kept ones, the budget's top scores stay, and the rest
+are encoded, so code rows
 are in the order tokens were encoded, not in position order (the cache records each row's
 position). Attention reads kept tokens as it reads sinks, which is exact for queries that are
 all in the recent window: attend takes at most `residual` queries in this mode. The window is
@@ -50,7 +51,6 @@ import torch
 
 from . import _C
 from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
-from .config import kept_tokens
 from .paged import advance, check_finite_on_cpu
 from .quantizer import KVQuantizer
 
@@ -109,7 +109,7 @@ class QuantizedKVCache:
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
         self.max_tokens, self.dtype = max_tokens, dtype
         self.residual, self.sinks = cfg.residual, min(cfg.sink_tokens, max_tokens)
-        self.keep_fraction = cfg.keep_fraction
+        self.keeps_tokens = cfg.keeps_tokens
         self._key_bytes = code_row_bytes(head_dim, cfg.key_sub_dim, cfg.key_code_bits)
         self._value_bytes = code_row_bytes(head_dim, cfg.value_sub_dim, cfg.value_code_bits)
         n = quantizer.num_layers
@@ -134,7 +134,7 @@ class QuantizedKVCache:
         self._recent_k, self._recent_v = per_layer(self.residual, head_dim), per_layer(self.residual, head_dim)
         # kept tokens: each window row's score, each kept token's score and position, each code row's position
         self._keep_state = None
-        if self.keep_fraction:
+        if self.keeps_tokens:
             def per_sequence(cols, dt):  # [B, cols] per layer: one entry per sequence, shared by its KV heads
                 return [torch.empty((batch_size, cols), dtype=dt, device=self.device) if i in self._held else None
                         for i in range(n)]
@@ -162,14 +162,14 @@ class QuantizedKVCache:
 
     def _kept_capacity(self, max_tokens: int) -> int:
         """Kept-token rows per sequence for a capacity of max_tokens (0 without kept tokens)."""
-        return kept_tokens(self.keep_fraction, max(0, max_tokens - self.sinks - self.residual))
+        return self.quantizer.config.kept_budget(max(0, max_tokens - self.sinks - self.residual))
 
     def _layer_bytes(self, batch: int, max_tokens: int) -> int:
         """Bytes of one layer's buffers for `batch` sequences of max_tokens tokens."""
         coded, kept = _code_capacity(max_tokens - self.sinks), self._kept_capacity(max_tokens)
         rows = batch * self.num_kv_heads
         full = 2 * (self.sinks + kept + self.residual) * self.head_dim * self.dtype.itemsize
-        state = 4 * (self.residual + 2 * kept + coded) if self.keep_fraction else 0
+        state = 4 * (self.residual + 2 * kept + coded) if self.keeps_tokens else 0
         return rows * (coded * (self._key_bytes + self._value_bytes) + full) + batch * state
 
     def _check_layer(self, layer):
@@ -298,8 +298,8 @@ class QuantizedKVCache:
         """append with kept tokens (see the module's docstring), per sequence: the first tokens
         fill the sinks; the others enter the window, each scored by its key novelty against the
         `residual` tokens before it; the tokens pushed out of the window join the kept ones, the
-        round(keep_fraction * E) highest scores stay (E: the tokens that have left the window so
-        far), and the rest are encoded (one call of the append kernel, into the next code rows).
+        kept_budget(E) highest scores stay (E: the tokens that have left the window so far), and
+        the rest are encoded (one call of the append kernel, into the next code rows).
         Everything is computed first; the buffers change only after the encoding succeeded."""
         S, W, state = self.sinks, self.residual, self._keep_state
         lens = self._lengths[layer]
@@ -327,7 +327,7 @@ class QuantizedKVCache:
                 new_r = r + m - out
                 write["window"] = (window_k[:, out:], window_v[:, out:], scores[out:])
                 if out:
-                    budget = kept_tokens(self.keep_fraction, left + out)
+                    budget = self.quantizer.config.kept_budget(left + out)
                     cand_k = torch.cat([sink_k[b, :, S:S + kept], window_k[:, :out]], 1)
                     cand_v = torch.cat([sink_v[b, :, S:S + kept], window_v[:, :out]], 1)
                     cand_s = torch.cat([kept_scores[b, :kept], scores[:out]])
@@ -363,60 +363,47 @@ class QuantizedKVCache:
 
     def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step of a batch with kept tokens, every sequence with its sinks and window full
-        and one new token: _append_keeping's rule in batched tensor operations (no per-sequence
-        loop; one small host-to-device copy). The token pushed out of each window joins the kept
-        tokens when the budget grows; otherwise it replaces the lowest-scoring kept token if it
-        scores higher, and the one of the two left out is encoded."""
-        S, W, state = self.sinks, self.residual, self._keep_state
+        and one new token: _append_keeping's rule in one call of _C.kept_step (vecinfer/kept.h:
+        the step kernel and the window's shift; on the CPU its C++ reference), then the append
+        kernel encoding the token each sequence leaves out. The kernels read the device copy of the lengths, so a step in
+        which no budget grows (a fixed keep_tokens reached) reads nothing from the host and can be
+        captured in a CUDA graph; the host copy advances by the same rule."""
+        S, state, cfg = self.sinks, self._keep_state, self.quantizer.config
         lens = self._lengths[layer]
-        kept, coded = lens[:, 0].long() - S, lens[:, 1].long()
-        budget = torch.tensor([kept_tokens(self.keep_fraction, int(e) + 1) for e in (kept + coded)])
-        grow = budget > kept  # the budget takes one more token: nothing is encoded
-        encoding = (~grow).nonzero().flatten()  # the sequences that encode a token, then their code rows
-        n_enc = len(encoding)
-        pad = torch.zeros(self.batch_size - n_enc, dtype=torch.int64)
-        host = torch.stack([kept, grow.long(), S + kept + coded, torch.cat([encoding, pad]),
-                            torch.cat([coded[encoding], pad])])
-        kept_d, grow_d, out_p, pick, pick_rows = host.to(self.device)  # one copy
-        grow_d, out_p, pick, pick_rows = grow_d.bool(), out_p.int(), pick[:n_enc], pick_rows[:n_enc]
-        dev, rows = self.device, torch.arange(self.batch_size, device=self.device)
-        sink_k, sink_v = self._sink_k[layer], self._sink_v[layer]
-        win_k, win_v = self._recent_k[layer], self._recent_v[layer]
-        win_scores, kept_scores = state["window_scores"][layer], state["kept_scores"][layer]
-        kept_positions = state["kept_positions"][layer]
-        score = key_novelty(win_k, k, W)[:, 0]  # [B]
-        out_k, out_v, out_s = win_k[:, :, 0], win_v[:, :, 0], win_scores[:, 0]  # pushed out of the window
-        valid = torch.arange(kept_scores.shape[1], device=dev)[None, :] < kept_d[:, None]
-        low_s, low_i = torch.where(valid, kept_scores, float("inf")).min(1)  # +inf: no kept token
-        swap = ~grow_d & (out_s > low_s)
-        slot = torch.where(grow_d, kept_d, low_i)  # where a pushed-out token that stays goes
-        low_k, low_v = sink_k[rows, :, S + low_i], sink_v[rows, :, S + low_i]
-        enc_k = torch.where(swap[:, None, None], low_k, out_k)
-        enc_v = torch.where(swap[:, None, None], low_v, out_v)
-        enc_p = torch.where(swap, kept_positions[rows, low_i], out_p)
-        if n_enc:
-            self._encode_rows(layer, (~grow).long().tolist(), enc_k.index_select(0, pick),
-                              enc_v.index_select(0, pick))
-            state["code_positions"][layer][pick, pick_rows] = enc_p.index_select(0, pick)
-        stays = (grow_d | swap)[:, None, None]
-        sink_k[rows, :, S + slot] = torch.where(stays, out_k, sink_k[rows, :, S + slot])
-        sink_v[rows, :, S + slot] = torch.where(stays, out_v, sink_v[rows, :, S + slot])
-        kept_scores[rows, slot] = torch.where(stays[:, 0, 0], out_s, kept_scores[rows, slot])
-        kept_positions[rows, slot] = torch.where(stays[:, 0, 0], out_p, kept_positions[rows, slot])
-        win_k.copy_(torch.cat([win_k[:, :, 1:], k], 2))
-        win_v.copy_(torch.cat([win_v[:, :, 1:], v], 2))
-        win_scores.copy_(torch.cat([win_scores[:, 1:], score[:, None]], 1))
-        new_lens = torch.stack([S + kept + grow.long(), coded + (~grow).long(), lens[:, 2].long()], 1)
-        self._set_lengths(layer, new_lens.to(torch.int32))
+        budget = torch.tensor([cfg.kept_budget(int(e) + 1) for e in lens[:, :2].sum(1) - S])
+        grow = budget > lens[:, 0] - S  # the budget takes the token leaving the window: nothing is encoded
+        dev_lens = self._device_lengths[layer] if self._device_lengths is not None else lens
+        rows_k, rows_v = k.new_empty((self.batch_size, self.num_kv_heads, self.head_dim)), \
+            v.new_empty((self.batch_size, self.num_kv_heads, self.head_dim))
+        next_lens, encode_lens = torch.empty_like(dev_lens), torch.empty_like(dev_lens)
+        with _device_guard(k):
+            _C.kept_step(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), self._sink_k[layer], self._sink_v[layer],
+                         self._recent_k[layer], self._recent_v[layer], state["window_scores"][layer],
+                         state["kept_scores"][layer], state["kept_positions"][layer], state["code_positions"][layer],
+                         dev_lens, S, cfg.keep_fraction, cfg.keep_tokens, rows_k, rows_v, next_lens, encode_lens,
+                         _stream(k))
+        self._encode_rows(layer, [1] * self.batch_size, rows_k, rows_v, encode_lens)
+        if self._device_lengths is not None:
+            dev_lens.copy_(next_lens)
+        self._set_lengths(layer, (lens + torch.stack([grow, ~grow, torch.zeros_like(grow)], 1)).to(torch.int32),
+                          device_updated=True)
 
-    def _encode_rows(self, layer: int, counts, rows_k: torch.Tensor, rows_v: torch.Tensor) -> None:
+    def _encode_rows(self, layer: int, counts, rows_k: torch.Tensor, rows_v: torch.Tensor,
+                     lengths: Optional[torch.Tensor] = None) -> None:
         """Encodes full-precision tokens into the next code rows: counts[b] of the rows [N, Hkv, D]
-        (sequence after sequence) for code rows [coded, coded + counts[b]) of sequence b."""
-        coded = self._lengths[layer][:, 1].clone()
+        (sequence after sequence) for code rows [coded, coded + counts[b]) of sequence b, coded
+        read from the device copy of the lengths, or given as `lengths` = (0, coded, 0) per
+        sequence on the cache's device."""
+        if lengths is None:
+            lens = self._device_lengths[layer] if self._device_lengths is not None else self._lengths[layer]
+            coded = lens[:, 1]
+            lengths = torch.stack([torch.zeros_like(coded), coded, torch.zeros_like(coded)], dim=1)
         rows_k, rows_v = rows_k.contiguous(), rows_v.contiguous()
-        indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.device)
+        if all(c == 1 for c in counts):
+            indptr = self._step_indptr
+        else:
+            indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.device)
         # the append kernel's rule with no sinks and no window: every token straight to its code row
-        lengths = torch.stack([torch.zeros_like(coded), coded, torch.zeros_like(coded)], dim=1).to(self.device)
         none = rows_k.new_empty((self.batch_size, self.num_kv_heads, 0, self.head_dim))
         p, cfg = self.quantizer.layers[layer], self.quantizer.config
         with _device_guard(rows_k):

@@ -12,13 +12,8 @@ SCALE_RULES = ("sqrt_max", "max", "std", "query")
 GRANULARITIES = ("layer", "head")
 _FLAGS = ("smooth", "hadamard", "key_mean", "value_mean")
 # int fields and their smallest values; every int is below 2**31 (token counts are int32 in a cache)
-_INTS = {"residual": 0, "sink_tokens": 0, "kivi_group": 1, "kmeans_iters": 1, "max_samples": 1, "seed": 0}
-
-
-def kept_tokens(keep_fraction: float, compressed: int) -> int:
-    """How many of a sequence's `compressed` tokens (those that left the recent window) stay in
-    full precision: round(keep_fraction * compressed)."""
-    return int(keep_fraction * compressed + 0.5)
+_INTS = {"residual": 0, "sink_tokens": 0, "kivi_group": 1, "kmeans_iters": 1, "max_samples": 1, "seed": 0,
+         "keep_tokens": 0}
 
 
 def _is_int(value) -> bool:
@@ -49,10 +44,13 @@ class VQConfig:
     sink_tokens: the first tokens kept in full precision (default 4: on SmolLM2-135M adding
     them to the transforms took 2-bit perplexity from +17.8% to +4.0%, see QUALITY.md). granularity: one codebook per layer or
     per KV head. method "kivi" selects the KIVI-style scalar baseline (2 bits, group 32).
-    keep_fraction: that fraction of the tokens leaving the recent window stays in full precision,
-    chosen per layer by key novelty (how far a key lies from the mean of the `residual` keys before
-    it, relative to its norm, summed over the KV heads); the attention reads them as it reads the
-    sinks. 0 (the default) keeps none; it needs a recent window (residual > 0).
+    keep_fraction, keep_tokens: of the E tokens of a sequence that have left the recent window,
+    max(keep_tokens, round(keep_fraction * E)) (at most E) stay in full precision, chosen per layer
+    by key novelty (how far a key lies from the mean of the `residual` keys before it, relative to
+    its norm, summed over the KV heads); the attention reads them as it reads the sinks. Both 0
+    (the default) keep none; kept tokens need a recent window (residual > 0). A budget of
+    keep_tokens alone stops growing once E reaches it, so the decode steps after that all have
+    the same shape of work (CUDAGraphDecoder captures them).
     """
 
     key_bits: Optional[float] = None
@@ -75,6 +73,7 @@ class VQConfig:
     max_samples: int = 65536
     seed: int = 0
     keep_fraction: float = 0.0
+    keep_tokens: int = 0
 
     def __post_init__(self):
         for name in _FLAGS:
@@ -122,9 +121,20 @@ class VQConfig:
         if not 0 <= keep < 1:
             raise ValueError(f"keep_fraction must be in [0, 1), got {keep!r}")
         object.__setattr__(self, "keep_fraction", float(keep))
-        if keep and (self.residual == 0 or self.method != "vq"):
-            raise ValueError("keep_fraction: kept tokens are chosen as they leave the recent window, so they need "
-                             f"residual > 0 and method 'vq' (got residual={self.residual}, method={self.method!r})")
+        if self.keeps_tokens and (self.residual == 0 or self.method != "vq"):
+            raise ValueError("keep_fraction, keep_tokens: kept tokens are chosen as they leave the recent window, so "
+                             f"they need residual > 0 and method 'vq' (got residual={self.residual}, "
+                             f"method={self.method!r})")
+
+    @property
+    def keeps_tokens(self) -> bool:
+        """Whether tokens that leave the recent window may stay in full precision."""
+        return bool(self.keep_fraction or self.keep_tokens)
+
+    def kept_budget(self, compressed: int) -> int:
+        """How many of a sequence's `compressed` tokens (those that left the recent window) stay in
+        full precision: max(keep_tokens, round(keep_fraction * compressed)), at most compressed."""
+        return min(compressed, max(self.keep_tokens, int(self.keep_fraction * compressed + 0.5)))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -540,8 +540,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: fp, build_quantizer methods (vecinfer, vq, ...; kivi on the fakequant path "
                         "only) and, on the real path, transformers QuantizedCache backends (fp8, quanto-int2, "
                         "quanto-int4, hqq-int2, hqq-int4; skipped with a message when their package is missing); "
-                        "'<method>+keep-novel-<percent>' keeps that percent of the compressed tokens in full "
-                        "precision (VQConfig.keep_fraction); 'proxy:<method>' is its fake-quantization proxy, where "
+                        "'<method>+keep-novel-<percent>[-<tokens>]' keeps that percent of the compressed tokens, and at "
+                        "least <tokens>, in full precision (VQConfig.keep_fraction, keep_tokens); 'proxy:<method>' is its fake-quantization proxy, where "
                         "'+keep-<rule>-<percent>[-<tokens>]' takes any realpath.KEEP_RULES rule and a token floor. "
                         "Default: fp,vecinfer,fp8,quanto-int2,hqq-int2 (real), fp,vecinfer,kivi,vq (fakequant)")
     p.add_argument("--bits", type=float, default=2, help="bits per element for the quantizing methods")

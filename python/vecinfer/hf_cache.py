@@ -444,7 +444,7 @@ class VecInferCache(Cache):
         codes = self._room(layer_idx, key)
         # kept tokens: attention is exact for queries within the recent window, so a longer block
         # runs as consecutive pieces of at most `residual` tokens, each appended then attended
-        piece = codes.residual if codes.keep_fraction else t
+        piece = codes.residual if codes.keeps_tokens else t
         if piece < t:  # every piece's input checked before the first is appended
             check_finite_on_cpu("key", key)
             check_finite_on_cpu("value", value)
@@ -482,7 +482,8 @@ class CUDAGraphDecoder:
     `cache`, on a CUDA device:
       - a VecInferCache whose layers are all compressed (no sliding-window layers) and in which
         every sequence is past its sink tokens and its full recent window (a prompt longer than
-        sink_tokens + residual), so that every step has the same shape of work; positions continue
+        sink_tokens + residual), and has its keep_tokens kept tokens (sink_tokens + residual +
+        keep_tokens; a keep_fraction is refused), so that every step has the same shape of work; positions continue
         from each sequence's length, so left-padded batches work;
       - or transformers' StaticCache (transformers 5: its layers count their tokens on the GPU),
         without padding: the full-precision comparison under the same graph capture.
@@ -515,17 +516,23 @@ class CUDAGraphDecoder:
         codes = cache.codes
         if codes is None or codes.device.type != "cuda":
             raise ValueError("cache: expected a VecInferCache holding a prompt on a CUDA device")
-        if codes.keep_fraction:
-            raise ValueError("cache: its quantizer keeps tokens (keep_fraction > 0), whose choice runs on the host at "
-                             "every step; CUDAGraphDecoder needs a quantizer with keep_fraction=0")
+        cfg = codes.quantizer.config
+        if cfg.keep_fraction:
+            raise ValueError("cache: its quantizer keeps a fraction of the tokens (keep_fraction > 0), a budget that "
+                             "grows every so many steps, so that steps differ in shape; CUDAGraphDecoder needs "
+                             "keep_fraction=0 (a fixed keep_tokens budget is captured once it is full)")
         layers = cache._codes_layers()
         if len(layers) != len(cache.layers):
             raise ValueError("model: has sliding-window layers (kept in a full-precision cache that grows by "
                              "concatenation); CUDAGraphDecoder needs every layer compressed")
+        kept = f" and its keep_tokens={cfg.keep_tokens} kept tokens" if cfg.keep_tokens else ""
         for i in layers:
-            if not codes._steady(i):
-                raise ValueError(f"cache: in layer {i} a sequence has not filled its {codes.sinks} sink tokens and "
-                                 f"{codes.residual}-token recent window; decode eagerly until it has")
+            full = codes._steady(i, keeping=cfg.keeps_tokens)
+            if cfg.keep_tokens:
+                full = full and bool((codes._lengths[i][:, 0] - codes.sinks == cfg.keep_tokens).all())
+            if not full:
+                raise ValueError(f"cache: in layer {i} a sequence has not filled its {codes.sinks} sink tokens, "
+                                 f"{codes.residual}-token recent window{kept}; decode eagerly until it has")
         if len({cache.layers[i].seen for i in layers}) != 1:
             raise ValueError("cache: its layers hold different numbers of tokens (a forward pass did not finish)")
         codes.reserve(codes.length(layers[0]) + max_new_tokens)  # the graph keeps the buffers' addresses

@@ -161,10 +161,10 @@ class PagedKVCache:
         cfg = quantizer.config
         if cfg.method != "vq":
             raise ValueError(f"quantizer: the cache stores VQ codes; method {cfg.method!r} is an evaluation baseline")
-        if cfg.keep_fraction:
-            raise ValueError(f"quantizer: keep_fraction={cfg.keep_fraction} (kept tokens) is held by QuantizedKVCache "
-                             "and VecInferCache only; PagedKVCache does not keep tokens yet (use a quantizer with "
-                             "keep_fraction=0)")
+        if cfg.keeps_tokens:
+            raise ValueError(f"quantizer: keep_fraction={cfg.keep_fraction}, keep_tokens={cfg.keep_tokens} (kept "
+                             "tokens) are held by QuantizedKVCache and VecInferCache only; PagedKVCache does not keep "
+                             "tokens yet (use quantizer.replace(keep_fraction=0, keep_tokens=0))")
         for name, value in (("num_pages", num_pages), ("max_seqs", max_seqs),
                             ("max_tokens_per_seq", max_tokens_per_seq), ("page_size", page_size)):
             _positive_int(name, value)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import VQConfig, kept_tokens
+from .config import VQConfig
 from .kmeans import kmeans
 from .ops import hadamard, snap_codebook, vq_decode, vq_encode
 
@@ -218,9 +218,10 @@ class KVQuantizer:
         return sum(t.numel() * t.element_size() for p in self.layers for t in p.values() if t is not None)
 
     def bits_per_element(self, tokens: Optional[int] = None) -> float:
-        """Average stored bits per K/V element: the codes and the kept tokens (keep_fraction of
-        the compressed part, 16 bits). With `tokens`, a sequence of that many tokens is counted
-        whole: compressed part, kept, full-precision residual and sink tokens (16 bits), and the
+        """Average stored bits per K/V element: the codes and the kept tokens (16 bits; without
+        `tokens`, keep_fraction of the compressed part, the fixed keep_tokens counting for nothing
+        in an unbounded sequence). With `tokens`, a sequence of that many tokens is counted whole:
+        compressed part, kept, full-precision residual and sink tokens (16 bits), and the
         per-layer parameters, amortised over one sequence."""
         cfg = self.config
         if cfg.method == "kivi":
@@ -233,7 +234,7 @@ class KVQuantizer:
         if tokens is None:
             return (1 - keep) * (coded_k + coded_v) / 2 + keep * 16
         full = min(tokens, cfg.residual + cfg.sink_tokens)
-        kept = kept_tokens(keep, tokens - full)
+        kept = cfg.kept_budget(tokens - full)
         elements = 2 * tokens * self.num_kv_heads * self.head_dim
         bits = (tokens - full - kept) * self.num_kv_heads * self.head_dim * (coded_k + coded_v)
         bits += (full + kept) * self.num_kv_heads * self.head_dim * 2 * 16
@@ -242,8 +243,8 @@ class KVQuantizer:
 
     def replace(self, **fields) -> "KVQuantizer":
         """The same calibration with other settings that do not change it: sink_tokens, residual,
-        keep_fraction."""
-        allowed = {"sink_tokens", "residual", "keep_fraction"}
+        keep_fraction, keep_tokens."""
+        allowed = {"sink_tokens", "residual", "keep_fraction", "keep_tokens"}
         if set(fields) - allowed:
             raise ValueError(f"replace: only {sorted(allowed)} leave the calibration valid, got {sorted(fields)}")
         return KVQuantizer(dataclasses.replace(self.config, **fields), self.layers, self.num_kv_heads, self.head_dim)

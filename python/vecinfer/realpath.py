@@ -8,8 +8,9 @@ another, as generation feeds them:
     quantizer: a prompt is attended in full precision and encoded, then every block of `block`
     tokens is appended (tokens leaving the recent window are encoded once) and attends to the
     codes through `QuantizedKVCache.attend` (on a GPU the fused kernel; on the CPU its reference);
-    "<method>+keep-novel-<percent>" keeps that percent of the compressed tokens in full precision
-    in the cache, chosen by key novelty (VQConfig.keep_fraction);
+    "<method>+keep-novel-<percent>[-<tokens>]" keeps that percent of the compressed tokens, and at
+    least <tokens>, in full precision in the cache, chosen by key novelty (VQConfig.keep_fraction,
+    keep_tokens);
   - a transformers QuantizedCache backend (`BASELINES`: "fp8", "quanto-int2", "quanto-int4",
     "hqq-int2", "hqq-int4"), with transformers' defaults (recent window of 128 tokens);
   - the fake-quantization proxy of a vecinfer method (`proxy_factory`, evaluate.py's attention),
@@ -560,8 +561,8 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             try:
                 if outliers and not proxy:
                     raise ValueError("outlier tokens are not in the cache: measure them as proxy:" + method)
-                if keep and not proxy and (keep[0] != "novel" or keep[2]):
-                    raise ValueError(f"the cache keeps a fraction of the tokens by key novelty ('+keep-novel-<percent>'); "
+                if keep and not proxy and keep[0] != "novel":
+                    raise ValueError(f"the cache keeps tokens by key novelty ('+keep-novel-<percent>[-<tokens>]'); "
                                      f"{method!r} exists on the proxy only: measure it as proxy:{method}")
                 if base not in built:  # one calibration per base method, shared by its levers
                     built[base] = _build(base, keys, values, args.bits, args.residual, args.sink_tokens,
@@ -579,7 +580,7 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
             if keep and proxy:
                 quant = KeptTokens(quant, keep[0], keep[1], floor=keep[2])
             elif keep:
-                quant = quant.replace(keep_fraction=keep[1])
+                quant = quant.replace(keep_fraction=keep[1], keep_tokens=keep[2])
             row["calibrate_seconds"] = time.perf_counter() - t0
             row["bits_per_element"] = _bits(quant)
             if proxy:
