@@ -6,15 +6,17 @@
 # compute-sanitizer. The most important steps run first, so a run cut short still reports them.
 # Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--kept|--e2e|--tp] [--prebuilt DIR]
+#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--kept|--kept-e2e|--e2e|--tp] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
 #     --prefill:   build + the long-query tests (both builds) + their benchmark, Nsight Compute and
 #                  compute-sanitizer
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --kept:      build + the kept-token and attention tests (both builds), the paged, long-query,
-#                  cache and HF tests, the decode benchmark without and with 1% of the tokens kept
-#                  (KEPT_SHAPES, default four shapes), memcheck over the kept-token tests, racecheck
-#                  over the full-precision blocks
+#                  cache and HF tests, the decode benchmark without kept tokens, with 1% kept, and
+#                  with 64 kept and a 64-token window (KEPT_SHAPES, default four shapes), racecheck
+#                  over the full-precision blocks and the kept-token step, memcheck over both
+#     --kept-e2e:  the end-to-end generation benchmark at B=1 and B=16 x 32k, 32 new tokens, with
+#                  the default quantizer and with 64 kept tokens and a 64-token window
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
 #                  memory for the default cache at batch 16 x 32k)
 #     --tp:        (two GPUs) the tensor-parallel tests, then bench/tp_e2e.py under torchrun, the runs
@@ -171,19 +173,41 @@ if [ "$MODE" == "--kept" ]; then
     $PY -m pytest tests/test_kept_tokens.py tests/test_attention.py -k "cuda" -q -rs -p no:cacheprovider &&
     tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
   SHAPES_ARG="--shapes=${KEPT_SHAPES:-B=1 S=128k,B=32 S=32k,B=128 S=8k,B=1 S=1M}"
-  for keep in 0 0.01; do
-    step "decode benchmark, keep fraction $keep" "bench_keep_$keep.log" \
-      $PY -m vecinfer bench "$SHAPES_ARG" --keep-fraction $keep --json "$OUT/bench_keep_$keep.json"
-    cat "$LOGS/bench_keep_$keep.log" >>"$SUMMARY"
+  for keep in "0 0 128" "0.01 0 128" "0 64 64"; do
+    read -r fraction tokens recent <<<"$keep"
+    name="keep_${fraction}_${tokens}_w${recent}"
+    step "decode benchmark, keep fraction $fraction, keep tokens $tokens, window $recent" "bench_$name.log" \
+      $PY -m vecinfer bench "$SHAPES_ARG" --keep-fraction "$fraction" --keep-tokens "$tokens" --recent "$recent" \
+      --json "$OUT/bench_$name.json"
+    cat "$LOGS/bench_$name.log" >>"$SUMMARY"
   done
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   step "compute-sanitizer racecheck (full-precision parts, in coded blocks)" racecheck.log timeout 300 \
     compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py \
     -q -x -p no:cacheprovider -k "cuda and hundreds"
   tail -2 "$LOGS/racecheck.log" | tee -a "$SUMMARY"
+  # the kept-token step kernel (the cache's choice tests) and the attention over kept tokens
+  step "compute-sanitizer racecheck (kept-token step)" racecheck_step.log timeout 200 \
+    compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py \
+    -q -x -p no:cacheprovider -k "cuda and batched"
+  tail -2 "$LOGS/racecheck_step.log" | tee -a "$SUMMARY"
   step "compute-sanitizer memcheck (kept tokens)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
-    --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider -k cuda
+    --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider \
+    -k "cuda and (most_novel or batched or equals or schedules)"
   tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
+  finish
+fi
+
+if [ "$MODE" == "--kept-e2e" ]; then
+  for keep in "0 128" "64 64"; do
+    read -r tokens recent <<<"$keep"
+    extra=""
+    [ "$tokens" != 0 ] && extra="--keep-tokens $tokens"
+    step "end-to-end generation, keep tokens $tokens, window $recent" "e2e_keep_${tokens}_w$recent.log" \
+      env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $PY -m vecinfer bench --e2e --runs 1x32768,16x32768 \
+      --new-tokens 32 --no-longest --recent "$recent" $extra --json "$OUT/e2e_keep_${tokens}_w$recent.json"
+    cat "$LOGS/e2e_keep_${tokens}_w$recent.log" >>"$SUMMARY"
+  done
   finish
 fi
 
