@@ -168,10 +168,11 @@ def _smollm2_available() -> bool:
 @pytest.mark.skipif(not _smollm2_available(), reason="SmolLM2-135M GGUF not available locally")
 def test_eval_command_on_smollm2(tmp_path, capsys):
     """`vecinfer eval` on the real path: the table and the JSON, fp passes the passkey at 600
-    tokens, an unknown backend is reported, the fakequant-only KIVI is refused."""
+    tokens, the JSON records the kept tokens a method ran with, an unknown backend is reported, the
+    fakequant-only KIVI is refused."""
     out = tmp_path / "r.json"
     rc = evaluate.eval_main(["--model", "smollm2-135m", "--text", "essays", "--tokens", "300", "--window", "300",
-                             "--calib-tokens", "1024", "--calib-chunk", "512", "--methods", "fp,vecinfer,fp8,kivi",
+                             "--calib-tokens", "1024", "--calib-chunk", "512", "--methods", "fp,vecinfer,vecinfer+keep-novel-0-64,fp8,kivi",
                              "--retrieval", "600", "--tasks", "passkey", "--trials", "2", "--threads", "1",
                              "--quiet", "--json", str(out)])
     assert rc == 0
@@ -180,6 +181,9 @@ def test_eval_command_on_smollm2(tmp_path, capsys):
     assert report["path"] == "real" and rows["fp"]["retrieval"]["passkey@600"]["success"] == 2
     assert rows["fp"]["ppl"] < rows["vecinfer"]["ppl"] < 1.5 * rows["fp"]["ppl"]
     assert abs(rows["fp8"]["ppl"] / rows["fp"]["ppl"] - 1) < 0.02
+    kept = rows["vecinfer+keep-novel-0-64"]
+    assert kept["config"]["keep_tokens"] == 64 and rows["vecinfer"]["config"]["keep_tokens"] == 0
+    assert kept["keep"] == {"rule": "novel", "fraction": 0.0, "tokens": 64}
     assert "fakequant" in rows["kivi"]["error"]
     assert "passkey@600" in capsys.readouterr().out
 

@@ -574,13 +574,15 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
                 log(f"{method}: {e}")
                 row["error"] = str(e)
                 continue
-            row["config"] = quant.config.to_dict()
             if outliers:
                 quant = OutlierTokens(quant, keys, 0.01)
             if keep and proxy:
                 quant = KeptTokens(quant, keep[0], keep[1], floor=keep[2])
             elif keep:
                 quant = quant.replace(keep_fraction=keep[1], keep_tokens=keep[2])
+            row["config"] = quant.config.to_dict()  # the cache's kept tokens included; the proxy's wrap it
+            if keep:
+                row["keep"] = {"rule": keep[0], "fraction": keep[1], "tokens": keep[2]}
             row["calibrate_seconds"] = time.perf_counter() - t0
             row["bits_per_element"] = _bits(quant)
             if proxy:
