@@ -33,6 +33,9 @@ def test_presets(bits, shape):
     ({"residual": -1}, "residual"),
     ({"granularity": "token"}, "granularity"),
     ({"method": "gptq"}, "method"),
+    ({"key_gain": 0.9}, "key_gain"),
+    ({"key_gain": 4.5}, "key_gain"),
+    ({"key_gain": float("nan")}, "key_gain"),
 ])
 def test_config_rejects(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -244,6 +247,27 @@ def test_calibrated_codebooks_are_on_the_grid(tmp_path):
     _resave(good, bad, edit_tensors=nudge)
     with pytest.raises(ValueError, match="grid"):
         vecinfer.KVQuantizer.load(bad)
+
+
+def test_key_gain_scales_the_key_centroids_only():
+    """key_gain multiplies the key codebooks (on the grid, which scales with them) and leaves the
+    values and the transforms alone; the coded keys' spread around the key mean grows by it."""
+    keys, values = _samples()
+    cfg = vecinfer.VQConfig(kmeans_iters=4)
+    plain = vecinfer.KVQuantizer.calibrate(keys, values, cfg, progress=False)
+    gained = vecinfer.KVQuantizer.calibrate(keys, values, vecinfer.VQConfig(kmeans_iters=4, key_gain=1.25),
+                                            progress=False)
+    with pytest.raises(TypeError, match="key_gain"):
+        vecinfer.VQConfig(key_gain=True)
+    for a, b in zip(plain.layers, gained.layers):
+        assert torch.allclose(b["key_codebook"], 1.25 * a["key_codebook"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(b["value_codebook"], a["value_codebook"])
+        assert torch.equal(b["key_scale"], a["key_scale"]) and torch.equal(b["key_mean"], a["key_mean"])
+    k, v = keys[0][None], values[0][None]
+    codes = plain.encode_keys(0, k)
+    mean = plain.layers[0]["key_mean"][None, :, None]
+    spread = (plain.decode_keys(0, codes, torch.float32) - mean).norm()
+    assert torch.allclose((gained.decode_keys(0, codes, torch.float32) - mean).norm(), 1.25 * spread, rtol=1e-4)
 
 
 def test_kivi_fake_quantize_levels():

@@ -51,6 +51,11 @@ class VQConfig:
     (the default) keep none; kept tokens need a recent window (residual > 0). A budget of
     keep_tokens alone stops growing once E reaches it, so the decode steps after that all have
     the same shape of work (CUDAGraphDecoder captures them).
+    key_gain: the key codebooks' centroids are multiplied by it after k-means (before the 8-bit
+    grid). k-means decodes a key as the mean of its cell, which lies closer to the keys' mean than
+    the key, so a key unlike the others (a fact's) scores lower against its query than it should,
+    while the exact tokens (sinks, window, kept) do not; a gain > 1 gives the coded keys' spread
+    back. 1 (the default) leaves the codebooks as k-means made them.
     """
 
     key_bits: Optional[float] = None
@@ -74,6 +79,7 @@ class VQConfig:
     seed: int = 0
     keep_fraction: float = 0.0
     keep_tokens: int = 0
+    key_gain: float = 1.0
 
     def __post_init__(self):
         for name in _FLAGS:
@@ -121,6 +127,12 @@ class VQConfig:
         if not 0 <= keep < 1:
             raise ValueError(f"keep_fraction must be in [0, 1), got {keep!r}")
         object.__setattr__(self, "keep_fraction", float(keep))
+        gain = self.key_gain
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)):
+            raise TypeError(f"key_gain must be a number, got {gain!r}")
+        if not 1 <= gain <= 4:  # also refuses NaN
+            raise ValueError(f"key_gain must be in [1, 4], got {gain!r}")
+        object.__setattr__(self, "key_gain", float(gain))
         if self.keeps_tokens and (self.residual == 0 or self.method != "vq"):
             raise ValueError("keep_fraction, keep_tokens: kept tokens are chosen as they leave the recent window, so "
                              f"they need residual > 0 and method 'vq' (got residual={self.residual}, "

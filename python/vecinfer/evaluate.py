@@ -547,6 +547,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=float, default=2, help="bits per element for the quantizing methods")
     p.add_argument("--residual", type=int, default=128, help="recent tokens kept in full precision")
     p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept in full precision")
+    p.add_argument("--key-gain", type=float, default=1.0,
+                   help="VQConfig.key_gain of every vecinfer method: the key centroids times this (1: as k-means made them)")
     p.add_argument("--calib-text", default="wiki", help="calibration text (same choices as --text)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
     p.add_argument("--calib-chunk", type=int, default=None,
@@ -576,13 +578,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(method: str, keys, values, bits: float, residual: int, sink_tokens: int, progress: bool = True,
-           query_absmax=None):
+           query_absmax=None, key_gain: float = 1.0):
     from . import quantizer as qmod
 
     factory = getattr(qmod, "build_quantizer", None)
     if factory is None:
         raise RuntimeError("vecinfer.quantizer.build_quantizer is missing")
     kwargs = {"sink_tokens": sink_tokens} if sink_tokens else {}
+    if key_gain != 1.0:
+        kwargs["key_gain"] = key_gain
     if query_absmax is not None:
         kwargs["query_absmax"] = query_absmax
     try:
@@ -710,7 +714,7 @@ def eval_main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 quant = _build(method, keys, values, args.bits, args.residual, args.sink_tokens, not args.quiet,
-                               queries)
+                               queries, key_gain=args.key_gain)
             except Exception as e:  # one bad method should not lose the others
                 log(f"{method}: building the quantizer failed: {e}")
                 report["methods"][method] = {"error": str(e)}

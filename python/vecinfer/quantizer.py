@@ -149,7 +149,8 @@ class KVQuantizer:
             if cfg.hadamard:
                 k = hadamard(k.contiguous())
             seed = cfg.seed + 1000 * i
-            params["key_codebook"] = cls._train(k, groups, cfg.key_sub_dim, cfg.key_code_bits, cfg, seed, tick)
+            params["key_codebook"] = cls._train(k, groups, cfg.key_sub_dim, cfg.key_code_bits, cfg, seed, tick,
+                                                gain=cfg.key_gain)
             params["value_codebook"] = cls._train(v, groups, cfg.value_sub_dim, cfg.value_code_bits, cfg, seed + 1, tick)
             layers.append(params)
         if bar is not None:
@@ -157,7 +158,8 @@ class KVQuantizer:
         return cls(cfg, layers, heads, dim)
 
     @staticmethod
-    def _train(x: torch.Tensor, groups: int, sub: int, bits: int, cfg: VQConfig, seed: int, tick) -> torch.Tensor:
+    def _train(x: torch.Tensor, groups: int, sub: int, bits: int, cfg: VQConfig, seed: int, tick,
+               gain: float = 1.0) -> torch.Tensor:
         heads = x.shape[0]
         books = []
         for g in range(groups):
@@ -167,7 +169,7 @@ class KVQuantizer:
                 part = part[torch.randperm(part.shape[0], generator=gen)[: cfg.max_samples].to(part.device)]
             books.append(kmeans(part, 1 << bits, cfg.kmeans_iters, seed + 7 * g, progress=tick))
         # On the 8-bit grid the CUDA kernel holds centroids on, so that every path decodes the same values.
-        return snap_codebook(torch.stack(books))
+        return snap_codebook(torch.stack(books) * gain)
 
     # --- encode / decode -------------------------------------------------------------------------
     def _layer(self, layer: int) -> Dict[str, Optional[torch.Tensor]]:

@@ -566,7 +566,7 @@ def eval_real(args, methods: List[str], model, tok, eval_ids: List[int], keys, v
                                      f"{method!r} exists on the proxy only: measure it as proxy:{method}")
                 if base not in built:  # one calibration per base method, shared by its levers
                     built[base] = _build(base, keys, values, args.bits, args.residual, args.sink_tokens,
-                                         not args.quiet, queries)
+                                         not args.quiet, queries, key_gain=args.key_gain)
                 quant = built[base]
                 if quant.config.method != "vq" and not proxy:
                     raise ValueError(f"method {quant.config.method!r} is a fake-quantization baseline (--path fakequant)")
