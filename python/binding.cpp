@@ -552,23 +552,28 @@ void append_tokens(nb::ndarray<> keys, nb::ndarray<> values, nb::ndarray<> seq_s
 }
 
 // One decode step of a cache with kept tokens (kept.h) on one layer's buffers, all contiguous:
-// element tensors in the dtype of new_keys, scores float32, positions and lengths int32.
+// element tensors in the dtype of new_keys, scores float32, positions, lengths and slots int32.
+// seq_slots None: the per-sequence buffers have one row per sequence of the batch; otherwise
+// sequence b is their row seq_slots[b]. code_positions None: not recorded.
 void kept_step(nb::ndarray<> new_keys, nb::ndarray<> new_values, nb::ndarray<> sink_keys, nb::ndarray<> sink_values,
                nb::ndarray<> window_keys, nb::ndarray<> window_values, nb::ndarray<> window_scores,
-               nb::ndarray<> kept_scores, nb::ndarray<> kept_positions, nb::ndarray<> code_positions,
-               nb::ndarray<> lengths, int64_t sinks, double keep_fraction, int64_t keep_tokens,
-               nb::ndarray<> encode_keys, nb::ndarray<> encode_values, nb::ndarray<> next_lengths,
+               nb::ndarray<> kept_scores, nb::ndarray<> kept_positions, OptArray code_positions,
+               int64_t code_capacity, nb::ndarray<> lengths, OptArray seq_slots, int64_t sinks, double keep_fraction,
+               int64_t keep_tokens, nb::ndarray<> encode_keys, nb::ndarray<> encode_values, nb::ndarray<> next_lengths,
                nb::ndarray<> encode_lengths, uintptr_t stream) {
   const DType dtype = element_dtype(new_keys, "new_keys");
   const Placement p = placement_of(new_keys, "new_keys");
   if (new_keys.ndim() != 3)
     fail_value("new_keys: expected [batch, num_kv_heads, head_dim], got " + shape_string(new_keys));
   const int64_t batch = int64_t(new_keys.shape(0)), hkv = int64_t(new_keys.shape(1)), d = int64_t(new_keys.shape(2));
-  if (sink_keys.ndim() != 4 || window_keys.ndim() != 4 || window_scores.ndim() != 2 || kept_scores.ndim() != 2 ||
-      code_positions.ndim() != 2)
-    fail_value("kept_step: sink/window buffers are 4-D, scores and positions 2-D");
+  if (sink_keys.ndim() != 4 || window_keys.ndim() != 4 || window_scores.ndim() != 2 || kept_scores.ndim() != 2)
+    fail_value("kept_step: sink/window buffers are 4-D, scores 2-D");
+  const int64_t rows = int64_t(sink_keys.shape(0));  // of the per-sequence buffers
   const int64_t sink_rows = int64_t(sink_keys.shape(2)), window = int64_t(window_keys.shape(2));
-  const int64_t kept_capacity = int64_t(kept_scores.shape(1)), code_capacity = int64_t(code_positions.shape(1));
+  const int64_t kept_capacity = int64_t(kept_scores.shape(1));
+  if (!seq_slots && rows != batch)
+    fail_value("sink_keys: expected one row per sequence of the batch (" + std::to_string(batch) +
+               ") without seq_slots, got " + shape_string(sink_keys));
   enum Kind { kElements, kFloat32, kInt32 };
   auto expect = [&](const nb::ndarray<>& a, const char* name, Kind kind, std::vector<int64_t> shape) {
     if (kind == kElements && element_dtype(a, name) != dtype) fail_type(std::string(name) + ": must have the dtype of new_keys");
@@ -588,23 +593,25 @@ void kept_step(nb::ndarray<> new_keys, nb::ndarray<> new_values, nb::ndarray<> s
   };
   expect(new_keys, "new_keys", kElements, {batch, hkv, d});
   expect(new_values, "new_values", kElements, {batch, hkv, d});
-  expect(sink_keys, "sink_keys", kElements, {batch, hkv, sink_rows, d});
-  expect(sink_values, "sink_values", kElements, {batch, hkv, sink_rows, d});
-  expect(window_keys, "window_keys", kElements, {batch, hkv, window, d});
-  expect(window_values, "window_values", kElements, {batch, hkv, window, d});
-  expect(window_scores, "window_scores", kFloat32, {batch, window});
-  expect(kept_scores, "kept_scores", kFloat32, {batch, kept_capacity});
-  expect(kept_positions, "kept_positions", kInt32, {batch, kept_capacity});
-  expect(code_positions, "code_positions", kInt32, {batch, code_capacity});
-  expect(lengths, "lengths", kInt32, {batch, 3});
+  expect(sink_keys, "sink_keys", kElements, {rows, hkv, sink_rows, d});
+  expect(sink_values, "sink_values", kElements, {rows, hkv, sink_rows, d});
+  expect(window_keys, "window_keys", kElements, {rows, hkv, window, d});
+  expect(window_values, "window_values", kElements, {rows, hkv, window, d});
+  expect(window_scores, "window_scores", kFloat32, {rows, window});
+  expect(kept_scores, "kept_scores", kFloat32, {rows, kept_capacity});
+  expect(kept_positions, "kept_positions", kInt32, {rows, kept_capacity});
+  if (code_positions) expect(*code_positions, "code_positions", kInt32, {rows, code_capacity});
+  if (seq_slots) expect(*seq_slots, "seq_slots", kInt32, {batch});
+  expect(lengths, "lengths", kInt32, {rows, 3});
   expect(encode_keys, "encode_keys", kElements, {batch, hkv, d});
   expect(encode_values, "encode_values", kElements, {batch, hkv, d});
-  expect(next_lengths, "next_lengths", kInt32, {batch, 3});
-  expect(encode_lengths, "encode_lengths", kInt32, {batch, 3});
+  expect(next_lengths, "next_lengths", kInt32, {rows, 3});
+  expect(encode_lengths, "encode_lengths", kInt32, {rows, 3});
   if (sinks < 0 || sinks > sink_rows) fail_value("sinks: expected a count in [0, sink rows]");
   vecinfer::KeptStep st;
   st.batch = batch, st.num_kv_heads = hkv, st.head_dim = d;
   st.sinks = sinks, st.kept_capacity = sink_rows - sinks, st.window = window, st.code_capacity = code_capacity;
+  if (seq_slots) st.seq_slots = static_cast<const int32_t*>(seq_slots->data()), st.num_slots = rows;
   if (kept_capacity != st.kept_capacity)
     fail_value("kept_scores: expected one column per kept row (" + std::to_string(st.kept_capacity) + "), got " +
                shape_string(kept_scores));
@@ -616,7 +623,7 @@ void kept_step(nb::ndarray<> new_keys, nb::ndarray<> new_values, nb::ndarray<> s
   st.window_scores = static_cast<float*>(window_scores.data());
   st.kept_scores = static_cast<float*>(kept_scores.data());
   st.kept_positions = static_cast<int32_t*>(kept_positions.data());
-  st.code_positions = static_cast<int32_t*>(code_positions.data());
+  st.code_positions = code_positions ? static_cast<int32_t*>(code_positions->data()) : nullptr;
   st.lengths = static_cast<const int32_t*>(lengths.data());
   st.next_lengths = static_cast<int32_t*>(next_lengths.data());
   st.encode_lengths = static_cast<int32_t*>(encode_lengths.data());
@@ -724,8 +731,9 @@ NB_MODULE(_C, m) {
         nb::arg("stream"));
   m.def("kept_step", &kept_step, nb::arg("new_keys"), nb::arg("new_values"), nb::arg("sink_keys"),
         nb::arg("sink_values"), nb::arg("window_keys"), nb::arg("window_values"), nb::arg("window_scores"),
-        nb::arg("kept_scores"), nb::arg("kept_positions"), nb::arg("code_positions"), nb::arg("lengths"),
-        nb::arg("sinks"), nb::arg("keep_fraction"), nb::arg("keep_tokens"), nb::arg("encode_keys"),
+        nb::arg("kept_scores"), nb::arg("kept_positions"), nb::arg("code_positions").none(),
+        nb::arg("code_capacity"), nb::arg("lengths"), nb::arg("seq_slots").none(), nb::arg("sinks"),
+        nb::arg("keep_fraction"), nb::arg("keep_tokens"), nb::arg("encode_keys"),
         nb::arg("encode_values"), nb::arg("next_lengths"), nb::arg("encode_lengths"), nb::arg("stream"));
   nb::class_<AttentionPlan>(m, "AttentionPlan")
       .def(nb::init<>())

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import vecinfer
-from conftest import DEVICES, small_quantizer
-from test_cache import _assert_same, _snapshot, check_attend
+from conftest import CUDA, DEVICES, small_quantizer
+from test_cache import _assert_same, _attention64, _snapshot, check_attend
+from test_paged import capture_decode_step
 
 SINKS, WINDOW = 2, 16  # small_quantizer's
 
@@ -240,8 +241,8 @@ def test_kept_step_binding_refuses_bad_buffers(gen):
                  window_values=torch.randn((B, H, window, D), generator=gen),
                  window_scores=torch.rand((B, window), generator=gen), kept_scores=torch.zeros((B, kept)),
                  kept_positions=torch.zeros((B, kept), dtype=torch.int32),
-                 code_positions=torch.zeros((B, codes), dtype=torch.int32),
-                 lengths=torch.tensor([[sinks, 0, window]] * B, dtype=torch.int32), sinks=sinks,
+                 code_positions=torch.zeros((B, codes), dtype=torch.int32), code_capacity=codes,
+                 lengths=torch.tensor([[sinks, 0, window]] * B, dtype=torch.int32), seq_slots=None, sinks=sinks,
                  keep_fraction=0.0, keep_tokens=2, encode_keys=torch.zeros((B, H, D)),
                  encode_values=torch.zeros((B, H, D)), next_lengths=torch.zeros((B, 3), dtype=torch.int32),
                  encode_lengths=torch.zeros((B, 3), dtype=torch.int32), stream=0)
@@ -262,6 +263,18 @@ def test_kept_step_binding_refuses_bad_buffers(gen):
     good = buffers()
     vecinfer._C.kept_step(**good)
     assert good["next_lengths"].tolist() == [[sinks + 1, 0, window]] * B
+    # with slots: the batch's sequences are rows of larger buffers; slots in range and distinct
+    for slots, error in (([0, 0], "distinct slots"), ([1, 2], "distinct slots"), ([-1, 0], "distinct slots")):
+        bad = buffers(seq_slots=torch.tensor(slots, dtype=torch.int32))
+        before = {k: v.clone() for k, v in bad.items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(ValueError, match=error):
+            vecinfer._C.kept_step(**bad)
+        for name, value in before.items():
+            assert torch.equal(bad[name], value), name
+    with pytest.raises(ValueError, match="one row per sequence of the batch"):
+        vecinfer._C.kept_step(**buffers(new_keys=torch.randn((1, H, D), generator=gen),
+                                        new_values=torch.randn((1, H, D), generator=gen),
+                                        encode_keys=torch.zeros((1, H, D)), encode_values=torch.zeros((1, H, D))))
 
 
 def test_keep_config_and_bits():
@@ -297,14 +310,179 @@ def test_keep_config_and_bits():
     assert (fixed.bits_per_element(20) - q.bits_per_element(20)) * 2 * 20 == pytest.approx(2 * 2 * (16 - 2))
 
 
-def test_kept_quantizer_round_trips_and_paged_cache_refuses_it(quantizer, tmp_path):
+def test_kept_quantizer_round_trips(quantizer, tmp_path):
     path = str(tmp_path / "q.safetensors")
     quantizer.save(path)
     assert vecinfer.KVQuantizer.load(path).config.keep_fraction == 0.1
     quantizer.replace(keep_fraction=0, keep_tokens=7).save(path)
     assert vecinfer.KVQuantizer.load(path).config.keep_tokens == 7
-    with pytest.raises(ValueError, match="PagedKVCache does not keep tokens"):
-        vecinfer.PagedKVCache(quantizer, num_pages=4, max_seqs=1, max_tokens_per_seq=64, dtype=torch.float32)
+
+
+def _paged_expected_kv(cache, layer, k, v, kept):
+    """What a sequence of keys, values [Hkv, n, D] (float32, on the CPU) must hold: the sinks, the
+    kept tokens and the window exact, every other token quantized and dequantized once."""
+    n = k.shape[1]
+    recent = min(n - min(n, SINKS), WINDOW)
+    coded = sorted(set(range(n)) - set(range(min(n, SINKS))) - kept - set(range(n - recent, n)))
+    k_hat, v_hat = k.clone(), v.clone()
+    if coded:
+        fk, fv = cache.quantizer.fake_quantize(layer, k[None, :, coded].to(cache.device),
+                                               v[None, :, coded].to(cache.device))
+        k_hat[:, coded], v_hat[:, coded] = fk[0].float().cpu(), fv[0].float().cpu()
+    return k_hat, v_hat
+
+
+def _paged_step(cache, seqs, counts, history, gen):
+    """Appends counts[i] fresh tokens to sequence seqs[i] on every layer; records them in history
+    (seq -> [keys [Hkv, n, D] float32 CPU, values, chunks]). Returns the plan (its kept_step flag)."""
+    step = cache.plan_append(seqs, counts)
+    cache.begin(step)
+    n = sum(counts)
+    k = (torch.randn((n, 2, 64), generator=gen) + 3).to(cache.dtype).to(cache.device)
+    v = torch.randn((n, 2, 64), generator=gen).to(cache.dtype).to(cache.device)
+    for layer in cache.layers:
+        cache.append(layer, k, v, step)
+    start = 0
+    for s, c in zip(seqs, counts):
+        hk, hv, chunks = history[s]
+        history[s] = [torch.cat([hk, k[start:start + c].float().cpu().transpose(0, 1)], 1),
+                      torch.cat([hv, v[start:start + c].float().cpu().transpose(0, 1)], 1), chunks + [c]]
+        start += c
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fraction,floor", [(0.1, 0), (0.0, 12)])
+def test_paged_cache_keeps_what_each_sequence_alone_keeps(quantizer, device, fraction, floor, gen):
+    """PagedKVCache with kept tokens: sequences in scattered slots, prompts of awkward lengths (within
+    the window, across it many times, a sequence joining late), decode steps (the kept-token step
+    kernel once every sequence holds a full window), then a fork decoding beside its parent. Each
+    sequence keeps the most novel tokens, as it would alone, and the plan's attention (up to a
+    window of queries) equals float64 attention over the sinks, kept tokens and window exact and
+    the other tokens quantized once."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    cache = vecinfer.PagedKVCache(quantizer.replace(keep_fraction=fraction, keep_tokens=floor), num_pages=60,
+                                  max_seqs=5, max_tokens_per_seq=260, page_size=16, device=device, dtype=dtype)
+    first = cache.add_sequence()
+    seqs = [cache.add_sequence() for _ in range(3)]
+    cache.free(first)  # the sequences are slots 1, 2, 3
+    empty = torch.zeros((2, 0, 64))
+    history = {s: [empty, empty, []] for s in seqs}
+    _paged_step(cache, seqs, [40, 5, 0], history, gen)
+    _paged_step(cache, seqs, [0, 30, 17], history, gen)
+    kept_steps = [_paged_step(cache, seqs, [1, 1, 1], history, gen).kept_step for _ in range(40)]
+    assert not kept_steps[0] and all(kept_steps[2:])  # the third sequence's window fills after two steps
+    child = cache.fork(seqs[0])
+    history[child] = list(history[seqs[0]])
+    assert cache._pages_of[child][:-1] == cache._pages_of[seqs[0]][:-1]  # full pages shared
+    assert cache._pages_of[child][-1] != cache._pages_of[seqs[0]][-1]    # the page of the next code its own
+    seqs.append(child)
+    assert all(_paged_step(cache, seqs, [1] * 4, history, gen).kept_step for _ in range(20))
+    for s in seqs:
+        k, v, chunks = history[s]
+        n = k.shape[1]
+        kept = _expected_kept(k, chunks, fraction, floor)
+        left = n - SINKS - WINDOW
+        assert cache._state[s] == (SINKS + len(kept), left - len(kept), WINDOW)
+        for layer in cache.layers:
+            assert cache._lengths[layer][s].tolist() == list(cache._state[s])
+            assert set(cache._kept_positions[layer][s, :len(kept)].tolist()) == kept
+    for tq in (1, 5, WINDOW):
+        plan = cache.plan_attention(seqs, num_q_heads=4, num_queries=tq)
+        q = torch.randn((len(seqs), 4, tq, 64), generator=gen).to(dtype).to(device)
+        for layer in cache.layers:
+            out = plan.run(layer, q, out=torch.full_like(q, float("nan")))
+            for i, s in enumerate(seqs):
+                k, v, chunks = history[s]
+                ref = _attention64(q[i:i + 1].cpu(), *(x[None] for x in _paged_expected_kv(
+                    cache, layer, k, v, _expected_kept(k, chunks, fraction, floor))))
+                tol = 3e-3 if dtype == torch.float16 else 1e-4
+                torch.testing.assert_close(out[i:i + 1].cpu().double(), ref, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="at most residual=16"):
+        cache.plan_attention(seqs, num_q_heads=4, num_queries=WINDOW + 1)
+
+
+def test_paged_kept_tokens_bad_calls_leave_the_cache_unchanged(quantizer, gen):
+    """A step past a sequence's capacity and a step the pool cannot hold are refused before anything
+    changes; a kept-token step that would leave the steady state runs per sequence."""
+    cache = vecinfer.PagedKVCache(quantizer.replace(keep_fraction=0, keep_tokens=8), num_pages=4, max_seqs=2,
+                                  max_tokens_per_seq=60, page_size=16, dtype=torch.float32)
+    seq = cache.add_sequence()
+    empty = torch.zeros((2, 0, 64))
+    history = {seq: [empty, empty, []]}
+    _paged_step(cache, [seq], [50], history, gen)
+    snapshot = [buf[layer].clone() for buf in cache._per_sequence_buffers() for layer in cache.layers]
+    state, pages = cache._state[seq], list(cache._pages_of[seq])
+    with pytest.raises(ValueError, match="more than max_tokens_per_seq=60"):
+        cache.begin(cache.plan_append([seq], [11]))
+    other = cache.add_sequence()
+    with pytest.raises(ValueError, match="the step needs"):
+        cache.begin(cache.plan_append([seq, other], [1, 60]))
+    assert cache._state[seq] == state and cache._pages_of[seq] == pages
+    after = [buf[layer] for buf in cache._per_sequence_buffers() for layer in cache.layers]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
+    # a prompt and a decode step in one plan: not a kept-token step, run per sequence
+    history[other] = [empty, empty, []]
+    assert not _paged_step(cache, [seq, other], [1, 7], history, gen).kept_step
+    for s in (seq, other):
+        kept = _expected_kept(history[s][0], history[s][2], 0.0, 8)
+        assert set(cache._kept_positions[0][s, :len(kept)].tolist()) == kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm_80+)")
+def test_paged_kept_step_replays_in_a_cuda_graph(quantizer, gen):
+    """A kept-token decode step (append + run, every layer) captured in a CUDA graph and replayed
+    30 times with cache.begin before each: every output and every buffer equal an eager twin's.
+    Capturing a step that is not a kept-token step is refused."""
+    quant = quantizer.replace(keep_fraction=0, keep_tokens=12)
+    graph_cache, eager = (vecinfer.PagedKVCache(quant, num_pages=64, max_seqs=3, max_tokens_per_seq=200, device="cuda",
+                                                dtype=torch.float16) for _ in range(2))
+    seqs = [graph_cache.add_sequence() for _ in range(3)]
+    assert [eager.add_sequence() for _ in range(3)] == seqs
+
+    def tokens(n):
+        return (torch.randn((n, 2, 64), generator=gen) + 3).half().cuda(), torch.randn((n, 2, 64), generator=gen).half().cuda()
+
+    def run(cache, step, k, v, begin=True):
+        if begin:
+            cache.begin(step)
+        for layer in cache.layers:
+            cache.append(layer, k, v, step)
+
+    for seq, n in zip(seqs, (10, 40, 25)):  # prompts; the first leaves its window short of full
+        k, v = tokens(n)
+        for cache in (graph_cache, eager):
+            run(cache, cache.plan_append([seq], [n]), k, v)
+    step, eager_step = graph_cache.plan_append(seqs, [1, 1, 1]), eager.plan_append(seqs, [1, 1, 1])
+    graph_cache.begin(step)
+    assert not step.kept_step
+    k_in = torch.zeros((3, 2, 64), device="cuda", dtype=torch.float16)
+    v_in, q_in = torch.zeros_like(k_in), torch.zeros((3, 4, 1, 64), device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="can capture only a decode step"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            graph_cache.append(graph_cache.layers[0], k_in, v_in, step)
+    for i in range(12):  # eager steps (the first begun already) until every window is full
+        k, v = tokens(3)
+        run(graph_cache, step, k, v, begin=i > 0)
+        run(eager, eager_step, k, v)
+    graph_cache.begin(step)
+    assert step.kept_step
+    plan, eager_plan = graph_cache.plan_attention(seqs, 4), eager.plan_attention(seqs, 4)
+    graph, outs = capture_decode_step(graph_cache, step, plan, k_in, v_in, q_in)
+    for i in range(31):
+        k, v = tokens(3)
+        q = torch.randn((3, 4, 1, 64), generator=gen).half().cuda()
+        k_in.copy_(k), v_in.copy_(v), q_in.copy_(q)
+        if i:  # the capture ran no kernels: its step was begun already
+            graph_cache.begin(step)
+        graph.replay()
+        run(eager, eager_step, k, v)
+        for layer in eager.layers:
+            torch.testing.assert_close(outs[layer], eager_plan.run(layer, q), atol=0, rtol=0)
+    for a, b in zip(graph_cache._per_sequence_buffers(), eager._per_sequence_buffers()):
+        for layer in eager.layers:
+            assert torch.equal(a[layer], b[layer])
 
 
 def test_hf_cache_splits_long_blocks_into_window_sized_pieces():

@@ -75,6 +75,18 @@ def _attention64(q, k, v):
     return torch.softmax(s, -1) @ v
 
 
+def capture_decode_step(cache, step, plan, k_in, v_in, q_in):
+    """A CUDA graph of one decode step over every layer (append k_in, v_in; run q_in into the
+    layer's own output): (graph, outputs by layer)."""
+    outs = {layer: torch.empty_like(q_in) for layer in cache.layers}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in cache.layers:
+            cache.append(layer, k_in, v_in, step)
+            plan.run(layer, q_in, out=outs[layer])
+    return graph, outs
+
+
 def _rows(gen, n, dtype, device):
     k = (torch.randn((n, 2, 64), generator=gen) + 3).to(dtype).to(device)
     v = torch.randn((n, 2, 64), generator=gen).to(dtype).to(device)
@@ -418,12 +430,7 @@ def test_graph_captured_step_replays_as_sequences_grow(quantizer, gen):
     plan = cache.plan_attention(seqs, 4)
     k_in = torch.zeros((3, 2, 64), device="cuda", dtype=torch.float16)
     v_in, q_in = torch.zeros_like(k_in), torch.zeros((3, 4, 1, 64), device="cuda", dtype=torch.float16)
-    outs = {layer: torch.empty_like(q_in) for layer in cache.layers}
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in cache.layers:
-            cache.append(layer, k_in, v_in, step)
-            plan.run(layer, q_in, out=outs[layer])
+    graph, outs = capture_decode_step(cache, step, plan, k_in, v_in, q_in)
     for _ in range(40):
         k, v = _rows(gen, 3, torch.float16, "cuda")
         q = torch.randn((3, 4, 1, 64), generator=gen).half().cuda()

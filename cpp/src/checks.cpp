@@ -201,12 +201,15 @@ Status check_kept_step(const KeptStep& st) {
   if (!(st.keep_fraction >= 0 && st.keep_fraction < 1) || st.keep_tokens < 0)
     return invalid("kept_step: keep_fraction must be in [0, 1) and keep_tokens >= 0");
   const int64_t int32_limit = int64_t{1} << 31;  // kept rows and code columns are indexed by int32 lengths
+  if (st.seq_slots ? st.num_slots < st.batch : (st.num_slots != 0 && st.num_slots != st.batch))
+    return invalid("kept_step: num_slots must be >= batch with seq_slots, 0 or the batch size without");
+  const int64_t rows = st.seq_slots ? st.num_slots : st.batch;
   if (st.sinks + st.kept_capacity >= int32_limit || st.window >= int32_limit || st.code_capacity >= int32_limit ||
-      !product_fits({st.batch, st.num_kv_heads, st.sinks + st.kept_capacity + st.window, st.head_dim, 4}) ||
-      !product_fits({st.batch, st.code_capacity, 4}))
+      !product_fits({rows, st.num_kv_heads, st.sinks + st.kept_capacity + st.window, st.head_dim, 4}) ||
+      !product_fits({st.batch, st.num_kv_heads, st.head_dim, 4}) || !product_fits({rows, st.code_capacity, 4}))
     return invalid("kept_step: buffers too large");
   if (!st.new_keys || !st.new_values || !st.sink_keys || !st.sink_values || !st.window_keys || !st.window_values ||
-      !st.encode_keys || !st.encode_values || !st.window_scores || !st.code_positions || !st.lengths ||
+      !st.encode_keys || !st.encode_values || !st.window_scores || !st.lengths ||
       !st.next_lengths || !st.encode_lengths || (st.kept_capacity > 0 && (!st.kept_scores || !st.kept_positions)))
     return invalid("kept_step: null pointer");
   return Status::Ok();

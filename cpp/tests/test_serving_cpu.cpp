@@ -242,4 +242,49 @@ TEST(KeptStep, BadLengthsChangeNothing) {
   }
 }
 
+// A paged cache's step: the batch's one sequence is row 1 of two-row buffers (seq_slots), with no
+// code positions recorded. Row 1 changes as the lone sequence of the first test did; row 0 not.
+TEST(KeptStep, SlotsNameRowsOfLargerBuffers) {
+  using K = KeptSequence;
+  KeptSequence other({1, 0, 3}), seq({1, 0, 3});
+  for (int i = 0; i < K::kD; ++i) seq.new_k[i] = 3.f, seq.new_k[K::kD + i] = 11.f;
+  auto two_rows = [](const auto& row0, const auto& row1) {
+    auto both = row0;
+    both.insert(both.end(), row1.begin(), row1.end());
+    return both;
+  };
+  auto sink_k = two_rows(other.sink_k, seq.sink_k), sink_v = two_rows(other.sink_v, seq.sink_v);
+  auto window_k = two_rows(other.window_k, seq.window_k), window_v = two_rows(other.window_v, seq.window_v);
+  auto window_scores = two_rows(other.window_scores, seq.window_scores);
+  auto kept_scores = two_rows(other.kept_scores, seq.kept_scores);
+  auto kept_positions = two_rows(other.kept_positions, seq.kept_positions);
+  auto lengths = two_rows(other.lengths, seq.lengths);
+  std::vector<int32_t> next(6, -1), encode(6, -1);
+  for (std::vector<int32_t> slots : {std::vector<int32_t>{2}, std::vector<int32_t>{1, 1}, std::vector<int32_t>{1}}) {
+    vecinfer::KeptStep st;
+    st.batch = int64_t(slots.size()), st.num_kv_heads = K::kHeads, st.head_dim = K::kD, st.sinks = K::kSinks;
+    st.kept_capacity = K::kKept, st.window = K::kWindow, st.code_capacity = K::kCodes, st.keep_tokens = 2;
+    st.seq_slots = slots.data(), st.num_slots = 2;
+    std::vector<float> new_k = two_rows(seq.new_k, seq.new_k), encode_k(st.batch * K::kHeads * K::kD, -7.f);
+    std::vector<float> encode_v = encode_k;
+    st.new_keys = new_k.data(), st.new_values = new_k.data(), st.sink_keys = sink_k.data();
+    st.sink_values = sink_v.data(), st.window_keys = window_k.data(), st.window_values = window_v.data();
+    st.encode_keys = encode_k.data(), st.encode_values = encode_v.data(), st.window_scores = window_scores.data();
+    st.kept_scores = kept_scores.data(), st.kept_positions = kept_positions.data();
+    st.lengths = lengths.data(), st.next_lengths = next.data(), st.encode_lengths = encode.data();
+    const bool valid = slots.size() == 1 && slots[0] == 1;  // out of range, then twice the same slot
+    EXPECT_EQ(vecinfer::cpu::kept_step(vecinfer::DType::kFloat32, st).ok(), valid);
+    if (!valid) EXPECT_EQ(window_k, two_rows(other.window_k, seq.window_k));
+  }
+  EXPECT_EQ(next, (std::vector<int32_t>{-1, -1, -1, 2, 0, 3}));
+  EXPECT_EQ(encode, (std::vector<int32_t>{-1, -1, -1, 0, 0, 0}));
+  const int64_t row = K::kHeads * (K::kSinks + K::kKept) * K::kD;  // sink elements per row
+  EXPECT_EQ(sink_k[row + K::kSinks * K::kD], 0.f);  // row 1: window token 0 of head 0 is kept row 0
+  EXPECT_EQ(kept_positions, (std::vector<int32_t>{-1, -1, 1, -1}));
+  EXPECT_NEAR(window_scores[K::kWindow + 2], 4.f / 9.f, 1e-6f);
+  EXPECT_EQ(std::vector<float>(sink_k.begin(), sink_k.begin() + row), other.sink_k);  // row 0 untouched
+  EXPECT_EQ(std::vector<float>(window_k.begin(), window_k.begin() + K::kHeads * K::kWindow * K::kD), other.window_k);
+  EXPECT_EQ(std::vector<float>(window_scores.begin(), window_scores.begin() + K::kWindow), other.window_scores);
+}
+
 }  // namespace

@@ -3,6 +3,7 @@
     vecinfer bench [--quick] [--json out.json] [--plot out.png]     (or python -m vecinfer bench)
     vecinfer bench --e2e [...]      end-to-end generation with a Llama-3.1-8B-shaped model (bench_e2e.py)
     vecinfer bench --serving        the serving API: paged appends, paged decode through a plan, run's host time
+                                    (with --keep-tokens N --recent R: a cache keeping N tokens)
     vecinfer bench --prefill        long query blocks (chunked prefill, second turns) against SDPA
     vecinfer bench --keep-fraction F --keep-tokens N --recent R   decode with kept tokens (VQConfig's
                                     budget, read as sinks) and an R-token recent window
@@ -161,11 +162,12 @@ def vecinfer_inputs(b, s, hq, hkv, d, tq, key_bits, value_bits, seed=0, keep_fra
     return inp
 
 
-def random_quantizer(hkv, d, key_bits=2, value_bits=2, seed=0):
+def random_quantizer(hkv, d, key_bits=2, value_bits=2, seed=0, keep_tokens=0, recent=RECENT):
     """A one-layer quantizer with random codebooks and tables (speed does not depend on their values)."""
     from vecinfer.config import VQConfig
 
-    cfg = VQConfig(key_bits=key_bits, value_bits=value_bits, sink_tokens=SINKS, residual=RECENT)
+    cfg = VQConfig(key_bits=key_bits, value_bits=value_bits, sink_tokens=SINKS, residual=recent,
+                   keep_tokens=keep_tokens)
     gen = torch.Generator().manual_seed(seed)
     layer = {"key_codebook": vecinfer.snap_codebook(torch.randn((1, 1 << cfg.key_code_bits, cfg.key_sub_dim), generator=gen)),
              "value_codebook": vecinfer.snap_codebook(torch.randn((1, 1 << cfg.value_code_bits, cfg.value_sub_dim),
@@ -175,24 +177,28 @@ def random_quantizer(hkv, d, key_bits=2, value_bits=2, seed=0):
     return vecinfer.KVQuantizer(cfg, [layer], hkv, d).to("cuda")
 
 
-def serving(copy_gbs, json_path=None) -> int:
+def serving(copy_gbs, json_path=None, keep_tokens=0, recent=RECENT) -> int:
     """The serving API (PagedKVCache), Llama-3.1-8B attention, 2-bit: prefill appends (tokens/s,
     GB/s of fp16 K/V in and codes out), the one-token decode append (graph replays, and the eager
     call), paged decode attention through a plan against the contiguous kernel on the same shape
-    (graph replays) for pages of 16 and 64 tokens, and the host time of AttentionPlan.run."""
+    (graph replays) for pages of 16 and 64 tokens, and the host time of AttentionPlan.run. With
+    keep_tokens, the cache keeps that many tokens (and a `recent`-token window): the decode append
+    is then the kept-token step and its encoding, the prefill the per-sequence rule from Python."""
     import time
 
     hq, hkv, d = 32, 8, 128
     steps = 256  # decode appends timed below; their pages are taken before
     rows = []
+    if keep_tokens:
+        print(f"kept tokens: {keep_tokens}, recent window {recent}")
     print(f"{'shape':11s} {'page':>4s} {'prefill Mtok/s':>14s} {'GB/s':>5s} {'append us':>9s} {'eager us':>8s} "
           f"{'paged us':>8s} {'contiguous us':>13s} {'paging':>7s} {'run host us':>11s}")
     for label, b, s in (("B=1 S=128k", 1, 131072), ("B=32 S=32k", 32, 32768)):
-        dense = vecinfer_inputs(b, s + steps, hq, hkv, d, 1, 2, 2)
+        dense = vecinfer_inputs(b, s + steps, hq, hkv, d, 1, 2, 2, keep_tokens=keep_tokens, recent=recent)
         dense_ms = graph_time_ms([lambda: vecinfer.attention(**dense)])
         del dense
         for page in (16, 64):
-            quant = random_quantizer(hkv, d)
+            quant = random_quantizer(hkv, d, keep_tokens=keep_tokens, recent=recent)
             cache = vecinfer.PagedKVCache(quant, num_pages=b * ((s + steps) // page + 2), max_seqs=b,
                                           max_tokens_per_seq=s + steps, page_size=page, device="cuda",
                                           dtype=torch.float16)
@@ -238,7 +244,8 @@ def serving(copy_gbs, json_path=None) -> int:
                 plan.run(0, q, out=out)
             host_us = (time.perf_counter() - t0) / 200 * 1e6
             torch.cuda.synchronize()
-            row = {"shape": label, "batch": b, "tokens": s, "page_size": page,
+            row = {"shape": label, "batch": b, "tokens": s, "page_size": page, "keep_tokens": keep_tokens,
+                   "recent": recent,
                    "prefill_tokens_per_s": tokens / prefill_ms * 1e3, "prefill_GB/s": moved / prefill_ms / 1e6,
                    "copy_GB/s": copy_gbs, "step_append_us": append_us, "step_append_eager_host_us": eager_us,
                    "paged_us": 1e3 * paged_ms, "contiguous_us": 1e3 * dense_ms,
@@ -398,6 +405,8 @@ def main(argv=None) -> int:
 
         return e2e_main([a for a in argv if a != "--e2e"])
     args = parser.parse_args(argv)
+    if args.serving and args.keep_fraction:
+        parser.error("--serving keeps a fixed budget: --keep-tokens N, not --keep-fraction")
     if not vecinfer.cuda_available():
         print("vecinfer bench needs a CUDA GPU (sm_80+) and a CUDA build of vecinfer")
         return 1
@@ -406,7 +415,7 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + written), the ceiling\n")
     if args.serving:
-        return serving(copy_gbs, args.json)
+        return serving(copy_gbs, args.json, keep_tokens=args.keep_tokens, recent=args.recent)
     if args.prefill:
         return prefill(args.json)
     header = (f"{'shape':24s} {'bits k/v':>8s} {'vecinfer us':>11s} {'eager us':>9s} {'SDPA us':>8s} "

@@ -51,6 +51,7 @@ import torch
 
 from . import _C
 from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
+from .keeping import SequenceBuffers, apply_writes, plan_keeping
 from .paged import advance, check_finite_on_cpu
 from .quantizer import KVQuantizer
 
@@ -295,70 +296,32 @@ class QuantizedKVCache:
         self._set_lengths(layer, new_lens, device_updated=True)
 
     def _append_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor, skip: torch.Tensor) -> None:
-        """append with kept tokens (see the module's docstring), per sequence: the first tokens
-        fill the sinks; the others enter the window, each scored by its key novelty against the
-        `residual` tokens before it; the tokens pushed out of the window join the kept ones, the
-        kept_budget(E) highest scores stay (E: the tokens that have left the window so far), and
-        the rest are encoded (one call of the append kernel, into the next code rows).
-        Everything is computed first; the buffers change only after the encoding succeeded."""
-        S, W, state = self.sinks, self.residual, self._keep_state
+        """append with kept tokens, per sequence, by vecinfer.keeping's rule (plan_keeping); the
+        tokens leaving for the codes are encoded in one call of the append kernel, into the next
+        code rows. Everything is computed first; the buffers change only after the encoding succeeded."""
+        state = self._keep_state
         lens = self._lengths[layer]
-        sink_k, sink_v = self._sink_k[layer], self._sink_v[layer]
-        win_k, win_v = self._recent_k[layer], self._recent_v[layer]
-        win_scores, kept_scores = state["window_scores"][layer], state["kept_scores"][layer]
-        kept_positions = state["kept_positions"][layer]
         new_lens, writes, encoded = lens.clone(), [], []
         for b in range(self.batch_size):
+            buf = SequenceBuffers(self._sink_k[layer][b], self._sink_v[layer][b], self._recent_k[layer][b],
+                                  self._recent_v[layer][b], state["window_scores"][layer][b],
+                                  state["kept_scores"][layer][b], state["kept_positions"][layer][b])
             xk, xv = k[b, :, int(skip[b]):], v[b, :, int(skip[b]):]  # [Hkv, n, D]
-            s_len, c, r = (int(x) for x in lens[b])
-            s = min(s_len, S)
-            kept, to_sink = s_len - s, min(S - s, xk.shape[1])
-            left = c + kept  # tokens that have left the window
-            write = {"sinks": (s, xk[:, :to_sink], xv[:, :to_sink])}
-            new_kept, new_c, new_r = kept, c, r
-            nk, nv = xk[:, to_sink:], xv[:, to_sink:]
-            m = nk.shape[1]
-            if m:
-                # the keys before the new ones: the window, and the sinks while no token has left it
-                before = win_k[b, :, :r] if left else torch.cat([sink_k[b, :, :s], xk[:, :to_sink], win_k[b, :, :r]], 1)
-                window_k, window_v = torch.cat([win_k[b, :, :r], nk], 1), torch.cat([win_v[b, :, :r], nv], 1)
-                scores = torch.cat([win_scores[b, :r], key_novelty(before[:, -W:], nk, W)])
-                out = max(0, r + m - W)  # tokens pushed out of the window
-                new_r = r + m - out
-                write["window"] = (window_k[:, out:], window_v[:, out:], scores[out:])
-                if out:
-                    budget = self.quantizer.config.kept_budget(left + out)
-                    cand_k = torch.cat([sink_k[b, :, S:S + kept], window_k[:, :out]], 1)
-                    cand_v = torch.cat([sink_v[b, :, S:S + kept], window_v[:, :out]], 1)
-                    cand_s = torch.cat([kept_scores[b, :kept], scores[:out]])
-                    cand_p = torch.cat([kept_positions[b, :kept],
-                                        torch.arange(S + left, S + left + out, dtype=torch.int32, device=self.device)])
-                    order = torch.sort(cand_s, descending=True, stable=True).indices
-                    stay, go = order[:budget], order[budget:]
-                    write["kept"] = (cand_k[:, stay], cand_v[:, stay], cand_s[stay], cand_p[stay])
-                    if len(go):
-                        encoded.append((b, c, cand_k[:, go].transpose(0, 1), cand_v[:, go].transpose(0, 1),
-                                        cand_p[go]))
-                    new_kept, new_c = budget, c + kept + out - budget
-            new_lens[b] = torch.tensor([s + to_sink + new_kept, new_c, new_r], dtype=torch.int32)
-            writes.append(write)
+            w, after, encode = plan_keeping(buf, tuple(int(x) for x in lens[b]), xk, xv, self.sinks, self.residual,
+                                            self.quantizer.config.kept_budget)
+            new_lens[b] = torch.tensor(after, dtype=torch.int32)
+            writes += w
+            if encode is not None:
+                encoded.append((b, encode))
         if encoded:
             counts = [0] * self.batch_size
-            for b, _, rows_k, _, _ in encoded:
-                counts[b] = rows_k.shape[0]
-            self._encode_rows(layer, counts, torch.cat([e[2] for e in encoded]), torch.cat([e[3] for e in encoded]))
-        for b, write in enumerate(writes):
-            s, xk, xv = write["sinks"]
-            sink_k[b, :, s:s + xk.shape[1]], sink_v[b, :, s:s + xv.shape[1]] = xk, xv
-            if "window" in write:
-                wk, wv, ws = write["window"]
-                win_k[b, :, :wk.shape[1]], win_v[b, :, :wv.shape[1]], win_scores[b, :len(ws)] = wk, wv, ws
-            if "kept" in write:
-                kk, kv, ks, kp = write["kept"]
-                sink_k[b, :, S:S + kk.shape[1]], sink_v[b, :, S:S + kv.shape[1]] = kk, kv
-                kept_scores[b, :len(ks)], kept_positions[b, :len(kp)] = ks, kp
-        for b, c, _, _, positions in encoded:
-            state["code_positions"][layer][b, c:c + len(positions)] = positions
+            for b, e in encoded:
+                counts[b] = e.keys.shape[0]
+            self._encode_rows(layer, counts, torch.cat([e.keys for _, e in encoded]),
+                              torch.cat([e.values for _, e in encoded]))
+        apply_writes(writes)
+        for b, e in encoded:
+            state["code_positions"][layer][b, e.coded:e.coded + len(e.positions)] = e.positions
         self._set_lengths(layer, new_lens)
 
     def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -380,7 +343,8 @@ class QuantizedKVCache:
             _C.kept_step(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), self._sink_k[layer], self._sink_v[layer],
                          self._recent_k[layer], self._recent_v[layer], state["window_scores"][layer],
                          state["kept_scores"][layer], state["kept_positions"][layer], state["code_positions"][layer],
-                         dev_lens, S, cfg.keep_fraction, cfg.keep_tokens, rows_k, rows_v, next_lens, encode_lens,
+                         state["code_positions"][layer].shape[1], dev_lens, None, S, cfg.keep_fraction,
+                         cfg.keep_tokens, rows_k, rows_v, next_lens, encode_lens,
                          _stream(k))
         self._encode_rows(layer, [1] * self.batch_size, rows_k, rows_v, encode_lens)
         if self._device_lengths is not None:
@@ -688,23 +652,6 @@ def _virtual_kv(key_codes, value_codes, lengths, sink_k, sink_v, recent_k, recen
     valid = (pos >= 0)[:, None, :, None]
     k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
     return k.masked_fill(~valid, 0), v.masked_fill(~valid, 0), pos
-
-
-def key_novelty(before: torch.Tensor, new: torch.Tensor, window: int) -> torch.Tensor:
-    """[..., m] float32: the key novelty of each of m new keys [..., Hkv, m, D] whose predecessors
-    are `before` [..., Hkv, P, D] (the keys just before them, in order): summed over the KV heads,
-    ||k - mu||^2 / ||k||^2 with mu the mean of the `window` keys before k; 0 for a key with none
-    before it."""
-    x = torch.cat([before, new], -2).float()
-    p, m = before.shape[-2], new.shape[-2]
-    sums = torch.cat([torch.zeros_like(x[..., :1, :]), x.cumsum(-2)], -2)  # sums[..., i, :]: keys [0, i)
-    j = torch.arange(p, p + m, device=x.device)
-    first = (j - window).clamp(min=0)
-    count = j - first
-    mean = (sums[..., j, :] - sums[..., first, :]) / count.clamp(min=1)[:, None].float()
-    k = x[..., p:, :]
-    score = (((k - mean) ** 2).sum(-1) / (k ** 2).sum(-1).clamp(min=1e-12)).sum(-2)
-    return torch.where(count > 0, score, torch.zeros_like(score))
 
 
 _PAGE = 64  # code rows per page: one page per 64-token stage of the attention kernel

@@ -13,6 +13,18 @@ A sequence is a slot (0 .. max_seqs-1). Pages are reference-counted: `fork` shar
 of a sequence (a shared prompt is stored once) and copies only its partial page and its
 full-precision window.
 
+Kept tokens (quantizer.config.keep_tokens or keep_fraction > 0; vecinfer.keeping has the rule):
+the sink buffers hold the sinks then the kept tokens, [max_seqs, Hkv, sink_tokens + kept, D], and
+the first length counts both; the window is in order (row i is window token i) instead of a ring,
+with each window token's score, each kept token's score and position beside it. A decode step of
+sequences that all have their sinks and a full window (one token each) is one call of the kept-token
+step kernel (vecinfer/kept.h) and one of the append kernel, with no host synchronisation (it can be
+captured in a CUDA graph); any other append runs the rule per sequence from Python. A sequence
+holds the page of its next code as well (a step that keeps the token leaving its window still
+writes that row, unread). The attention reads kept tokens as it reads sinks, which is exact for
+queries within the recent window: a plan takes at most `residual` queries per sequence (prefill a
+longer prompt in chunks of at most `residual` tokens).
+
 A decode step, as an engine runs it:
     step = cache.plan_append(seqs, [1] * len(seqs))     # once per batch composition
     decode = cache.plan_attention(seqs, num_q_heads)     # idem
@@ -33,6 +45,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from . import _C
+from .keeping import SequenceBuffers, advance_keeping, apply_writes, plan_keeping
 from .ops import _check_memory, _check_tensor, _device_guard, _stream, code_row_bytes
 from .quantizer import KVQuantizer
 
@@ -76,10 +89,21 @@ class AppendPlan:
             indptr.append(indptr[-1] + n)
         self.num_rows = indptr[-1]
         self.max_new_tokens = max(counts)
+        self.host_indptr = indptr
         self.seq_slots = torch.tensor(seqs, dtype=torch.int32, device=cache.device)
         self.indptr = torch.tensor(indptr, dtype=torch.int32, device=cache.device)
         self.generation = cache._generation  # the sequences' membership when planned
         self.pending: frozenset = frozenset()  # layers still to append this step (eager use)
+        # kept tokens: the lengths before the step begun last, and whether it is a kept-token step
+        # (one token to each sequence, every one with its sinks and a full window)
+        self.before: dict = {}
+        self.kept_step = False
+        if cache.keeps_tokens:
+            rows = (len(seqs), cache.num_kv_heads, cache.head_dim)
+            self.encode_k = torch.empty(rows, dtype=cache.dtype, device=cache.device)
+            self.encode_v = torch.empty(rows, dtype=cache.dtype, device=cache.device)
+            self.next_lengths = torch.zeros((cache.max_seqs, 3), dtype=torch.int32, device=cache.device)
+            self.encode_lengths = torch.zeros((cache.max_seqs, 3), dtype=torch.int32, device=cache.device)
 
 
 class AttentionPlan:
@@ -107,8 +131,8 @@ class AttentionPlan:
                                      cache._lengths[layer], cache._sink_k[layer], cache._sink_v[layer],
                                      cache._ring_k[layer], cache._ring_v[layer], p["key_codebook"],
                                      p["value_codebook"], p["key_scale"], p["key_mean"], p["value_mean"],
-                                     cfg.hadamard, max_coded, cache._page_table, self.seq_slots, True,
-                                     self.query_indptr, max(counts))
+                                     cfg.hadamard, max_coded, cache._page_table, self.seq_slots,
+                                     not cache.keeps_tokens, self.query_indptr, max(counts))
         self._layer_index = {layer: i for i, layer in enumerate(cache.layers)}
         self.workspace = (torch.empty(max(self._plan.workspace_bytes, 16), dtype=torch.uint8, device=cache.device)
                           if cache.device.type == "cuda" else None)
@@ -161,10 +185,6 @@ class PagedKVCache:
         cfg = quantizer.config
         if cfg.method != "vq":
             raise ValueError(f"quantizer: the cache stores VQ codes; method {cfg.method!r} is an evaluation baseline")
-        if cfg.keeps_tokens:
-            raise ValueError(f"quantizer: keep_fraction={cfg.keep_fraction}, keep_tokens={cfg.keep_tokens} (kept "
-                             "tokens) are held by QuantizedKVCache and VecInferCache only; PagedKVCache does not keep "
-                             "tokens yet (use quantizer.replace(keep_fraction=0, keep_tokens=0))")
         for name, value in (("num_pages", num_pages), ("max_seqs", max_seqs),
                             ("max_tokens_per_seq", max_tokens_per_seq), ("page_size", page_size)):
             _positive_int(name, value)
@@ -184,14 +204,21 @@ class PagedKVCache:
         self.num_kv_heads, self.head_dim, self.dtype = quantizer.num_kv_heads, quantizer.head_dim, dtype
         self.num_pages, self.page_size, self.max_seqs = num_pages, page_size, max_seqs
         self.sink_tokens, self.residual = cfg.sink_tokens, cfg.residual
+        self.keeps_tokens = cfg.keeps_tokens
         coded_most = max(max_tokens_per_seq - self.sink_tokens, 0)
-        self.max_pages_per_seq = max(1, (coded_most + page_size - 1) // page_size)
+        # kept tokens: a sequence also holds the page of its next code
+        self.max_pages_per_seq = max(1, coded_most // page_size + 1 if self.keeps_tokens else
+                                     (coded_most + page_size - 1) // page_size)
         self.max_tokens_per_seq = max_tokens_per_seq
+        self.kept_capacity = (cfg.kept_budget(max(max_tokens_per_seq - self.sink_tokens - self.residual, 0))
+                              if self.keeps_tokens else 0)
         hkv, d = self.num_kv_heads, self.head_dim
         kb = code_row_bytes(d, cfg.key_sub_dim, cfg.key_code_bits)
         vb = code_row_bytes(d, cfg.value_sub_dim, cfg.value_code_bits)
+        scores_bytes = 4 * (self.residual + 2 * self.kept_capacity) if self.keeps_tokens else 0
         layer_bytes = num_pages * hkv * page_size * (kb + vb) + max_seqs * (
-            2 * hkv * (self.sink_tokens + self.residual) * d * dtype.itemsize + 3 * 4)
+            2 * hkv * (self.sink_tokens + self.kept_capacity + self.residual) * d * dtype.itemsize + 3 * 4 +
+            scores_bytes)
         _check_memory(len(held) * layer_bytes + max_seqs * (self.max_pages_per_seq + 1) * 4, self.device,
                       f"num_pages, max_seqs: a pool of {num_pages} pages of {page_size} tokens and {max_seqs} "
                       f"sequences x {len(held)} layers")
@@ -201,11 +228,16 @@ class PagedKVCache:
 
         self._key_pages = per_layer(num_pages, hkv, page_size, kb, dt=torch.uint8)
         self._value_pages = per_layer(num_pages, hkv, page_size, vb, dt=torch.uint8)
-        self._sink_k = per_layer(max_seqs, hkv, self.sink_tokens, d)
-        self._sink_v = per_layer(max_seqs, hkv, self.sink_tokens, d)
-        self._ring_k = per_layer(max_seqs, hkv, self.residual, d)
+        self._sink_k = per_layer(max_seqs, hkv, self.sink_tokens + self.kept_capacity, d)
+        self._sink_v = per_layer(max_seqs, hkv, self.sink_tokens + self.kept_capacity, d)
+        self._ring_k = per_layer(max_seqs, hkv, self.residual, d)  # kept tokens: the window in order
         self._ring_v = per_layer(max_seqs, hkv, self.residual, d)
         self._lengths = per_layer(max_seqs, 3, dt=torch.int32)
+        # kept tokens: each window token's score, each kept token's score and position
+        self._window_scores = per_layer(max_seqs, self.residual, dt=torch.float32) if self.keeps_tokens else {}
+        self._kept_scores = per_layer(max_seqs, self.kept_capacity, dt=torch.float32) if self.keeps_tokens else {}
+        self._kept_positions = per_layer(max_seqs, self.kept_capacity, dt=torch.int32) if self.keeps_tokens else {}
+        self._no_rows = torch.empty((max_seqs, hkv, 0, d), dtype=dtype, device=self.device)  # no sinks, no window
         # Host state: the page table (mirrored on the device), page reference counts, free pages and
         # slots, and each live sequence's lengths after the appends planned so far.
         self._host_table = torch.zeros((max_seqs, self.max_pages_per_seq), dtype=torch.int32)
@@ -247,21 +279,22 @@ class PagedKVCache:
         self._check_seq(seq)
         if not self._free_slots:
             raise ValueError(f"fork: all {self.max_seqs} sequence slots are in use; free one first")
-        coded = self._state[seq][1]
         pages = self._pages_of[seq]
-        partial = coded % self.page_size != 0
-        if partial and not self._free_pages:
-            raise ValueError("fork: the page pool is full (the fork needs one page for its partial last page)")
+        full = self._state[seq][1] // self.page_size
+        copied = pages[full:]  # the partial last page; with kept tokens, the page of the next code
+        if len(copied) > len(self._free_pages):
+            raise ValueError(f"fork: the page pool is full (the fork needs {len(copied)} page(s) for its partial "
+                             "last page and next code)")
         child = self._free_slots.pop()
-        shared = pages[:-1] if partial else list(pages)
+        shared = pages[:full]
         for p in shared:
             self._refs[p] += 1
-        own = shared + ([self._take_page()] if partial else [])
+        own = shared + [self._take_page() for _ in copied]
         for layer in self.layers:
-            if partial:
+            for source, target in zip(copied, own[full:]):
                 for pool in (self._key_pages[layer], self._value_pages[layer]):
-                    pool[own[-1]].copy_(pool[pages[-1]])
-            for buf in (self._sink_k, self._sink_v, self._ring_k, self._ring_v, self._lengths):
+                    pool[target].copy_(pool[source])
+            for buf in self._per_sequence_buffers():
                 buf[layer][child].copy_(buf[layer][seq])
         self._pages_of[child] = own
         self._state[child] = self._state[seq]
@@ -280,6 +313,11 @@ class PagedKVCache:
         del self._state[seq]
         self._free_slots.append(seq)
         self._generation += 1
+
+    def _per_sequence_buffers(self):
+        """Every per-layer buffer with one row per slot (a sequence's full-precision tokens and state)."""
+        return [buf for buf in (self._sink_k, self._sink_v, self._ring_k, self._ring_v, self._lengths,
+                                self._window_scores, self._kept_scores, self._kept_positions) if buf]
 
     def _check_seq(self, seq) -> int:
         if isinstance(seq, bool) or not isinstance(seq, int) or seq not in self._state:
@@ -321,15 +359,22 @@ class PagedKVCache:
         On error nothing changes."""
         if plan.generation != self._generation:
             raise ValueError("plan: a sequence was added, forked or freed since this plan was made; plan again")
-        states = advance(torch.tensor([self._state[seq] for seq in plan.seqs]), torch.tensor(plan.counts),
-                         self.sink_tokens, self.residual).tolist()
+        before = {seq: self._state[seq] for seq in plan.seqs}
+        if self.keeps_tokens:
+            budget = self.quantizer.config.kept_budget
+            states = [advance_keeping(before[seq], n, self.sink_tokens, self.residual, budget)
+                      for seq, n in zip(plan.seqs, plan.counts)]
+        else:
+            states = advance(torch.tensor([before[seq] for seq in plan.seqs]), torch.tensor(plan.counts),
+                             self.sink_tokens, self.residual).tolist()
         new_states, needed = {}, 0
         for seq, state in zip(plan.seqs, states):
             state = tuple(state)
             if sum(state) > self.max_tokens_per_seq:
                 raise ValueError(f"begin: sequence {seq} would hold {sum(state)} tokens, more than "
                                  f"max_tokens_per_seq={self.max_tokens_per_seq}; the cache is unchanged")
-            pages = -(-state[1] // self.page_size)
+            # kept tokens: the page of the next code too (a kept-token step writes that row)
+            pages = state[1] // self.page_size + 1 if self.keeps_tokens else -(-state[1] // self.page_size)
             needed += max(pages - len(self._pages_of[seq]), 0)
             new_states[seq] = (state, pages)
         if needed > len(self._free_pages):
@@ -343,6 +388,10 @@ class PagedKVCache:
                 self._write_table(seq)
             self._state[seq] = state
         plan.pending = frozenset(self.layers)
+        plan.before = before
+        plan.kept_step = self.keeps_tokens and self.kept_capacity > 0 and all(
+            n == 1 and before[seq][0] >= self.sink_tokens and before[seq][2] == self.residual
+            for seq, n in zip(plan.seqs, plan.counts))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
         """Appends the step's tokens to `layer`: keys, values [plan.num_rows, Hkv, D] (sequence i's
@@ -362,15 +411,86 @@ class PagedKVCache:
                 raise ValueError(f"{name}: expected [{plan.num_rows}, {self.num_kv_heads}, {self.head_dim}] (the "
                                  f"plan's tokens), got {list(t.shape)}")
             check_finite_on_cpu(name, t)
+        keys, values = keys.detach(), values.detach()
+        if self.keeps_tokens:
+            if plan.kept_step:
+                self._step_keeping(layer, keys, values, plan)
+            elif capturing:
+                raise ValueError("append: with kept tokens, a CUDA graph can capture only a decode step of sequences "
+                                 "that all hold their sinks and a full window (one token each); run this step eagerly")
+            else:
+                self._append_keeping(layer, keys, values, plan)
+        else:
+            self._append_tokens(layer, keys, values, plan)
+        if not capturing:
+            plan.pending = plan.pending - {layer}
+
+    def _append_tokens(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
         p, cfg = self.quantizer.layers[layer], self.quantizer.config
         with _device_guard(keys):
-            _C.append_tokens(keys.detach(), values.detach(), plan.seq_slots, plan.indptr, plan.max_new_tokens,
+            _C.append_tokens(keys, values, plan.seq_slots, plan.indptr, plan.max_new_tokens,
                              self._key_pages[layer], self._value_pages[layer], self._page_table,
                              self._lengths[layer], self._sink_k[layer], self._sink_v[layer], self._ring_k[layer],
                              self._ring_v[layer], p["key_codebook"], p["value_codebook"], p["key_scale"],
                              p["key_mean"], p["value_mean"], cfg.hadamard, self._arrivals, _stream(keys))
-        if not capturing:
-            plan.pending = plan.pending - {layer}
+
+    def _encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor, seq_slots: torch.Tensor,
+                indptr: torch.Tensor, max_new_tokens: int, lengths: torch.Tensor) -> None:
+        """The append kernel with no sinks and no window: sequence i's rows [indptr[i], indptr[i + 1])
+        of keys, values [rows, Hkv, D] straight to its code rows from lengths[seq_slots[i]][1] on
+        (lengths: int32 [max_seqs, 3] on the device, (0, coded, 0) in the batch's rows; written)."""
+        p, cfg = self.quantizer.layers[layer], self.quantizer.config
+        none = self._no_rows
+        with _device_guard(keys):
+            _C.append_tokens(keys, values, seq_slots, indptr, max_new_tokens, self._key_pages[layer],
+                             self._value_pages[layer], self._page_table, lengths, none, none, none, none,
+                             p["key_codebook"], p["value_codebook"], p["key_scale"], p["key_mean"], p["value_mean"],
+                             cfg.hadamard, self._arrivals, _stream(keys))
+
+    def _step_keeping(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
+        """A kept-token decode step (plan.kept_step): the step kernel, then the append kernel encoding
+        the token each sequence leaves out; device work only."""
+        cfg, lengths = self.quantizer.config, self._lengths[layer]
+        keys, values = keys.contiguous(), values.contiguous()
+        plan.next_lengths.copy_(lengths)  # the kernel writes the batch's rows
+        with _device_guard(keys):
+            _C.kept_step(keys, values, self._sink_k[layer], self._sink_v[layer], self._ring_k[layer],
+                         self._ring_v[layer], self._window_scores[layer], self._kept_scores[layer],
+                         self._kept_positions[layer], None, self.max_pages_per_seq * self.page_size, lengths,
+                         plan.seq_slots, self.sink_tokens, cfg.keep_fraction, cfg.keep_tokens, plan.encode_k,
+                         plan.encode_v, plan.next_lengths, plan.encode_lengths, _stream(keys))
+        self._encode(layer, plan.encode_k, plan.encode_v, plan.seq_slots, plan.indptr, 1, plan.encode_lengths)
+        lengths.copy_(plan.next_lengths)
+
+    def _append_keeping(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
+        """Any other append with kept tokens: vecinfer.keeping's rule per sequence, from the lengths
+        before the step; the tokens leaving for the codes encoded in one call of the append kernel,
+        then the buffers written."""
+        cfg = self.quantizer.config
+        writes, encoded, after = [], [], []
+        for i, (seq, n) in enumerate(zip(plan.seqs, plan.counts)):
+            buf = SequenceBuffers(self._sink_k[layer][seq], self._sink_v[layer][seq], self._ring_k[layer][seq],
+                                  self._ring_v[layer][seq], self._window_scores[layer][seq],
+                                  self._kept_scores[layer][seq], self._kept_positions[layer][seq])
+            rows = slice(plan.host_indptr[i], plan.host_indptr[i] + n)
+            w, state, encode = plan_keeping(buf, plan.before[seq], keys[rows].transpose(0, 1),
+                                            values[rows].transpose(0, 1), self.sink_tokens, self.residual,
+                                            cfg.kept_budget)
+            writes += w
+            after.append(state)
+            if encode is not None:
+                encoded.append((i, encode))
+        if encoded:
+            counts = [0] * len(plan.seqs)
+            lengths = torch.zeros((self.max_seqs, 3), dtype=torch.int32)
+            for i, e in encoded:
+                counts[i] = e.keys.shape[0]
+                lengths[plan.seqs[i], 1] = e.coded
+            indptr = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=self.device)
+            self._encode(layer, torch.cat([e.keys for _, e in encoded]), torch.cat([e.values for _, e in encoded]),
+                         plan.seq_slots, indptr, max(counts), lengths.to(self.device))
+        apply_writes(writes)
+        self._lengths[layer][plan.seq_slots.long()] = torch.tensor(after, dtype=torch.int32).to(self.device)
 
     # ---- attention ----------------------------------------------------------------------------
 
@@ -396,6 +516,10 @@ class PagedKVCache:
                                  f"not all zero; got {num_queries!r}")
         else:
             counts = [_positive_int("num_queries", num_queries)] * len(seqs)
+        if self.keeps_tokens and max(counts) > self.residual:
+            raise ValueError(f"num_queries: {max(counts)} queries for one sequence; with kept tokens the attention is "
+                             f"exact for queries within the recent window, at most residual={self.residual} (append "
+                             "and attend a longer prompt in chunks of at most that many tokens)")
         if num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads: {num_q_heads} is not a multiple of the {self.num_kv_heads} KV heads")
         short = [s for s, c in zip(seqs, counts) if self.length(s) < c]
@@ -408,6 +532,6 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Bytes the cache holds on its device (pools, windows, sinks, tables) and the quantizer's tables."""
         held = sum(t.numel() * t.element_size()
-                   for group in (self._key_pages, self._value_pages, self._sink_k, self._sink_v, self._ring_k,
-                                 self._ring_v, self._lengths) for t in group.values())
+                   for group in [self._key_pages, self._value_pages] + self._per_sequence_buffers()
+                   for t in group.values())
         return held + self._page_table.numel() * 4 + self.quantizer.parameter_bytes()

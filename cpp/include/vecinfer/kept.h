@@ -19,10 +19,14 @@
 //       else: it is encoded;
 //   the window moves up one row and the new token (k, v, score) becomes its last row.
 // Outputs: encode_keys / encode_values [batch, Hkv, D] the token to encode (a growing sequence's
-// entry is the leaving token: append_tokens writes it past the sequence's codes, where nothing
-// reads it); code_positions[b][c] its position (not for a growing sequence); next_lengths [batch, 3]
-// = (s + grow, c + 1 - grow, r); encode_lengths [batch, 3] = (0, c, 0), the lengths under which
-// append_tokens (with no sinks and no window) writes encode row b to code c.
+// entry is the leaving token: append_tokens writes it to code c, past the sequence's codes, where
+// nothing reads it; a paged cache holds the page of code c for it); code_positions[b][c] its
+// position (not for a growing sequence; not recorded when code_positions is null); next_lengths
+// = (s + grow, c + 1 - grow, r); encode_lengths = (0, c, 0), the lengths under which append_tokens
+// (with no sinks and no window) writes encode row b to code c.
+// Sequence b's per-sequence rows (sinks, window, scores, positions and the three lengths) are row
+// seq_slots[b] of those buffers (a paged cache's slots), or row b when seq_slots is null; the
+// buffers' other rows are neither read nor written.
 #pragma once
 
 #include <cstdint>
@@ -37,41 +41,48 @@ struct KeptStep {
   int64_t sinks = 0;          // sink rows before the kept ones
   int64_t kept_capacity = 0;  // kept rows after them: the sink buffers hold sinks + kept_capacity rows
   int64_t window = 0;         // rows of the recent window (>= 1)
-  int64_t code_capacity = 0;  // columns of code_positions
+  int64_t code_capacity = 0;  // code rows of a sequence (columns of code_positions)
+  // Rows of the per-sequence buffers: seq_slots null: batch (num_slots 0 or batch); else
+  // seq_slots [batch] holds distinct rows in [0, num_slots).
+  const int32_t* seq_slots = nullptr;
+  int64_t num_slots = 0;
   double keep_fraction = 0;   // in [0, 1)
   int64_t keep_tokens = 0;    // >= 0
   // Element tensors in the cache's dtype, contiguous.
   const void* new_keys = nullptr;    // [batch, Hkv, D]
   const void* new_values = nullptr;
-  void* sink_keys = nullptr;         // [batch, Hkv, sinks + kept_capacity, D]
+  // Per-sequence buffers, with R = num_slots (or batch) rows:
+  void* sink_keys = nullptr;         // [R, Hkv, sinks + kept_capacity, D]
   void* sink_values = nullptr;
-  void* window_keys = nullptr;       // [batch, Hkv, window, D]
+  void* window_keys = nullptr;       // [R, Hkv, window, D]
   void* window_values = nullptr;
+  float* window_scores = nullptr;    // [R, window]
+  float* kept_scores = nullptr;      // [R, kept_capacity]
+  int32_t* kept_positions = nullptr; // [R, kept_capacity]
+  int32_t* code_positions = nullptr; // [R, code_capacity], or null
+  const int32_t* lengths = nullptr;  // [R, 3], read only
+  int32_t* next_lengths = nullptr;   // [R, 3]
+  int32_t* encode_lengths = nullptr; // [R, 3]
+  // Per row of the batch:
   void* encode_keys = nullptr;       // [batch, Hkv, D]
   void* encode_values = nullptr;
-  float* window_scores = nullptr;    // [batch, window]
-  float* kept_scores = nullptr;      // [batch, kept_capacity]
-  int32_t* kept_positions = nullptr; // [batch, kept_capacity]
-  int32_t* code_positions = nullptr; // [batch, code_capacity]
-  const int32_t* lengths = nullptr;  // [batch, 3], read only
-  int32_t* next_lengths = nullptr;   // [batch, 3]
-  int32_t* encode_lengths = nullptr; // [batch, 3]
 };
 
 // Checks shared by both implementations: sizes, the budget's parameters, pointers.
 Status check_kept_step(const KeptStep& step);
 
 namespace cpu {
-// Checks every sequence's lengths (sinks full, window full, a kept and a code row in range) before
-// writing anything: an error leaves every buffer unchanged.
+// Checks every sequence's slot (in range, distinct) and lengths (sinks full, window full, a kept
+// and a code row in range) before writing anything: an error leaves every buffer unchanged.
 Status kept_step(DType dtype, const KeptStep& step);
 }  // namespace cpu
 
 namespace cuda {
 // Two kernels (the step, one block per sequence; the window's shift, one block per sequence, KV head
 // and keys or values), no host synchronisation: they can be captured in a CUDA graph.
-// The lengths live on the device, so the caller checks them on its host copy (QuantizedKVCache
-// does); the kernel clamps them so that bad lengths never write outside the buffers.
+// The lengths and slots live on the device, so the caller checks them on its host copy
+// (QuantizedKVCache and PagedKVCache do); the kernel clamps them so that bad lengths or slots never
+// write outside the buffers.
 Status kept_step(DType dtype, const KeptStep& step, void* stream);
 }  // namespace cuda
 

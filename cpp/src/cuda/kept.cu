@@ -30,6 +30,11 @@ __device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162f
 
 __device__ __forceinline__ int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+// Sequence b's row of the per-sequence buffers, clamped into them (the caller checked the slots)
+__device__ __forceinline__ int64_t sequence_row(const KeptStep& st, int64_t b) {
+  return st.seq_slots ? clamp_to(st.seq_slots[b], 0, st.num_slots - 1) : b;
+}
+
 // (score, row) is lower than (other_score, other_row): the lower score, the lower row on ties; row -1 is none
 __device__ __forceinline__ bool lower(float score, int row, float other_score, int other_row) {
   return row >= 0 && (other_row < 0 || score < other_score || (score == other_score && row < other_row));
@@ -42,16 +47,16 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
   __shared__ int warp_low_row[kKeptThreads / 32];
   __shared__ int64_t decided[4];  // grow, swap, low, slot
   __shared__ float new_score;
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, seq = sequence_row(st, b);
   const int64_t hkv = st.num_kv_heads, d = st.head_dim, w = st.window, sink_rows = st.sinks + st.kept_capacity;
-  const int32_t* len = st.lengths + 3 * b;
+  const int32_t* len = st.lengths + 3 * seq;
   // lengths clamped into the buffers (the caller checked them on its host copy)
   const int64_t kept = clamp_to(int64_t{len[0]} - st.sinks, 0, st.kept_capacity);
   const int64_t coded = clamp_to(len[1], 0, st.code_capacity - 1);
-  const T* window_keys = static_cast<const T*>(st.window_keys) + b * hkv * w * d;
+  const T* window_keys = static_cast<const T*>(st.window_keys) + seq * hkv * w * d;
   const T* new_keys = static_cast<const T*>(st.new_keys) + b * hkv * d;
-  const float* kept_scores = st.kept_scores + b * st.kept_capacity;
-  float* window_scores = st.window_scores + b * w;
+  const float* kept_scores = st.kept_scores + seq * st.kept_capacity;
+  float* window_scores = st.window_scores + seq * w;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t h = warp; h < hkv; h += kKeptThreads / 32) {
@@ -99,14 +104,15 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
     const bool swap = !grow && low >= 0 && out_score > low_of_all;
     const int64_t slot = grow ? kept : low;
     const int32_t out_position = static_cast<int32_t>(st.sinks + kept + coded);
-    int32_t* kept_positions = st.kept_positions + b * st.kept_capacity;
-    if (!grow) st.code_positions[b * st.code_capacity + coded] = swap ? kept_positions[low] : out_position;
-    if (grow || swap) st.kept_scores[b * st.kept_capacity + slot] = out_score, kept_positions[slot] = out_position;
-    int32_t* next = st.next_lengths + 3 * b;
+    int32_t* kept_positions = st.kept_positions + seq * st.kept_capacity;
+    if (!grow && st.code_positions)
+      st.code_positions[seq * st.code_capacity + coded] = swap ? kept_positions[low] : out_position;
+    if (grow || swap) st.kept_scores[seq * st.kept_capacity + slot] = out_score, kept_positions[slot] = out_position;
+    int32_t* next = st.next_lengths + 3 * seq;
     next[0] = static_cast<int32_t>(st.sinks + kept + (grow ? 1 : 0));
     next[1] = static_cast<int32_t>(coded + (grow ? 0 : 1));
     next[2] = static_cast<int32_t>(w);
-    int32_t* encode = st.encode_lengths + 3 * b;
+    int32_t* encode = st.encode_lengths + 3 * seq;
     encode[0] = 0, encode[1] = static_cast<int32_t>(coded), encode[2] = 0;
     decided[0] = grow, decided[1] = swap, decided[2] = low, decided[3] = slot;
   }
@@ -122,8 +128,8 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
   const bool grow = decided[0], swap = decided[1];
   const int64_t low = decided[2], slot = decided[3];
   for (int which = 0; which < 2; ++which) {
-    const T* window = static_cast<const T*>(which ? st.window_values : st.window_keys) + b * hkv * w * d;
-    T* sink = static_cast<T*>(which ? st.sink_values : st.sink_keys) + b * hkv * sink_rows * d;
+    const T* window = static_cast<const T*>(which ? st.window_values : st.window_keys) + seq * hkv * w * d;
+    T* sink = static_cast<T*>(which ? st.sink_values : st.sink_keys) + seq * hkv * sink_rows * d;
     T* encode = static_cast<T*>(which ? st.encode_values : st.encode_keys) + b * hkv * d;
     for (int64_t e = threadIdx.x; e < hkv * d; e += kKeptThreads) {
       const int64_t h = e / d, i = e - h * d;
@@ -138,10 +144,11 @@ template <typename T>
 __global__ void __launch_bounds__(kKeptThreads) shift_window_kernel(KeptStep st, int64_t chunk_rows) {
   extern __shared__ unsigned char staging_bytes[];  // [chunk_rows, head_dim] elements
   T* staging = reinterpret_cast<T*>(staging_bytes);
-  const int64_t d = st.head_dim, w = st.window, row = (int64_t{blockIdx.x} * st.num_kv_heads + blockIdx.y);
+  const int64_t d = st.head_dim, w = st.window, h = blockIdx.y;
+  const int64_t row = sequence_row(st, blockIdx.x) * st.num_kv_heads + h, fresh_row = blockIdx.x * st.num_kv_heads + h;
   const bool values = blockIdx.z;
   T* window = static_cast<T*>(values ? st.window_values : st.window_keys) + row * w * d;
-  const T* fresh = static_cast<const T*>(values ? st.new_values : st.new_keys) + row * d;
+  const T* fresh = static_cast<const T*>(values ? st.new_values : st.new_keys) + fresh_row * d;
   for (int64_t first = 0; first < w; first += chunk_rows) {  // destination rows [first, first + rows)
     const int64_t elements = (chunk_rows < w - first ? chunk_rows : w - first) * d;
 #pragma unroll 4
