@@ -6,15 +6,19 @@
 # compute-sanitizer. The most important steps run first, so a run cut short still reports them.
 # Writes summary.md (as it goes) and logs.tgz (every log) into $OUT (default ./gpu-out).
 #
-#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--kept|--kept-e2e|--e2e|--tp] [--prebuilt DIR]
+#   bash scripts/gpu_check.sh [--quick|--attention|--prefill|--kept|--paged-kept|--kept-e2e|--e2e|--tp] [--prebuilt DIR]
 #     --quick:     build + all tests, no sanitizer, no benchmarks
 #     --prefill:   build + the long-query tests (both builds) + their benchmark, Nsight Compute and
 #                  compute-sanitizer
 #     --attention: build + the attention tests (both builds) + the attention benchmark + Nsight Compute
 #     --kept:      build + the kept-token and attention tests (both builds), the paged, long-query,
 #                  cache and HF tests, the decode benchmark without kept tokens, with 1% kept, and
-#                  with 64 kept and a 64-token window (KEPT_SHAPES, default four shapes), racecheck
-#                  over the full-precision blocks and the kept-token step, memcheck over both
+#                  with 64 kept and a 64-token window (KEPT_SHAPES, default four shapes; KEPT_BENCH=0
+#                  skips them), racecheck over the full-precision blocks and the kept-token step
+#                  (QuantizedKVCache and PagedKVCache), memcheck over both
+#     --paged-kept: the kept-token and paged tests (both builds), racecheck and memcheck of the paged
+#                  cache's kept-token steps, the serving benchmark without and with 64 kept tokens
+#                  and a 64-token window
 #     --kept-e2e:  the end-to-end generation benchmark at B=1 and B=16 x 32k, 32 new tokens, with
 #                  the default quantizer and with 64 kept tokens and a 64-token window
 #     --e2e:       build + all tests + the end-to-end generation benchmark (needs an H200's
@@ -173,7 +177,7 @@ if [ "$MODE" == "--kept" ]; then
     $PY -m pytest tests/test_kept_tokens.py tests/test_attention.py -k "cuda" -q -rs -p no:cacheprovider &&
     tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
   SHAPES_ARG="--shapes=${KEPT_SHAPES:-B=1 S=128k,B=32 S=32k,B=128 S=8k,B=1 S=1M}"
-  for keep in "0 0 128" "0.01 0 128" "0 64 64"; do
+  [ "${KEPT_BENCH:-1}" = 0 ] || for keep in "0 0 128" "0.01 0 128" "0 64 64"; do
     read -r fraction tokens recent <<<"$keep"
     name="keep_${fraction}_${tokens}_w${recent}"
     step "decode benchmark, keep fraction $fraction, keep tokens $tokens, window $recent" "bench_$name.log" \
@@ -189,12 +193,37 @@ if [ "$MODE" == "--kept" ]; then
   # the kept-token step kernel (the cache's choice tests) and the attention over kept tokens
   step "compute-sanitizer racecheck (kept-token step)" racecheck_step.log timeout 200 \
     compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py \
-    -q -x -p no:cacheprovider -k "cuda and batched"
+    -q -x -p no:cacheprovider -k "cuda and (batched or paged)"
   tail -2 "$LOGS/racecheck_step.log" | tee -a "$SUMMARY"
   step "compute-sanitizer memcheck (kept tokens)" memcheck.log timeout 300 compute-sanitizer --tool memcheck \
     --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x -p no:cacheprovider \
-    -k "cuda and (most_novel or batched or equals or schedules)"
+    -k "cuda and (most_novel or batched or equals or schedules or paged)"
   tail -2 "$LOGS/memcheck.log" | tee -a "$SUMMARY"
+  finish
+fi
+
+if [ "$MODE" == "--paged-kept" ]; then
+  step "pytest (kept tokens, paged)" pytest.log $PY -m pytest tests/test_kept_tokens.py tests/test_paged.py -q -rs \
+    -p no:cacheprovider
+  tail -5 "$LOGS/pytest.log" | tee -a "$SUMMARY"
+  [ -d "$SM80/vecinfer" ] && step "pytest (kept tokens, paged, Ampere path, A100 shared memory)" pytest_sm80.log \
+    env PYTHONPATH=$SM80:${PYTHONPATH#$SM90:} VECINFER_MAX_SHARED_BYTES=166912 \
+    $PY -m pytest tests/test_kept_tokens.py tests/test_paged.py -k "cuda or gpu" -q -rs -p no:cacheprovider &&
+    tail -3 "$LOGS/pytest_sm80.log" | tee -a "$SUMMARY"
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in racecheck memcheck; do
+    step "compute-sanitizer $tool (paged kept-token steps)" "${tool}_paged.log" timeout 240 compute-sanitizer \
+      --tool $tool --error-exitcode 1 --print-limit 20 $PY -m pytest tests/test_kept_tokens.py -q -x \
+      -p no:cacheprovider -k "cuda and paged"
+    tail -2 "$LOGS/${tool}_paged.log" | tee -a "$SUMMARY"
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  for keep in "0 128" "64 64"; do
+    read -r tokens recent <<<"$keep"
+    step "serving benchmark, keep tokens $tokens, window $recent" "serving_keep_${tokens}.log" \
+      $PY -m vecinfer bench --serving --keep-tokens "$tokens" --recent "$recent" --json "$OUT/serving_keep_$tokens.json"
+    cat "$LOGS/serving_keep_${tokens}.log" >>"$SUMMARY"
+  done
   finish
 fi
 
