@@ -24,15 +24,17 @@ def key_novelty(before: torch.Tensor, new: torch.Tensor, window: int) -> torch.T
     are `before` [..., Hkv, P, D] (the keys just before them, in order): summed over the KV heads,
     ||k - mu||^2 / ||k||^2 with mu the mean of the `window` keys before k; 0 for a key with none
     before it."""
-    x = torch.cat([before, new], -2).float()
+    # [..., Hkv, D, P + m]: the running sums run along the last, contiguous dimension (a scan along
+    # an outer one is a serial loop per column on GPUs: ~3 ms for 8,192 keys of 8 x 128)
+    x = torch.cat([before, new], -2).float().transpose(-1, -2).contiguous()
     p, m = before.shape[-2], new.shape[-2]
-    sums = torch.cat([torch.zeros_like(x[..., :1, :]), x.cumsum(-2)], -2)  # sums[..., i, :]: keys [0, i)
+    sums = torch.nn.functional.pad(x.cumsum(-1), (1, 0))  # sums[..., i]: keys [0, i)
     j = torch.arange(p, p + m, device=x.device)
     first = (j - window).clamp(min=0)
     count = j - first
-    mean = (sums[..., j, :] - sums[..., first, :]) / count.clamp(min=1)[:, None].float()
-    k = x[..., p:, :]
-    score = (((k - mean) ** 2).sum(-1) / (k ** 2).sum(-1).clamp(min=1e-12)).sum(-2)
+    mean = (sums[..., j] - sums[..., first]) / count.clamp(min=1).float()
+    k = x[..., p:]
+    score = (((k - mean) ** 2).sum(-2) / (k ** 2).sum(-2).clamp(min=1e-12)).sum(-2)
     return torch.where(count > 0, score, torch.zeros_like(score))
 
 
