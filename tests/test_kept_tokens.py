@@ -254,9 +254,9 @@ def test_kept_step_binding_refuses_bad_buffers(gen):
         vecinfer._C.kept_step(**buffers(code_positions=torch.zeros((B, codes), dtype=torch.int64)))
     with pytest.raises(TypeError, match="encode_keys: must have the dtype of new_keys"):
         vecinfer._C.kept_step(**buffers(encode_keys=torch.zeros((B, H, D), dtype=torch.float16)))
-    bad = buffers(lengths=torch.tensor([[sinks, 0, window], [sinks, 0, window - 1]], dtype=torch.int32))
+    bad = buffers(lengths=torch.tensor([[sinks, 0, window], [sinks, 2, window - 1]], dtype=torch.int32))
     before = {k: v.clone() for k, v in bad.items() if isinstance(v, torch.Tensor)}
-    with pytest.raises(ValueError, match="a full window"):
+    with pytest.raises(ValueError, match="filling its window \\(nothing kept or coded\\)"):
         vecinfer._C.kept_step(**bad)
     for name, value in before.items():  # sequence 0 was valid, but nothing is written
         assert torch.equal(bad[name], value), name
@@ -355,29 +355,30 @@ def _paged_step(cache, seqs, counts, history, gen):
 @pytest.mark.parametrize("fraction,floor", [(0.1, 0), (0.0, 12)])
 def test_paged_cache_keeps_what_each_sequence_alone_keeps(quantizer, device, fraction, floor, gen):
     """PagedKVCache with kept tokens: sequences in scattered slots, prompts of awkward lengths (within
-    the window, across it many times, a sequence joining late), decode steps (the kept-token step
-    kernel once every sequence holds a full window), then a fork decoding beside its parent. Each
-    sequence keeps the most novel tokens, as it would alone, and the plan's attention (up to a
-    window of queries) equals float64 attention over the sinks, kept tokens and window exact and
-    the other tokens quantized once."""
+    the window, across it many times, a sequence joining late, one with no prompt), decode steps
+    (the kept-token step kernel, sequences filling their sinks or window beside steady ones), then a
+    fork decoding beside its parent. Each sequence keeps the most novel tokens, as it would alone,
+    and the plan's attention (up to a window of queries) equals float64 attention over the sinks,
+    kept tokens and window exact and the other tokens quantized once."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     cache = vecinfer.PagedKVCache(quantizer.replace(keep_fraction=fraction, keep_tokens=floor), num_pages=60,
                                   max_seqs=5, max_tokens_per_seq=260, page_size=16, device=device, dtype=dtype)
     first = cache.add_sequence()
     seqs = [cache.add_sequence() for _ in range(3)]
-    cache.free(first)  # the sequences are slots 1, 2, 3
+    cache.free(first)
+    seqs.append(cache.add_sequence())  # the sequences are slots 1, 2, 3, 0
     empty = torch.zeros((2, 0, 64))
     history = {s: [empty, empty, []] for s in seqs}
-    _paged_step(cache, seqs, [40, 5, 0], history, gen)
-    _paged_step(cache, seqs, [0, 30, 17], history, gen)
-    kept_steps = [_paged_step(cache, seqs, [1, 1, 1], history, gen).kept_step for _ in range(40)]
-    assert not kept_steps[0] and all(kept_steps[2:])  # the third sequence's window fills after two steps
+    _paged_step(cache, seqs, [40, 5, 0, 0], history, gen)
+    _paged_step(cache, seqs, [0, 30, 17, 0], history, gen)
+    # the last sequence decodes from nothing: two sinks, sixteen window rows, then steady
+    assert all(_paged_step(cache, seqs, [1, 1, 1, 1], history, gen).kept_step for _ in range(40))
     child = cache.fork(seqs[0])
     history[child] = list(history[seqs[0]])
     assert cache._pages_of[child][:-1] == cache._pages_of[seqs[0]][:-1]  # full pages shared
     assert cache._pages_of[child][-1] != cache._pages_of[seqs[0]][-1]    # the page of the next code its own
     seqs.append(child)
-    assert all(_paged_step(cache, seqs, [1] * 4, history, gen).kept_step for _ in range(20))
+    assert all(_paged_step(cache, seqs, [1] * 5, history, gen).kept_step for _ in range(20))
     for s in seqs:
         k, v, chunks = history[s]
         n = k.shape[1]
@@ -432,9 +433,9 @@ def test_paged_kept_tokens_bad_calls_leave_the_cache_unchanged(quantizer, gen):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm_80+)")
 def test_paged_kept_step_replays_in_a_cuda_graph(quantizer, gen):
-    """A kept-token decode step (append + run, every layer) captured in a CUDA graph and replayed
-    30 times with cache.begin before each: every output and every buffer equal an eager twin's.
-    Capturing a step that is not a kept-token step is refused."""
+    """A kept-token decode step (append + run, every layer) captured in a CUDA graph while a sequence
+    still fills its window, replayed 40 times with cache.begin before each: every output and every
+    buffer equal an eager twin's. Capturing a step of several tokens to a sequence is refused."""
     quant = quantizer.replace(keep_fraction=0, keep_tokens=12)
     graph_cache, eager = (vecinfer.PagedKVCache(quant, num_pages=64, max_seqs=3, max_tokens_per_seq=200, device="cuda",
                                                 dtype=torch.float16) for _ in range(2))
@@ -450,27 +451,29 @@ def test_paged_kept_step_replays_in_a_cuda_graph(quantizer, gen):
         for layer in cache.layers:
             cache.append(layer, k, v, step)
 
-    for seq, n in zip(seqs, (10, 40, 25)):  # prompts; the first leaves its window short of full
+    for seq, n in zip(seqs, (1, 40, 25)):  # prompts; the first leaves its sinks short of full
         k, v = tokens(n)
         for cache in (graph_cache, eager):
             run(cache, cache.plan_append([seq], [n]), k, v)
-    step, eager_step = graph_cache.plan_append(seqs, [1, 1, 1]), eager.plan_append(seqs, [1, 1, 1])
-    graph_cache.begin(step)
-    assert not step.kept_step
+    multi = graph_cache.plan_append(seqs, [2, 1, 1])
+    graph_cache.begin(multi)
+    assert not multi.kept_step
     k_in = torch.zeros((3, 2, 64), device="cuda", dtype=torch.float16)
     v_in, q_in = torch.zeros_like(k_in), torch.zeros((3, 4, 1, 64), device="cuda", dtype=torch.float16)
-    with pytest.raises(ValueError, match="can capture only a decode step"):
+    k4, v4 = torch.zeros((4, 2, 64), device="cuda", dtype=torch.float16), torch.zeros((4, 2, 64), device="cuda",
+                                                                                      dtype=torch.float16)
+    with pytest.raises(ValueError, match="can capture only a step of one token per sequence"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            graph_cache.append(graph_cache.layers[0], k_in, v_in, step)
-    for i in range(12):  # eager steps (the first begun already) until every window is full
-        k, v = tokens(3)
-        run(graph_cache, step, k, v, begin=i > 0)
-        run(eager, eager_step, k, v)
+            graph_cache.append(graph_cache.layers[0], k4, v4, multi)
+    k, v = tokens(4)  # the refused capture changed nothing: the step runs eagerly on both
+    run(graph_cache, multi, k, v, begin=False)
+    run(eager, eager.plan_append(seqs, [2, 1, 1]), k, v)
+    step, eager_step = graph_cache.plan_append(seqs, [1, 1, 1]), eager.plan_append(seqs, [1, 1, 1])
     graph_cache.begin(step)
-    assert step.kept_step
+    assert step.kept_step and graph_cache._state[seqs[0]] == (2, 0, 2)  # sinks full, a window of two
     plan, eager_plan = graph_cache.plan_attention(seqs, 4), eager.plan_attention(seqs, 4)
     graph, outs = capture_decode_step(graph_cache, step, plan, k_in, v_in, q_in)
-    for i in range(31):
+    for i in range(40):  # the first sequence fills its window, then keeps its budget, then encodes
         k, v = tokens(3)
         q = torch.randn((3, 4, 1, 64), generator=gen).half().cuda()
         k_in.copy_(k), v_in.copy_(v), q_in.copy_(q)
@@ -480,6 +483,7 @@ def test_paged_kept_step_replays_in_a_cuda_graph(quantizer, gen):
         run(eager, eager_step, k, v)
         for layer in eager.layers:
             torch.testing.assert_close(outs[layer], eager_plan.run(layer, q), atol=0, rtol=0)
+    assert graph_cache._state[seqs[0]] == (2 + 12, 43 - 2 - 16 - 12, 16)
     for a, b in zip(graph_cache._per_sequence_buffers(), eager._per_sequence_buffers()):
         for layer in eager.layers:
             assert torch.equal(a[layer], b[layer])

@@ -229,9 +229,10 @@ TEST(KeptStep, AFullBudgetSwapsWithTheLowestKeptTokenOrEncodesTheLeavingOne) {
 }
 
 TEST(KeptStep, BadLengthsChangeNothing) {
-  for (std::vector<int32_t> lens : {std::vector<int32_t>{0, 0, 3},   // sinks not full
+  for (std::vector<int32_t> lens : {std::vector<int32_t>{0, 0, 3},   // a window before the sinks are full
                                     std::vector<int32_t>{4, 0, 3},   // more kept than rows
-                                    std::vector<int32_t>{1, 0, 2},   // window not full
+                                    std::vector<int32_t>{1, 2, 2},   // codes before the window is full
+                                    std::vector<int32_t>{2, 0, 2},   // a kept token before the window is full
                                     std::vector<int32_t>{1, 8, 3}}) {  // no free code column
     KeptSequence seq(lens), before(lens);
     EXPECT_FALSE(seq.step().ok());
@@ -240,6 +241,42 @@ TEST(KeptStep, BadLengthsChangeNothing) {
     EXPECT_EQ(seq.sink_k, before.sink_k);
     EXPECT_EQ(seq.next_lengths, before.next_lengths);
   }
+}
+
+// Filling: the first token becomes the sink; the next ones window rows, each scored against the
+// last `window` (3) of the sink's and window's keys; nothing is kept or coded.
+TEST(KeptStep, AFillingSequenceTakesTheTokenAsASinkThenAWindowRow) {
+  using K = KeptSequence;
+  KeptSequence seq({0, 0, 0});
+  std::vector<float> keys;  // head 0's key of each token, in order (head 1: the same + 10)
+  for (float key : {2.f, 4.f, 6.f, 8.f}) {
+    for (int i = 0; i < K::kD; ++i) seq.new_k[i] = key, seq.new_k[K::kD + i] = key + 10.f, seq.new_v[i] = -key;
+    const std::vector<int32_t> before = seq.lengths;
+    ASSERT_TRUE(seq.step().ok());
+    EXPECT_EQ(seq.encode_lengths, (std::vector<int32_t>{0, 0, 0}));
+    EXPECT_EQ(seq.encode_k[0], key);  // the token itself, written to code 0 where nothing reads it
+    seq.lengths = seq.next_lengths;
+    keys.push_back(key);
+    if (keys.size() == 1) {
+      EXPECT_EQ(seq.next_lengths, (std::vector<int32_t>{1, 0, 0}));
+      EXPECT_EQ(seq.sink_k[0], 2.f);
+      EXPECT_EQ(seq.sink_v[0], -2.f);
+      continue;
+    }
+    const int r = before[2];  // its window row
+    EXPECT_EQ(seq.next_lengths, (std::vector<int32_t>{1, 0, r + 1}));
+    EXPECT_EQ(seq.window_key(0, r), key);
+    EXPECT_EQ(seq.window_key(1, r), key + 10.f);
+    // predecessors: the last min(3, tokens before) keys; per head ||k - m||^2 / ||k||^2 over 64 equal dims
+    const size_t n = keys.size() - 1, count = std::min<size_t>(3, n);
+    float m0 = 0;
+    for (size_t j = n - count; j < n; ++j) m0 += keys[j] / float(count);
+    const float expected = (key - m0) * (key - m0) / (key * key) +
+                           (key - m0) * (key - m0) / ((key + 10.f) * (key + 10.f));
+    EXPECT_NEAR(seq.window_scores[r], expected, 1e-5f);
+  }
+  EXPECT_EQ(seq.kept_positions, (std::vector<int32_t>{-1, -1}));  // nothing kept
+  EXPECT_EQ(seq.code_positions[0], -1);                         // nothing coded
 }
 
 // A paged cache's step: the batch's one sequence is row 1 of two-row buffers (seq_slots), with no

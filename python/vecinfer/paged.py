@@ -16,12 +16,11 @@ full-precision window.
 Kept tokens (quantizer.config.keep_tokens or keep_fraction > 0; vecinfer.keeping has the rule):
 the sink buffers hold the sinks then the kept tokens, [max_seqs, Hkv, sink_tokens + kept, D], and
 the first length counts both; the window is in order (row i is window token i) instead of a ring,
-with each window token's score, each kept token's score and position beside it. A decode step of
-sequences that all have their sinks and a full window (one token each) is one call of the kept-token
-step kernel (vecinfer/kept.h) and one of the append kernel, with no host synchronisation (it can be
-captured in a CUDA graph); any other append runs the rule per sequence from Python. A sequence
-holds the page of its next code as well (a step that keeps the token leaving its window still
-writes that row, unread). The attention reads kept tokens as it reads sinks, which is exact for
+with each window token's score, each kept token's score and position beside it. A step of one
+token to each sequence is one call of the kept-token step kernel (vecinfer/kept.h) and one of the
+append kernel, with no host synchronisation (it can be captured in a CUDA graph); any other append
+(a prompt) runs the rule per sequence from Python. A sequence holds the page of its next code as
+well (a step that keeps its token or the one leaving its window still writes that row, unread). The attention reads kept tokens as it reads sinks, which is exact for
 queries within the recent window: a plan takes at most `residual` queries per sequence (prefill a
 longer prompt in chunks of at most `residual` tokens).
 
@@ -95,7 +94,7 @@ class AppendPlan:
         self.generation = cache._generation  # the sequences' membership when planned
         self.pending: frozenset = frozenset()  # layers still to append this step (eager use)
         # kept tokens: the lengths before the step begun last, and whether it is a kept-token step
-        # (one token to each sequence, every one with its sinks and a full window)
+        # (one token to each sequence)
         self.before: dict = {}
         self.kept_step = False
         if cache.keeps_tokens:
@@ -389,9 +388,7 @@ class PagedKVCache:
             self._state[seq] = state
         plan.pending = frozenset(self.layers)
         plan.before = before
-        plan.kept_step = self.keeps_tokens and self.kept_capacity > 0 and all(
-            n == 1 and before[seq][0] >= self.sink_tokens and before[seq][2] == self.residual
-            for seq, n in zip(plan.seqs, plan.counts))
+        plan.kept_step = self.keeps_tokens and self.kept_capacity > 0 and all(n == 1 for n in plan.counts)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
         """Appends the step's tokens to `layer`: keys, values [plan.num_rows, Hkv, D] (sequence i's
@@ -416,8 +413,8 @@ class PagedKVCache:
             if plan.kept_step:
                 self._step_keeping(layer, keys, values, plan)
             elif capturing:
-                raise ValueError("append: with kept tokens, a CUDA graph can capture only a decode step of sequences "
-                                 "that all hold their sinks and a full window (one token each); run this step eagerly")
+                raise ValueError("append: with kept tokens, a CUDA graph can capture only a step of one token per "
+                                 "sequence; run this step eagerly")
             else:
                 self._append_keeping(layer, keys, values, plan)
         else:
@@ -449,7 +446,8 @@ class PagedKVCache:
 
     def _step_keeping(self, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: AppendPlan) -> None:
         """A kept-token decode step (plan.kept_step): the step kernel, then the append kernel encoding
-        the token each sequence leaves out; device work only."""
+        the token each sequence leaves out (a sequence still filling its sinks or window writes its
+        token to its next code row, unread); device work only."""
         cfg, lengths = self.quantizer.config, self._lengths[layer]
         keys, values = keys.contiguous(), values.contiguous()
         plan.next_lengths.copy_(lengths)  # the kernel writes the batch's rows

@@ -1,13 +1,18 @@
 // One decode step of a layer whose cache keeps some tokens in full precision, chosen by key novelty
 // as they leave the recent window (the Python QuantizedKVCache with VQConfig.keep_fraction or
-// keep_tokens; its module docstring has the whole scheme). This is the step of a batch in which
-// every sequence has its sinks and a full window and appends one token; the encoding itself is
-// append_tokens' (paged.h), called after this with encode_lengths.
+// keep_tokens; python/vecinfer/keeping.py has the whole rule). This is the step of a batch in
+// which every sequence appends one token; the encoding itself is append_tokens' (paged.h), called
+// after this with encode_lengths.
 //
 // Per sequence b, with (s, c, r) = lengths[b]: sink rows [0, sinks) hold the first tokens, rows
 // [sinks, s) the kept = s - sinks kept tokens (any order; kept_scores / kept_positions say which),
-// c tokens are coded, and the window is full (r = window) and in order (row j = window token j,
-// at position s + c + j). The new token k (per KV head) arrives:
+// c tokens are coded, and the window (r tokens) is in order (row j = window token j, at position
+// s + c + j). While a sequence fills (nothing has left its window: c = 0, nothing kept):
+//   s < sinks: the new token becomes sink row s; next_lengths = (s + 1, 0, 0);
+//   r < window: it becomes window row r, its score (below) against the last `window` of the sinks'
+//               and window's keys (0 with none); next_lengths = (s, 0, r + 1);
+// and encode row b is the new token, written to code c = 0 where nothing reads it. Once the sinks
+// and the window are full (r = window, "steady"), the new token k (per KV head) arrives:
 //   its score   = sum over KV heads of ||k - m||^2 / max(||k||^2, 1e-12), m the mean of the
 //                 window's keys, in float32;
 //   the budget  = min(E + 1, max(keep_tokens, floor(keep_fraction * (E + 1) + 0.5))), E = kept + c
@@ -72,8 +77,9 @@ struct KeptStep {
 Status check_kept_step(const KeptStep& step);
 
 namespace cpu {
-// Checks every sequence's slot (in range, distinct) and lengths (sinks full, window full, a kept
-// and a code row in range) before writing anything: an error leaves every buffer unchanged.
+// Checks every sequence's slot (in range, distinct) and lengths (a state above: filling with
+// nothing kept or coded, or steady; a kept and a code row in range) before writing anything: an
+// error leaves every buffer unchanged.
 Status kept_step(DType dtype, const KeptStep& step);
 }  // namespace cpu
 

@@ -1,6 +1,8 @@
 // The kept-token decode step (kept.h) in two kernels, one after the other on the stream.
-//   kept_step_kernel, one block per sequence:
-//     1. each warp takes KV heads in turn: per dimension, the mean of the window's keys, then the
+//   kept_step_kernel, one block per sequence (a sequence still filling its sinks or its window
+//   only takes the token: a sink row here, a window row in the second kernel):
+//     1. each warp takes KV heads in turn: per dimension, the mean of the new key's predecessors
+//        (the window's keys; while filling, the last `window` of the sinks' and window's), then the
 //        head's ||k - m||^2 and ||k||^2 reduced across the warp; every thread also scans its share
 //        of the kept scores for the lowest (lowest row on ties), reduced across the block;
 //     2. thread 0 adds the heads' terms in head order (so the score does not depend on
@@ -35,6 +37,22 @@ __device__ __forceinline__ int64_t sequence_row(const KeptStep& st, int64_t b) {
   return st.seq_slots ? clamp_to(st.seq_slots[b], 0, st.num_slots - 1) : b;
 }
 
+// A sequence's state before the step, its lengths clamped into the buffers (the caller checked
+// them on its host copy), and where the new token goes (kept.h): a sink row, the next window row,
+// or, once the sinks and the window are full, the last window row after the shift ("steady").
+struct SequenceState {
+  int64_t sinks_held, kept, coded, recent;
+  bool to_sink, steady;
+  __device__ SequenceState(const KeptStep& st, const int32_t* len) {
+    sinks_held = clamp_to(len[0], 0, st.sinks);
+    kept = clamp_to(int64_t{len[0]} - st.sinks, 0, st.kept_capacity);
+    coded = clamp_to(len[1], 0, st.code_capacity - 1);
+    recent = clamp_to(len[2], 0, st.window);
+    to_sink = sinks_held < st.sinks;
+    steady = !to_sink && recent == st.window;
+  }
+};
+
 // (score, row) is lower than (other_score, other_row): the lower score, the lower row on ties; row -1 is none
 __device__ __forceinline__ bool lower(float score, int row, float other_score, int other_row) {
   return row >= 0 && (other_row < 0 || score < other_score || (score == other_score && row < other_row));
@@ -49,10 +67,13 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
   __shared__ float new_score;
   const int64_t b = blockIdx.x, seq = sequence_row(st, b);
   const int64_t hkv = st.num_kv_heads, d = st.head_dim, w = st.window, sink_rows = st.sinks + st.kept_capacity;
-  const int32_t* len = st.lengths + 3 * seq;
-  // lengths clamped into the buffers (the caller checked them on its host copy)
-  const int64_t kept = clamp_to(int64_t{len[0]} - st.sinks, 0, st.kept_capacity);
-  const int64_t coded = clamp_to(len[1], 0, st.code_capacity - 1);
+  const SequenceState state(st, st.lengths + 3 * seq);
+  const int64_t kept = state.kept, coded = state.coded;
+  // the new key's predecessors: the window when steady; else the sinks, then window rows [0, recent)
+  const int64_t before_sinks = state.steady ? 0 : state.sinks_held, before_rows = state.steady ? w : state.recent;
+  const int64_t count = before_sinks + before_rows < w ? before_sinks + before_rows : w;
+  const int64_t first = before_sinks + before_rows - count;  // the first of the last `count`
+  const T* sink_keys = static_cast<const T*>(st.sink_keys) + seq * hkv * sink_rows * d;
   const T* window_keys = static_cast<const T*>(st.window_keys) + seq * hkv * w * d;
   const T* new_keys = static_cast<const T*>(st.new_keys) + b * hkv * d;
   const float* kept_scores = st.kept_scores + seq * st.kept_capacity;
@@ -63,9 +84,11 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
     float diff2 = 0.f, norm2 = 0.f;
     for (int64_t i = lane; i < d; i += 32) {
       float sum = 0.f;
+      for (int64_t r = first; r < before_sinks; ++r) sum += as_float(sink_keys[(h * sink_rows + r) * d + i]);
 #pragma unroll 16
-      for (int64_t r = 0; r < w; ++r) sum += as_float(window_keys[(h * w + r) * d + i]);
-      const float k = as_float(new_keys[h * d + i]), diff = k - sum / float(w);
+      for (int64_t r = first > before_sinks ? first - before_sinks : 0; r < before_rows; ++r)
+        sum += as_float(window_keys[(h * w + r) * d + i]);
+      const float k = as_float(new_keys[h * d + i]), diff = k - (count > 0 ? sum / float(count) : 0.f);
       diff2 += diff * diff;
       norm2 += k * k;
     }
@@ -73,7 +96,7 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
       diff2 += __shfl_xor_sync(0xffffffffu, diff2, offset);
       norm2 += __shfl_xor_sync(0xffffffffu, norm2, offset);
     }
-    if (lane == 0) head_terms[h] = diff2 / fmaxf(norm2, 1e-12f);
+    if (lane == 0) head_terms[h] = count > 0 ? diff2 / fmaxf(norm2, 1e-12f) : 0.f;  // none before: 0
   }
   float low_score = FLT_MAX;
   int low_row = -1;
@@ -95,30 +118,39 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
     float low_of_all = FLT_MAX;
     for (int i = 0; i < kKeptThreads / 32; ++i)
       if (lower(warp_low_score[i], warp_low_row[i], low_of_all, low)) low_of_all = warp_low_score[i], low = warp_low_row[i];
-    const int64_t left = kept + coded + 1;
-    const int64_t fraction = static_cast<int64_t>(st.keep_fraction * double(left) + 0.5);
-    const int64_t floor_or_fraction = fraction > st.keep_tokens ? fraction : st.keep_tokens;
-    const int64_t budget = floor_or_fraction < left ? floor_or_fraction : left;
-    const bool grow = budget > kept && kept < st.kept_capacity;
-    const float out_score = window_scores[0];
-    const bool swap = !grow && low >= 0 && out_score > low_of_all;
-    const int64_t slot = grow ? kept : low;
-    const int32_t out_position = static_cast<int32_t>(st.sinks + kept + coded);
-    int32_t* kept_positions = st.kept_positions + seq * st.kept_capacity;
-    if (!grow && st.code_positions)
-      st.code_positions[seq * st.code_capacity + coded] = swap ? kept_positions[low] : out_position;
-    if (grow || swap) st.kept_scores[seq * st.kept_capacity + slot] = out_score, kept_positions[slot] = out_position;
     int32_t* next = st.next_lengths + 3 * seq;
-    next[0] = static_cast<int32_t>(st.sinks + kept + (grow ? 1 : 0));
-    next[1] = static_cast<int32_t>(coded + (grow ? 0 : 1));
-    next[2] = static_cast<int32_t>(w);
     int32_t* encode = st.encode_lengths + 3 * seq;
     encode[0] = 0, encode[1] = static_cast<int32_t>(coded), encode[2] = 0;
+    bool grow = false, swap = false;
+    int64_t slot = -1;
+    if (state.steady) {
+      const int64_t left = kept + coded + 1;
+      const int64_t fraction = static_cast<int64_t>(st.keep_fraction * double(left) + 0.5);
+      const int64_t floor_or_fraction = fraction > st.keep_tokens ? fraction : st.keep_tokens;
+      const int64_t budget = floor_or_fraction < left ? floor_or_fraction : left;
+      grow = budget > kept && kept < st.kept_capacity;
+      const float out_score = window_scores[0];
+      swap = !grow && low >= 0 && out_score > low_of_all;
+      slot = grow ? kept : low;
+      const int32_t out_position = static_cast<int32_t>(st.sinks + kept + coded);
+      int32_t* kept_positions = st.kept_positions + seq * st.kept_capacity;
+      if (!grow && st.code_positions)
+        st.code_positions[seq * st.code_capacity + coded] = swap ? kept_positions[low] : out_position;
+      if (grow || swap) st.kept_scores[seq * st.kept_capacity + slot] = out_score, kept_positions[slot] = out_position;
+      next[0] = static_cast<int32_t>(st.sinks + kept + (grow ? 1 : 0));
+      next[1] = static_cast<int32_t>(coded + (grow ? 0 : 1));
+      next[2] = static_cast<int32_t>(w);
+    } else {  // filling: nothing leaves the window, nothing is kept or coded
+      next[0] = static_cast<int32_t>(state.sinks_held + (state.to_sink ? 1 : 0));
+      next[1] = static_cast<int32_t>(coded);
+      next[2] = static_cast<int32_t>(state.recent + (state.to_sink ? 0 : 1));
+      if (!state.to_sink) window_scores[state.recent] = score;
+    }
     decided[0] = grow, decided[1] = swap, decided[2] = low, decided[3] = slot;
   }
   __syncthreads();
-  // the window scores move up one, a block of them at a time (each read before it is overwritten)
-  for (int64_t first = 0; first < w; first += kKeptThreads) {
+  // steady: the window scores move up one, a block of them at a time (each read before it is overwritten)
+  for (int64_t first = 0; state.steady && first < w; first += kKeptThreads) {
     const int64_t r = first + threadIdx.x;
     const float moved = r + 1 < w ? window_scores[r + 1] : new_score;
     __syncthreads();
@@ -129,10 +161,16 @@ __global__ void __launch_bounds__(kKeptThreads) kept_step_kernel(KeptStep st) {
   const int64_t low = decided[2], slot = decided[3];
   for (int which = 0; which < 2; ++which) {
     const T* window = static_cast<const T*>(which ? st.window_values : st.window_keys) + seq * hkv * w * d;
+    const T* fresh = static_cast<const T*>(which ? st.new_values : st.new_keys) + b * hkv * d;
     T* sink = static_cast<T*>(which ? st.sink_values : st.sink_keys) + seq * hkv * sink_rows * d;
     T* encode = static_cast<T*>(which ? st.encode_values : st.encode_keys) + b * hkv * d;
     for (int64_t e = threadIdx.x; e < hkv * d; e += kKeptThreads) {
       const int64_t h = e / d, i = e - h * d;
+      if (!state.steady) {  // the encode row is written to code c, unread: the new token, finite
+        encode[e] = fresh[e];
+        if (state.to_sink) sink[(h * sink_rows + state.sinks_held) * d + i] = fresh[e];
+        continue;
+      }
       const T out = window[h * w * d + i];  // window row 0: the token leaving the window
       encode[e] = swap ? sink[(h * sink_rows + st.sinks + low) * d + i] : out;
       if (grow || swap) sink[(h * sink_rows + st.sinks + slot) * d + i] = out;
@@ -144,11 +182,16 @@ template <typename T>
 __global__ void __launch_bounds__(kKeptThreads) shift_window_kernel(KeptStep st, int64_t chunk_rows) {
   extern __shared__ unsigned char staging_bytes[];  // [chunk_rows, head_dim] elements
   T* staging = reinterpret_cast<T*>(staging_bytes);
-  const int64_t d = st.head_dim, w = st.window, h = blockIdx.y;
-  const int64_t row = sequence_row(st, blockIdx.x) * st.num_kv_heads + h, fresh_row = blockIdx.x * st.num_kv_heads + h;
+  const int64_t d = st.head_dim, w = st.window, h = blockIdx.y, seq = sequence_row(st, blockIdx.x);
+  const int64_t row = seq * st.num_kv_heads + h, fresh_row = blockIdx.x * st.num_kv_heads + h;
   const bool values = blockIdx.z;
   T* window = static_cast<T*>(values ? st.window_values : st.window_keys) + row * w * d;
   const T* fresh = static_cast<const T*>(values ? st.new_values : st.new_keys) + fresh_row * d;
+  const SequenceState state(st, st.lengths + 3 * seq);
+  if (!state.steady) {  // a filling window takes the new token as its next row; a filling sink: nothing here
+    for (int64_t i = threadIdx.x; !state.to_sink && i < d; i += kKeptThreads) window[state.recent * d + i] = fresh[i];
+    return;
+  }
   for (int64_t first = 0; first < w; first += chunk_rows) {  // destination rows [first, first + rows)
     const int64_t elements = (chunk_rows < w - first ? chunk_rows : w - first) * d;
 #pragma unroll 4
