@@ -267,7 +267,7 @@ class QuantizedKVCache:
         check_finite_on_cpu("v", v)
         if self._keep_state is not None:
             room = self._keep_state["kept_scores"][layer].shape[1] > 0
-            if t == 1 and bool(new.all()) and room and self._steady(layer, keeping=True):
+            if t == 1 and bool(new.all()) and room:
                 self._step_keeping(layer, k, v)
             else:
                 self._append_keeping(layer, k, v, skip)
@@ -325,16 +325,21 @@ class QuantizedKVCache:
         self._set_lengths(layer, new_lens)
 
     def _step_keeping(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A decode step of a batch with kept tokens, every sequence with its sinks and window full
-        and one new token: _append_keeping's rule in one call of _C.kept_step (vecinfer/kept.h:
-        the step kernel and the window's shift; on the CPU its C++ reference), then the append
-        kernel encoding the token each sequence leaves out. The kernels read the device copy of the lengths, so a step in
-        which no budget grows (a fixed keep_tokens reached) reads nothing from the host and can be
-        captured in a CUDA graph; the host copy advances by the same rule."""
+        """A decode step of a batch with kept tokens, one new token per sequence: _append_keeping's
+        rule in one call of _C.kept_step (vecinfer/kept.h: the step kernel and the window's shift;
+        on the CPU its C++ reference), then the append kernel encoding the token each sequence leaves
+        out (a sequence still filling its sinks or window writes its token to its next code row,
+        unread). The kernels read the device copy of the lengths, so a step in which no budget
+        grows (a fixed keep_tokens reached) reads nothing from the host and can be captured in a
+        CUDA graph; the host copy advances by the same rule."""
         S, state, cfg = self.sinks, self._keep_state, self.quantizer.config
         lens = self._lengths[layer]
-        budget = torch.tensor([cfg.kept_budget(int(e) + 1) for e in lens[:, :2].sum(1) - S])
-        grow = budget > lens[:, 0] - S  # the budget takes the token leaving the window: nothing is encoded
+        s, c, r = lens.unbind(1)
+        to_sink = s < S
+        to_window = ~to_sink & (r < self.residual)
+        steady = ~to_sink & ~to_window
+        budget = torch.tensor([cfg.kept_budget(int(e) + 1) for e in s + c - S])
+        grow = steady & (budget > s - S)  # the budget takes the token leaving the window: nothing is encoded
         dev_lens = self._device_lengths[layer] if self._device_lengths is not None else lens
         rows_k, rows_v = k.new_empty((self.batch_size, self.num_kv_heads, self.head_dim)), \
             v.new_empty((self.batch_size, self.num_kv_heads, self.head_dim))
@@ -349,7 +354,7 @@ class QuantizedKVCache:
         self._encode_rows(layer, [1] * self.batch_size, rows_k, rows_v, encode_lens)
         if self._device_lengths is not None:
             dev_lens.copy_(next_lens)
-        self._set_lengths(layer, (lens + torch.stack([grow, ~grow, torch.zeros_like(grow)], 1)).to(torch.int32),
+        self._set_lengths(layer, (lens + torch.stack([to_sink | grow, steady & ~grow, to_window], 1)).to(torch.int32),
                           device_updated=True)
 
     def _encode_rows(self, layer: int, counts, rows_k: torch.Tensor, rows_v: torch.Tensor,
