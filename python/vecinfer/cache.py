@@ -51,7 +51,7 @@ import torch
 
 from . import _C
 from .ops import _check_memory, _check_real, _device_guard, _stream, attention, code_row_bytes
-from .keeping import SequenceBuffers, apply_writes, plan_keeping
+from .keeping import SequenceBuffers, advance_keeping, apply_writes, plan_keeping
 from .paged import advance, check_finite_on_cpu
 from .quantizer import KVQuantizer
 
@@ -334,12 +334,6 @@ class QuantizedKVCache:
         CUDA graph; the host copy advances by the same rule."""
         S, state, cfg = self.sinks, self._keep_state, self.quantizer.config
         lens = self._lengths[layer]
-        s, c, r = lens.unbind(1)
-        to_sink = s < S
-        to_window = ~to_sink & (r < self.residual)
-        steady = ~to_sink & ~to_window
-        budget = torch.tensor([cfg.kept_budget(int(e) + 1) for e in s + c - S])
-        grow = steady & (budget > s - S)  # the budget takes the token leaving the window: nothing is encoded
         dev_lens = self._device_lengths[layer] if self._device_lengths is not None else lens
         rows_k, rows_v = k.new_empty((self.batch_size, self.num_kv_heads, self.head_dim)), \
             v.new_empty((self.batch_size, self.num_kv_heads, self.head_dim))
@@ -354,8 +348,8 @@ class QuantizedKVCache:
         self._encode_rows(layer, [1] * self.batch_size, rows_k, rows_v, encode_lens)
         if self._device_lengths is not None:
             dev_lens.copy_(next_lens)
-        self._set_lengths(layer, (lens + torch.stack([to_sink | grow, steady & ~grow, to_window], 1)).to(torch.int32),
-                          device_updated=True)
+        after = [advance_keeping(tuple(x), 1, S, self.residual, cfg.kept_budget) for x in lens.tolist()]
+        self._set_lengths(layer, torch.tensor(after, dtype=torch.int32), device_updated=True)
 
     def _encode_rows(self, layer: int, counts, rows_k: torch.Tensor, rows_v: torch.Tensor,
                      lengths: Optional[torch.Tensor] = None) -> None:

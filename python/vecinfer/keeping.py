@@ -83,7 +83,7 @@ def plan_keeping(buf: SequenceBuffers, state: Tuple[int, int, int], xk: torch.Te
     kept, to_sink = s_len - s, min(S - s, xk.shape[1])
     left = c + kept  # tokens that have left the window
     writes = [(buf.sink_k[:, s:s + to_sink], xk[:, :to_sink]), (buf.sink_v[:, s:s + to_sink], xv[:, :to_sink])]
-    new_kept, new_c, new_r, encode = kept, c, r, None
+    encode = None
     nk, nv = xk[:, to_sink:], xv[:, to_sink:]
     m = nk.shape[1]
     if m:
@@ -108,8 +108,7 @@ def plan_keeping(buf: SequenceBuffers, state: Tuple[int, int, int], xk: torch.Te
                        (buf.kept_scores[:budget], cand_s[stay]), (buf.kept_positions[:budget], cand_p[stay])]
             if len(go):
                 encode = Encode(c, cand_k[:, go].transpose(0, 1), cand_v[:, go].transpose(0, 1), cand_p[go])
-            new_kept, new_c = budget, c + kept + out - budget
-    return writes, (s + to_sink + new_kept, new_c, new_r), encode
+    return writes, advance_keeping(state, xk.shape[1], sinks, residual, kept_budget), encode
 
 
 def apply_writes(writes: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
