@@ -508,3 +508,12 @@ def test_hf_cache_splits_long_blocks_into_window_sized_pieces():
                           for i in range(0, 30, 8)], dim=1)
     assert whole.codes._lengths[0][0, 0] > 2  # tokens were kept
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_serving_bench_refuses_a_keep_fraction(capsys):
+    """`vecinfer bench --serving` keeps a fixed budget: a --keep-fraction is an error, not ignored."""
+    from vecinfer.bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--serving", "--keep-fraction", "0.01"])
+    assert "--serving keeps a fixed budget: --keep-tokens N, not --keep-fraction" in capsys.readouterr().err
